@@ -1,0 +1,224 @@
+"""The `recommender` command: data, train, evaluate, recommend, score, serve.
+
+Errors a user can fix print one line and exit with code 2; nothing else prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recommender.config import Config, load_config
+from recommender.utils import (
+    DataError,
+    RecommenderError,
+    atomic_path,
+    atomic_write_text,
+    resolve_device,
+    set_threads,
+    setup_logging,
+)
+
+log = logging.getLogger("recommender")
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.set or [])
+    if args.dataset:
+        overrides += [f"data.dataset={args.dataset}", "data.path=null"]
+    if args.data:
+        overrides += ["data.dataset=null", f"data.path={args.data}"]
+    if args.train or args.test:
+        if not (args.train and args.test):
+            raise RecommenderError("--train and --test must be given together")
+        overrides += ["data.dataset=null", f"data.train_path={args.train}"]
+        overrides += [f"data.test_path={args.test}"]
+        if args.test_negatives:
+            overrides.append(f"data.test_negatives_path={args.test_negatives}")
+    elif args.test_negatives:
+        raise RecommenderError("--test-negatives needs --train and --test")
+    if args.model:
+        overrides.append(f"model.name={args.model}")
+    return load_config(args.config, overrides)
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from recommender.data.datasets import fetch
+
+    files = fetch(args.name, args.root)
+    print(f"{args.name}: {files.ratings} ({files.source})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from recommender.data.pipeline import load_data
+    from recommender.train import Trainer, check_run_dir, prepare_run_dir
+
+    cfg = _config_from_args(args)
+    out = Path(args.out)
+    check_run_dir(out, overwrite=args.overwrite, resume=args.resume)
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.data, cfg.seed)
+    prepare_run_dir(out, overwrite=args.overwrite, resume=args.resume)
+    Trainer(cfg, data, out, device).fit(resume=args.resume)
+    print(f"trained {cfg.model.name}: {out / 'best.pt'}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from recommender.evaluate import evaluate_run
+
+    report = evaluate_run(Path(args.run))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(report["table"])
+        for note in report["notes"]:
+            print(f"note: {note}")
+
+
+def _open_recommender(run: str):  # noqa: ANN202 - lazy import keeps `--help` fast
+    from recommender.inference import Recommender
+
+    return Recommender.from_run(run)
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    rec = _open_recommender(args.run)
+    if args.all_users:
+        if not args.out:
+            raise RecommenderError("--all-users needs --out FILE")
+        write_all_recommendations(rec, args.k, Path(args.out))
+        print(f"wrote top-{args.k} for {len(rec.users)} users to {args.out}")
+        return
+    if args.user is None:
+        raise RecommenderError("give --user USER_ID or --all-users")
+    items, scores = rec.recommend(args.user, k=args.k)
+    fallback = not rec.known_users(args.user)[0]
+    print(f"top-{args.k} for user {args.user}" + (" (popularity fallback)" if fallback else ""))
+    for rank, (item, score) in enumerate(zip(items, scores), 1):
+        if item is None:
+            break
+        line = f"{rank:>3}. {item:>8}  {score:.4f}  {rec.title(item)}"
+        if args.explain:
+            line += f"\n       {rec.explain(args.user, item).one_line(rec.titles)}"
+        print(line)
+
+
+def write_all_recommendations(rec, k: int, out: Path, chunk: int = 2048) -> None:  # noqa: ANN001
+    frames = []
+    user_ids = rec.users.ids
+    for start in range(0, len(user_ids), chunk):
+        batch = user_ids[start : start + chunk]
+        items, scores = rec.recommend(list(batch), k=k)
+        frame = pd.DataFrame(
+            {
+                "user_id": np.repeat(batch, items.shape[1]),
+                "item_id": items.ravel(),
+                "rank": np.tile(np.arange(1, items.shape[1] + 1), len(batch)),
+                "score": scores.ravel(),
+            }
+        )
+        frames.append(frame[frame["item_id"].notna()])
+    with atomic_path(out) as tmp:
+        pd.concat(frames).to_csv(tmp, index=False, float_format="%.6g")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    rec = _open_recommender(args.run)
+    path = Path(args.pairs)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        pairs = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file") from None
+    missing = [c for c in ("user_id", "item_id") if c not in pairs.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(pairs.columns)}")
+    for col in ("user_id", "item_id"):
+        blank = pairs[col].str.strip() == ""
+        if blank.any():
+            raise DataError(f"{path} line {int(np.flatnonzero(blank)[0]) + 2}: empty {col}")
+    unknown = rec.items.lookup(pairs["item_id"].to_numpy()) < 0
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        raise DataError(f"{path} line {row + 2}: unknown item_id '{pairs['item_id'].iloc[row]}'")
+    pairs["score"] = rec.score(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy())
+    with atomic_path(Path(args.out)) as tmp:
+        pairs.to_csv(tmp, index=False, float_format="%.6g")
+    print(f"scored {len(pairs)} pairs -> {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recommender", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="download and verify a built-in dataset")
+    fetch.add_argument("name")
+    fetch.add_argument("--root", default="data")
+    fetch.set_defaults(func=cmd_data_fetch)
+
+    train = sub.add_parser("train", help="train a model into a run directory")
+    train.add_argument("--config", help="YAML config (defaults: configs/config.yaml values)")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--dataset", help="built-in dataset, e.g. ml-100k")
+    source.add_argument("--data", help="one interactions file (CSV/TSV/Parquet/MovieLens)")
+    source.add_argument("--train", help="pre-split train file (NCF .train.rating)")
+    train.add_argument("--test", help="pre-split test file (NCF .test.rating)")
+    train.add_argument("--test-negatives", help="NCF .test.negative file")
+    train.add_argument("--model", choices=["neumf", "gmf", "mlp", "mf", "popularity"])
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    train.add_argument("--out", required=True, help="run directory, e.g. runs/NAME")
+    train.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    train.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="test metrics (FULL and SAMPLED) vs popularity")
+    evaluate.add_argument("--run", required=True)
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    recommend = sub.add_parser("recommend", help="top-k recommendations")
+    recommend.add_argument("--run", required=True)
+    who = recommend.add_mutually_exclusive_group()
+    who.add_argument("--user", help="raw user id")
+    who.add_argument("--all-users", action="store_true")
+    recommend.add_argument("--k", type=int, default=10)
+    recommend.add_argument("--explain", action="store_true")
+    recommend.add_argument("--out", help="CSV for --all-users: user_id,item_id,rank,score")
+    recommend.set_defaults(func=cmd_recommend)
+
+    score = sub.add_parser("score", help="score (user_id, item_id) pairs from a CSV")
+    score.add_argument("--run", required=True)
+    score.add_argument("--pairs", required=True)
+    score.add_argument("--out", required=True)
+    score.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except RecommenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: readers, built-in datasets, vocabularies, splits, negative sampling, batches."""

@@ -1,0 +1,162 @@
+"""The canonical interaction data: vocabularies of raw ids and validated index arrays.
+
+`user_id` / `item_id` are the raw external ids (always strings); `user_idx` / `item_idx` are
+contiguous indices into embedding tables. A `Vocabulary` maps between them and travels with every
+saved model, so serving maps raw ids exactly as training did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recommender.utils import DataError, RecommenderError
+
+
+def _sort_ids(ids: np.ndarray) -> np.ndarray:
+    """Numeric order when every id is an integer (so "10" follows "9"), else lexicographic."""
+    numeric = pd.to_numeric(pd.Series(ids), errors="coerce")
+    if len(ids) and numeric.notna().all() and (numeric % 1 == 0).all():
+        return ids[np.argsort(numeric.to_numpy(), kind="stable")]
+    return np.sort(ids)
+
+
+class Vocabulary:
+    """Bidirectional map between raw ids (strings) and contiguous indices 0..n-1.
+
+    Unknown ids are never silently mapped: `index` raises, `lookup` returns -1 for the caller
+    to handle (the popularity fallback for users, an error for items).
+    """
+
+    def __init__(self, ids: Sequence[str] | np.ndarray, name: str = "id") -> None:
+        arr = np.asarray(ids, dtype=object).astype(str)
+        self.name = name
+        self._index = pd.Index(arr)
+        if not self._index.is_unique:
+            dup = self._index[self._index.duplicated()][0]
+            raise DataError(f"{name} vocabulary has duplicate id '{dup}'")
+
+    @classmethod
+    def from_values(cls, values: np.ndarray | pd.Series, name: str = "id") -> Vocabulary:
+        return cls(_sort_ids(pd.unique(np.asarray(values, dtype=object).astype(str))), name)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, raw_id: object) -> bool:
+        return str(raw_id) in self._index
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._index.to_numpy(dtype=object)
+
+    def lookup(self, raw_ids: Sequence[object] | np.ndarray | pd.Series) -> np.ndarray:
+        """Vectorized raw -> index; -1 where the id is unknown."""
+        arr = np.asarray(raw_ids, dtype=object).astype(str)
+        return self._index.get_indexer(arr).astype(np.int64)
+
+    def index(self, raw_ids: Sequence[object] | np.ndarray | pd.Series) -> np.ndarray:
+        """Raw -> index, raising on the first unknown id."""
+        idx = self.lookup(raw_ids)
+        if (idx < 0).any():
+            bad = np.asarray(raw_ids, dtype=object)[np.flatnonzero(idx < 0)[0]]
+            raise RecommenderError(f"unknown {self.name} '{bad}'")
+        return idx
+
+    def to_ids(self, idx: np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu().numpy()
+        return self.ids[np.asarray(idx, dtype=np.int64)]
+
+    def to_list(self) -> list[str]:
+        return [str(x) for x in self._index]
+
+
+@dataclass
+class Interactions:
+    """Positive (user_idx, item_idx) pairs with optional rating and timestamp, one row each.
+
+    Validated on construction: equal lengths, indices inside the vocabularies, no duplicates.
+    """
+
+    user_idx: np.ndarray
+    item_idx: np.ndarray
+    n_users: int
+    n_items: int
+    timestamp: np.ndarray | None = None
+    rating: np.ndarray | None = None
+    _csr: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.user_idx = np.ascontiguousarray(self.user_idx, dtype=np.int64)
+        self.item_idx = np.ascontiguousarray(self.item_idx, dtype=np.int64)
+        n = len(self.user_idx)
+        if len(self.item_idx) != n:
+            raise DataError("user_idx and item_idx differ in length")
+        for name, arr in (("timestamp", self.timestamp), ("rating", self.rating)):
+            if arr is not None and len(arr) != n:
+                raise DataError(f"{name} length {len(arr)} differs from {n} interactions")
+        if n:
+            if self.user_idx.min() < 0 or self.user_idx.max() >= self.n_users:
+                raise DataError("user_idx outside the user vocabulary")
+            if self.item_idx.min() < 0 or self.item_idx.max() >= self.n_items:
+                raise DataError("item_idx outside the item vocabulary")
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """user_idx * n_items + item_idx: one int64 per pair, for set operations."""
+        return self.user_idx * self.n_items + self.item_idx
+
+    def subset(self, mask: np.ndarray) -> Interactions:
+        return Interactions(
+            self.user_idx[mask],
+            self.item_idx[mask],
+            self.n_users,
+            self.n_items,
+            None if self.timestamp is None else self.timestamp[mask],
+            None if self.rating is None else self.rating[mask],
+        )
+
+    def concat(self, other: Interactions) -> Interactions:
+        def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None or b is None else np.concatenate([a, b])
+
+        return Interactions(
+            np.concatenate([self.user_idx, other.user_idx]),
+            np.concatenate([self.item_idx, other.item_idx]),
+            self.n_users,
+            self.n_items,
+            cat(self.timestamp, other.timestamp),
+            cat(self.rating, other.rating),
+        )
+
+    def csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr, items): the items of user u are items[indptr[u]:indptr[u+1]], sorted."""
+        if self._csr is None:
+            order = np.lexsort((self.item_idx, self.user_idx))
+            counts = np.bincount(self.user_idx, minlength=self.n_users)
+            indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            self._csr = (indptr, self.item_idx[order])
+        return self._csr
+
+    def user_counts(self) -> np.ndarray:
+        return np.bincount(self.user_idx, minlength=self.n_users)
+
+    def item_counts(self) -> np.ndarray:
+        return np.bincount(self.item_idx, minlength=self.n_items)
+
+    def seen_mask(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, item) coordinates of the seen items of `users`, row indexing into `users`."""
+        indptr, items = self.csr()
+        starts, ends = indptr[users], indptr[users + 1]
+        lengths = ends - starts
+        rows = np.repeat(np.arange(len(users)), lengths)
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return rows, items[np.repeat(starts, lengths) + offsets]

@@ -1,0 +1,189 @@
+"""From a data config to ready training data: read, label, de-duplicate, filter, index, split.
+
+    file / built-in dataset / NCF split files
+      -> canonical frame (user_id, item_id, rating, timestamp; raw ids as strings)
+      -> implicit positives (rating >= threshold), duplicate pairs collapsed, k-core filter
+      -> Vocabulary for users and items, Interactions of indices
+      -> test split, then a validation split carved from train (never from test)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from recommender.config import DataConfig
+from recommender.data import splits
+from recommender.data.datasets import load_builtin
+from recommender.data.interactions import Interactions, Vocabulary
+from recommender.data.readers import read_interactions, read_ncf_split
+from recommender.utils import DataError
+
+log = logging.getLogger("recommender")
+
+
+@dataclass
+class DataBundle:
+    """Everything training and evaluation need, indexed by one pair of vocabularies.
+
+    `train` fits the model, `valid` (carved from the training data) drives early stopping and
+    tuning, `test` is touched only by the final evaluation. `train_full` = train + valid, the
+    history that is masked when ranking for test users.
+    """
+
+    users: Vocabulary
+    items: Vocabulary
+    train: Interactions
+    valid: Interactions
+    test: Interactions
+    test_negatives: np.ndarray | None  # (len(test), m) item indices, aligned with test rows
+    item_info: pd.DataFrame | None  # item_id, title, genres
+    source: str
+
+    @property
+    def train_full(self) -> Interactions:
+        return self.train.concat(self.valid)
+
+
+def collapse_duplicates(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (user, item): the latest interaction, so leave-last-out sees its real time."""
+    if "timestamp" in frame:
+        frame = frame.sort_values("timestamp", kind="stable")
+    return frame.drop_duplicates(["user_id", "item_id"], keep="last")
+
+
+def k_core(frame: pd.DataFrame, min_user: int, min_item: int) -> pd.DataFrame:
+    """Drop users / items below the minimum counts, repeating until both hold."""
+    while min_user or min_item:
+        users = frame["user_id"].map(frame["user_id"].value_counts())
+        items = frame["item_id"].map(frame["item_id"].value_counts())
+        keep = (users >= min_user) & (items >= min_item)
+        if keep.all():
+            break
+        frame = frame[keep]
+    if frame.empty:
+        raise DataError(f"k-core filter ({min_user}, {min_item}) removed every interaction")
+    return frame
+
+
+def to_interactions(frame: pd.DataFrame, users: Vocabulary, items: Vocabulary) -> Interactions:
+    return Interactions(
+        users.index(frame["user_id"].to_numpy()),
+        items.index(frame["item_id"].to_numpy()),
+        len(users),
+        len(items),
+        frame["timestamp"].to_numpy(np.int64) if "timestamp" in frame else None,
+        frame["rating"].to_numpy(np.float32) if "rating" in frame else None,
+    )
+
+
+def _implicit(frame: pd.DataFrame, threshold: float | None, source: str) -> pd.DataFrame:
+    if threshold is None:
+        return frame
+    if "rating" not in frame:
+        raise DataError(f"{source}: data.rating_threshold is set but there is no rating column")
+    kept = frame[frame["rating"] >= threshold]
+    if kept.empty:
+        raise DataError(f"{source}: no interaction has rating >= {threshold}")
+    return kept
+
+
+def _read_raw(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
+    if cfg.path is not None:
+        cols = cfg.columns
+        mapping = {"user": cols.user, "item": cols.item}
+        if cols.rating:
+            mapping["rating"] = cols.rating
+        if cols.timestamp:
+            mapping["timestamp"] = cols.timestamp
+        frame = read_interactions(cfg.path, format=cfg.format, columns=mapping, sep=cfg.sep)
+        return frame, None, f"file {cfg.path}"
+    if cfg.dataset is None:
+        raise DataError("no data: set data.dataset, data.path, or data.train_path/test_path")
+    return load_builtin(cfg.dataset, cfg.root)
+
+
+def load_data(cfg: DataConfig, seed: int) -> DataBundle:
+    """Build the DataBundle described by `cfg`; the seed drives random splits only."""
+    rng = np.random.default_rng(seed)
+    if cfg.train_path is not None:
+        return _load_presplit(cfg)
+    frame, item_info, source = _read_raw(cfg)
+    frame = _implicit(frame, cfg.rating_threshold, source)
+    frame = collapse_duplicates(frame)
+    frame = k_core(frame, cfg.min_user_interactions, cfg.min_item_interactions)
+    users = Vocabulary.from_values(frame["user_id"], "user")
+    items = Vocabulary.from_values(frame["item_id"], "item")
+    data = to_interactions(frame, users, items)
+    train, test = splits.split(data, cfg.split, cfg.test_ratio, rng)
+    train, valid = splits.split(train, cfg.split, cfg.valid_ratio, rng)
+    _log_sizes(source, users, items, train, valid, test)
+    return DataBundle(users, items, train, valid, test, None, item_info, source)
+
+
+def _load_presplit(cfg: DataConfig) -> DataBundle:
+    """NCF-format files used exactly as given; the catalog is every item in any of them."""
+    assert cfg.train_path is not None and cfg.test_path is not None
+    ncf = read_ncf_split(cfg.train_path, cfg.test_path, cfg.test_negatives_path)
+    all_items = [ncf.train["item_id"], ncf.test["item_id"]]
+    if ncf.negative_items is not None:
+        all_items.append(pd.Series(ncf.negative_items.ravel()))
+    users = Vocabulary.from_values(pd.concat([ncf.train["user_id"], ncf.test["user_id"]]), "user")
+    items = Vocabulary.from_values(pd.concat(all_items), "item")
+    train_all = to_interactions(collapse_duplicates(ncf.train), users, items)
+    test = to_interactions(collapse_duplicates(ncf.test), users, items)
+    negatives = None
+    if ncf.negatives is not None and ncf.negative_items is not None:
+        negatives = _align_negatives(ncf.negatives, ncf.negative_items, test, users, items, cfg)
+    train, valid = splits.leave_last_out(train_all)
+    source = f"NCF split files {cfg.train_path}, {cfg.test_path}"
+    _log_sizes(source, users, items, train, valid, test)
+    return DataBundle(users, items, train, valid, test, negatives, None, source)
+
+
+def _align_negatives(
+    pairs: pd.DataFrame,
+    negative_items: np.ndarray,
+    test: Interactions,
+    users: Vocabulary,
+    items: Vocabulary,
+    cfg: DataConfig,
+) -> np.ndarray:
+    n_items = len(items)
+    neg_keys = users.index(pairs["user_id"].to_numpy()) * n_items + items.index(
+        pairs["item_id"].to_numpy()
+    )
+    test_keys = test.keys
+    order = np.argsort(neg_keys, kind="stable")
+    pos = np.searchsorted(neg_keys[order], test_keys).clip(max=len(order) - 1)
+    found = neg_keys[order][pos] == test_keys
+    if not found.all():
+        row = int(np.flatnonzero(~found)[0])
+        raise DataError(
+            f"{cfg.test_negatives_path}: no negatives line for test pair "
+            f"({users.ids[test.user_idx[row]]},{items.ids[test.item_idx[row]]})"
+        )
+    flat = items.index(negative_items.ravel()).reshape(negative_items.shape)
+    return flat[order[pos]]
+
+
+def _log_sizes(
+    source: str,
+    users: Vocabulary,
+    items: Vocabulary,
+    train: Interactions,
+    valid: Interactions,
+    test: Interactions,
+) -> None:
+    log.info(
+        "data: %s | %d users, %d items | train %d, valid %d, test %d",
+        source,
+        len(users),
+        len(items),
+        len(train),
+        len(valid),
+        len(test),
+    )

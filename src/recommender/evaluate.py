@@ -1,0 +1,295 @@
+"""Ranking evaluation under two labelled protocols, with pure metric functions.
+
+FULL: each user's held-out items are ranked against every item the user has no history with
+(history items are masked). This is the honest protocol: it is what a served top-K list faces.
+SAMPLED: each held-out item is ranked against a fixed set of negatives (the NCF paper's 1 + 99).
+Sampled numbers are much higher and can reorder models (Krichene & Rendle 2020), so every result
+carries the name of the protocol that produced it.
+
+Ties count against the model: a held-out item's rank is the number of other candidates scoring
+at least as high, so a constant scorer gets zero on every metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recommender.data.interactions import Interactions
+from recommender.data.sampling import NegativeSampler
+from recommender.config import load_config
+from recommender.models import Popularity, RecModel
+from recommender.utils import RecommenderError, atomic_write_text
+
+log = logging.getLogger("recommender")
+
+PAD = float("inf")
+
+
+def ranking_metrics(
+    ranks: torch.Tensor, neg_below: torch.Tensor, n_neg: torch.Tensor, ks: list[int]
+) -> dict[str, torch.Tensor]:
+    """Per-user metrics from the 0-based, tie-pessimistic ranks of each user's positives.
+
+    Args:
+        ranks: (U, P) float; rank of each positive among all candidates, PAD for padding.
+        neg_below: (U, P) number of negatives scored strictly below each positive.
+        n_neg: (U,) number of negative candidates of each user.
+    Returns:
+        name -> (U,) tensor: auc, mrr, and hr/ndcg/recall/precision/map at each k.
+    """
+    valid = ranks != PAD
+    n_pos = valid.sum(1).clamp(min=1)
+    ranks_sorted = torch.sort(ranks, dim=1).values  # ascending, padding last
+    position = torch.arange(1, ranks.shape[1] + 1, device=ranks.device)  # j-th hit, 1-based
+    discount = 1.0 / torch.log2(ranks_sorted + 2)
+    out: dict[str, torch.Tensor] = {}
+    auc = torch.where(valid, neg_below / n_neg.clamp(min=1)[:, None], 0.0).sum(1) / n_pos
+    out["auc"] = auc
+    out["mrr"] = 1.0 / (ranks_sorted[:, 0] + 1)
+    for k in ks:
+        hit = ranks_sorted < k  # (U, P)
+        hits = hit.sum(1).float()
+        ideal = torch.tensor(
+            [sum(1 / math.log2(j + 2) for j in range(n)) for n in range(k + 1)],
+            device=ranks.device,
+        )
+        out[f"hr@{k}"] = (hits > 0).float()
+        out[f"recall@{k}"] = hits / n_pos
+        out[f"precision@{k}"] = hits / k
+        out[f"ndcg@{k}"] = torch.where(hit, discount, 0.0).sum(1) / ideal[n_pos.clamp(max=k)]
+        precision_at_hit = torch.where(hit, position / (ranks_sorted + 1), 0.0)
+        out[f"map@{k}"] = precision_at_hit.sum(1) / n_pos.clamp(max=k)
+    return out
+
+
+@dataclass
+class EvalResult:
+    protocol: str  # "full" or "sampled"
+    metrics: dict[str, float]
+    n_users: int
+    n_cold_users: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "protocol": self.protocol,
+            "n_users": self.n_users,
+            "n_cold_users": self.n_cold_users,
+            "metrics": self.metrics,
+            "notes": self.notes,
+        }
+
+
+def _padded_targets(
+    targets: Interactions, users: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, Pmax) item indices of each user's held-out items (-1 padded) and a validity mask."""
+    rows, items = targets.seen_mask(users)
+    counts = np.bincount(rows, minlength=len(users))
+    width = max(int(counts.max()) if len(counts) else 1, 1)
+    col = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    padded = np.full((len(users), width), -1, dtype=np.int64)
+    padded[rows, col] = items
+    t = torch.from_numpy(padded)
+    return t, t >= 0
+
+
+def _cold_warning(n_cold: int, protocol: str) -> list[str]:
+    if not n_cold:
+        return []
+    msg = (
+        f"{protocol}: {n_cold} test users have no training interaction; "
+        "they were scored by the popularity fallback"
+    )
+    log.warning(msg)
+    return [msg]
+
+
+@torch.no_grad()
+def evaluate_full(
+    model: RecModel,
+    history: Interactions,
+    targets: Interactions,
+    ks: list[int],
+    *,
+    batch_users: int = 512,
+    fallback: Popularity | None = None,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """FULL protocol: rank each user's targets against all items outside the user's history."""
+    model.eval()
+    device = torch.device(device)
+    users = np.unique(targets.user_idx)
+    cold = history.user_counts()[users] == 0
+    cache = model.item_cache()
+    fallback_cache = fallback.item_cache() if fallback is not None else None
+    per_user: dict[str, list[torch.Tensor]] = {}
+    top_items: list[torch.Tensor] = []
+    kmax = max(ks)
+    for start in range(0, len(users), batch_users):
+        chunk = users[start : start + batch_users]
+        u = torch.from_numpy(chunk).to(device)
+        scores = model.score_all(u, cache).float()  # (B, n_items)
+        chunk_cold = torch.from_numpy(cold[start : start + batch_users]).to(device)
+        if fallback is not None and fallback_cache is not None and chunk_cold.any():
+            scores[chunk_cold] = fallback.score_all(u[chunk_cold], fallback_cache).float()
+        rows, items = history.seen_mask(chunk)
+        scores[torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device)] = -PAD
+        n_valid = (scores != -PAD).sum(1)  # (B,)
+        target_items, valid = _padded_targets(targets, chunk)
+        target_items, valid = target_items.to(device), valid.to(device)
+        pos_scores = torch.gather(scores, 1, target_items.clamp(min=0))
+        pos_scores = torch.where(valid, pos_scores, PAD)
+        ascending = torch.sort(scores, dim=1).values
+        below = torch.searchsorted(ascending, pos_scores.contiguous())  # items strictly below
+        masked = scores.shape[1] - n_valid
+        at_least = scores.shape[1] - below  # candidates scoring >= the positive, itself included
+        ranks = torch.where(valid, (at_least - 1).float(), PAD)
+        pos_below = (
+            (pos_scores[:, None, :] < pos_scores[:, :, None]) & valid[:, None, :]
+        ).sum(2)  # other positives strictly below each positive
+        neg_below = (below - masked[:, None] - pos_below).float()
+        n_pos = valid.sum(1)
+        metrics = ranking_metrics(ranks, neg_below, (n_valid - n_pos).float(), ks)
+        for name, values in metrics.items():
+            per_user.setdefault(name, []).append(values.cpu())
+        top_items.append(torch.topk(scores, min(kmax, scores.shape[1]), dim=1).indices.cpu())
+    result = {name: float(torch.cat(v).mean()) for name, v in per_user.items()}
+    tops = torch.cat(top_items) if top_items else torch.zeros(0, kmax, dtype=torch.long)
+    for k in ks:
+        result[f"coverage@{k}"] = len(torch.unique(tops[:, :k])) / model.n_items
+    return EvalResult(
+        "full", result, len(users), int(cold.sum()), _cold_warning(int(cold.sum()), "full")
+    )
+
+
+def sample_negatives(
+    history: Interactions, targets: Interactions, m: int, seed: int
+) -> np.ndarray:
+    """(len(targets), m) uniform negatives per target row, outside the user's history and targets.
+
+    Drawn with a fixed seed so every model in a comparison faces the same candidates.
+    """
+    known = history.concat(targets)
+    sampler = NegativeSampler(known)
+    gen = torch.Generator().manual_seed(seed)
+    negs = sampler.sample(torch.from_numpy(targets.user_idx), m, gen)
+    return negs.numpy()
+
+
+@torch.no_grad()
+def evaluate_sampled(
+    model: RecModel,
+    history: Interactions,
+    targets: Interactions,
+    negatives: np.ndarray,
+    ks: list[int],
+    *,
+    fallback: Popularity | None = None,
+    device: torch.device | str = "cpu",
+    batch_rows: int = 8192,
+) -> EvalResult:
+    """SAMPLED protocol: each target item ranked against its own row of negatives."""
+    model.eval()
+    device = torch.device(device)
+    cold = history.user_counts()[targets.user_idx] == 0
+    candidates = np.concatenate([targets.item_idx[:, None], negatives], 1)  # (N, 1 + m)
+    per_row: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(candidates), batch_rows):
+        items = torch.from_numpy(candidates[start : start + batch_rows]).to(device)
+        users = torch.from_numpy(targets.user_idx[start : start + batch_rows]).to(device)
+        flat_users = users[:, None].expand_as(items).reshape(-1)
+        scores = model(flat_users, items.reshape(-1)).float().view(items.shape)
+        chunk_cold = torch.from_numpy(cold[start : start + batch_rows]).to(device)
+        if fallback is not None and chunk_cold.any():
+            fb = fallback(flat_users, items.reshape(-1)).float().view(items.shape)
+            scores = torch.where(chunk_cold[:, None], fb, scores)
+        pos, neg = scores[:, :1], scores[:, 1:]
+        rank = (neg >= pos).sum(1, keepdim=True).float()  # (B, 1)
+        n_neg = torch.full((len(items),), float(neg.shape[1]), device=device)
+        metrics = ranking_metrics(rank, n_neg[:, None] - rank, n_neg, ks)
+        for name, values in metrics.items():
+            per_row.setdefault(name, []).append(values.cpu())
+    result = {name: float(torch.cat(v).mean()) for name, v in per_row.items()}
+    n_cold = len(np.unique(targets.user_idx[cold]))
+    return EvalResult(
+        "sampled",
+        result,
+        len(np.unique(targets.user_idx)),
+        n_cold,
+        _cold_warning(n_cold, "sampled"),
+    )
+
+
+def format_table(rows: dict[str, EvalResult], metrics: list[str]) -> str:
+    """Plain-text table: one line per (model, protocol), one column per metric."""
+    header = f"{'model':<12} {'protocol':<8} " + " ".join(f"{m:>12}" for m in metrics)
+    lines = [header, "-" * len(header)]
+    for name, res in rows.items():
+        model_name = name.split("/")[0]
+        values = " ".join(f"{res.metrics.get(m, float('nan')):>12.4f}" for m in metrics)
+        lines.append(f"{model_name:<12} {res.protocol:<8} {values}")
+    return "\n".join(lines)
+
+
+def evaluate_run(run_dir: Path) -> dict[str, Any]:
+    """Test metrics of a run's model and of Popularity, under both protocols.
+
+    The data is rebuilt from the run's saved config (the split is deterministic) and checked
+    against the vocabularies in the checkpoint, so a changed data file cannot pass silently.
+    The report is written to `run_dir/eval.json` and returned.
+    """
+    from recommender.data.pipeline import load_data
+    from recommender.inference import Recommender
+
+    if not (run_dir / "config.yaml").is_file():
+        raise RecommenderError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    rec = Recommender.from_run(run_dir)
+    data = load_data(cfg.data, cfg.seed)
+    if rec.users.to_list() != data.users.to_list() or rec.items.to_list() != data.items.to_list():
+        raise RecommenderError(
+            f"{run_dir}: the data no longer matches the vocabularies the model was trained on"
+        )
+    history = data.train_full
+    popularity = Popularity(len(data.users), len(data.items)).fit(history.item_counts())
+    negatives = data.test_negatives
+    negatives_note = "given negatives file"
+    if negatives is None:
+        negatives = sample_negatives(history, data.test, cfg.eval.num_negatives, cfg.seed)
+        negatives_note = f"{cfg.eval.num_negatives} sampled negatives (seed {cfg.seed})"
+    models: dict[str, RecModel] = {rec.model_name: rec.model}
+    if rec.model_name != "popularity":
+        models["popularity"] = popularity
+    ks = cfg.eval.ks
+    results: dict[str, EvalResult] = {}
+    for name, model in models.items():
+        results[f"{name}/full"] = evaluate_full(
+            model, history, data.test, ks, batch_users=cfg.eval.batch_users, fallback=popularity
+        )
+        results[f"{name}/sampled"] = evaluate_sampled(
+            model, history, data.test, negatives, ks, fallback=popularity
+        )
+    shown = ["auc", "mrr"] + [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
+    shown += [f"{m}@{max(ks)}" for m in ("recall", "precision", "map", "coverage")]
+    notes = sorted({n for r in results.values() for n in r.notes})
+    notes.append("FULL: ranked against every item outside the user's training history")
+    notes.append(f"SAMPLED: test item against {negatives_note}")
+    report: dict[str, Any] = {
+        "run": str(run_dir),
+        "model": rec.model_name,
+        "n_test_users": results[f"{rec.model_name}/full"].n_users,
+        "results": {name: res.to_dict() for name, res in results.items()},
+        "notes": notes,
+    }
+    report["table"] = format_table(results, shown)
+    atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2))
+    return report

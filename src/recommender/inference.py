@@ -1,0 +1,238 @@
+"""Inference on a trained run: top-N recommendations, pair scores, similar items, explanations.
+
+The `Recommender` speaks raw ids only; it maps them through the vocabularies saved with the
+model. Item-side tensors are computed once at load, so scoring a user against the whole catalog
+is a single batched pass. Unknown users get the popularity fallback (and are reported as such by
+`known_users`); unknown items are an error.
+
+Example:
+    >>> rec = Recommender.from_run("runs/demo")                    # doctest: +SKIP
+    >>> items, scores = rec.recommend("196", k=10)                 # (10,), (10,)
+    >>> items, scores = rec.recommend(["196", "186"], k=10)        # (2, 10), (2, 10)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recommender.config import ModelConfig
+from recommender.data.interactions import Vocabulary
+from recommender.models import Popularity, RecModel, build_model
+from recommender.utils import RecommenderError, load_checkpoint
+
+UserIds = str | int | Sequence[str | int] | np.ndarray
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """History items that support a recommendation, strongest first, with their weights."""
+
+    item_id: str
+    supporting_items: list[str]
+    weights: list[float]
+    method: str
+
+    def one_line(self, titles: dict[str, str] | None = None) -> str:
+        if not self.supporting_items:
+            return "popular with all users"
+        named = [
+            f"{titles.get(i, i) if titles else i} ({w:.2f})"
+            for i, w in zip(self.supporting_items, self.weights)
+        ]
+        return "because you liked " + ", ".join(named)
+
+
+class Recommender:
+    def __init__(
+        self,
+        model: RecModel,
+        users: Vocabulary,
+        items: Vocabulary,
+        history_indptr: np.ndarray,
+        history_items: np.ndarray,
+        item_counts: np.ndarray,
+        meta: dict[str, Any],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.users, self.items = users, items
+        self.indptr, self.history = history_indptr, history_items
+        self.popularity = Popularity(len(users), len(items)).fit(item_counts).to(self.device)
+        self.meta = meta
+        titles = meta.get("item_titles")
+        self.titles: dict[str, str] | None = (
+            dict(zip(items.to_list(), titles)) if titles is not None else None
+        )
+        with torch.no_grad():
+            self._cache = model.item_cache()
+            rep = model.item_representation()
+            self._item_rep = F.normalize(rep, dim=1) if rep is not None else None
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> Recommender:
+        """Rebuild model and vocabularies from `run_dir/best.pt` alone."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise RecommenderError(f"{run_dir}: not a run directory")
+        ckpt = load_checkpoint(run_dir / "best.pt")
+        model = build_model(ModelConfig(**ckpt["model_config"]), ckpt["n_users"], ckpt["n_items"])
+        if isinstance(model, Popularity):
+            model.fit(ckpt["item_counts"].numpy())
+        else:
+            model.load_state_dict(ckpt["state_dict"])
+        meta = {k: ckpt[k] for k in ("item_titles", "item_genres", "config", "config_digest",
+                                     "created_at", "epoch", "valid_metrics", "model_config",
+                                     "source")}
+        meta["run_dir"] = str(run_dir)
+        return cls(
+            model,
+            Vocabulary(ckpt["user_ids"], "user"),
+            Vocabulary(ckpt["item_ids"], "item"),
+            ckpt["history_indptr"].numpy(),
+            ckpt["history_items"].numpy().astype(np.int64),
+            ckpt["item_counts"].numpy(),
+            meta,
+            device,
+        )
+
+    @property
+    def model_name(self) -> str:
+        return str(self.meta.get("model_config", {}).get("name", type(self.model).__name__))
+
+    # -- ids ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _as_list(ids: UserIds) -> tuple[list[str], bool]:
+        if isinstance(ids, (str, int, np.integer)):
+            return [str(ids)], True
+        return [str(x) for x in ids], False
+
+    def known_users(self, user_ids: UserIds) -> np.ndarray:
+        ids, _ = self._as_list(user_ids)
+        return self.users.lookup(ids) >= 0
+
+    def history_of(self, user_idx: int) -> np.ndarray:
+        return self.history[self.indptr[user_idx] : self.indptr[user_idx + 1]]
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _all_scores(self, user_idx: np.ndarray) -> torch.Tensor:
+        """(U,) indices (-1 = unknown) -> (U, n_items) probabilities, fallback for unknown."""
+        known = user_idx >= 0
+        scores = torch.empty(len(user_idx), len(self.items), device=self.device)
+        if known.any():
+            u = torch.from_numpy(user_idx[known]).to(self.device)
+            scores[torch.from_numpy(known).to(self.device)] = torch.sigmoid(
+                self.model.score_all(u, self._cache).float()
+            )
+        if (~known).any():
+            scores[torch.from_numpy(~known).to(self.device)] = self._popularity_scores()
+        return scores
+
+    def _popularity_scores(self) -> torch.Tensor:
+        counts = torch.expm1(self.popularity.log_counts)
+        return counts / counts.max().clamp(min=1)
+
+    @torch.no_grad()
+    def recommend(
+        self, user_ids: UserIds, k: int = 10, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items and scores per user: shapes (k,) for one user, (U, k) for a list.
+
+        Scores are probabilities (the popularity share for fallback users). Slots beyond the
+        items a user has not seen hold item id None and score NaN.
+        """
+        if k < 1:
+            raise RecommenderError(f"k must be >= 1, got {k}")
+        ids, single = self._as_list(user_ids)
+        user_idx = self.users.lookup(ids)
+        scores = self._all_scores(user_idx)
+        if exclude_seen:
+            rows, cols = self._seen_coordinates(user_idx)
+            scores[rows, cols] = -torch.inf
+        k_eff = min(k, len(self.items))
+        top_scores, top_idx = torch.topk(scores, k_eff, dim=1)
+        top_scores, top_idx = top_scores.cpu().numpy(), top_idx.cpu().numpy()
+        item_ids = self.items.to_ids(top_idx).astype(object)
+        empty = ~np.isfinite(top_scores)
+        item_ids[empty] = None
+        top_scores = np.where(empty, np.nan, top_scores)
+        if k_eff < k:
+            pad = ((0, 0), (0, k - k_eff))
+            item_ids = np.pad(item_ids, pad, constant_values=None)
+            top_scores = np.pad(top_scores, pad, constant_values=np.nan)
+        return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
+
+    def _seen_coordinates(self, user_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        known_rows = np.flatnonzero(user_idx >= 0)
+        starts = self.indptr[user_idx[known_rows]]
+        lengths = self.indptr[user_idx[known_rows] + 1] - starts
+        rows = np.repeat(known_rows, lengths)
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        cols = self.history[np.repeat(starts, lengths) + offsets]
+        return torch.from_numpy(rows).to(self.device), torch.from_numpy(cols).to(self.device)
+
+    @torch.no_grad()
+    def score(self, user_ids: UserIds, item_ids: Sequence[str | int] | np.ndarray) -> np.ndarray:
+        """Probability per (user, item) pair; unknown users get the popularity share."""
+        users, _ = self._as_list(user_ids)
+        items = [str(x) for x in item_ids]
+        if len(users) != len(items):
+            raise RecommenderError(f"{len(users)} users but {len(items)} items")
+        u = self.users.lookup(users)
+        i = torch.from_numpy(self.items.index(items)).to(self.device)
+        known = torch.from_numpy(u >= 0).to(self.device)
+        ut = torch.from_numpy(np.maximum(u, 0)).to(self.device)
+        model_scores = torch.sigmoid(self.model(ut, i).float())
+        fallback = self._popularity_scores()[i]
+        return torch.where(known, model_scores, fallback).cpu().numpy()
+
+    @torch.no_grad()
+    def similar_items(self, item_id: str | int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Items closest to `item_id` by cosine similarity of the model's item representation."""
+        if self._item_rep is None:
+            raise RecommenderError(f"the {self.model_name} model has no item representation")
+        idx = int(self.items.index([item_id])[0])
+        sims = self._item_rep @ self._item_rep[idx]
+        sims[idx] = -torch.inf
+        top = torch.topk(sims, min(k, len(self.items) - 1))
+        return self.items.to_ids(top.indices), top.values.cpu().numpy()
+
+    @torch.no_grad()
+    def explain(self, user_id: str | int, item_id: str | int, n: int = 3) -> Explanation:
+        """The user's history items most similar to `item_id` in the model's item space.
+
+        Weights are each item's share of the positive similarity mass over the whole history,
+        so they compare across explanations.
+        """
+        item_idx = int(self.items.index([item_id])[0])
+        user_idx = int(self.users.lookup([user_id])[0])
+        if user_idx < 0 or self._item_rep is None:
+            return Explanation(str(item_id), [], [], "popularity")
+        history = self.history_of(user_idx)
+        if not len(history):
+            return Explanation(str(item_id), [], [], "popularity")
+        sims = (self._item_rep[torch.from_numpy(history)] @ self._item_rep[item_idx]).clamp(min=0)
+        total = float(sims.sum())
+        top = torch.topk(sims, min(n, len(history)))
+        keep = top.values > 0
+        weights = (top.values[keep] / max(total, 1e-12)).cpu().numpy()
+        supporting = self.items.to_ids(history[top.indices[keep].cpu().numpy()])
+        return Explanation(
+            str(item_id),
+            [str(x) for x in supporting],
+            [round(float(w), 4) for w in weights],
+            "item-embedding similarity",
+        )
+
+    def title(self, item_id: str) -> str:
+        return self.titles.get(item_id, item_id) if self.titles else item_id

@@ -1,0 +1,56 @@
+"""What every model shares: the scoring contract used by training, evaluation and serving.
+
+A model is only the network: `forward(user_idx, item_idx) -> logits`. Sigmoid is applied where
+probabilities are shown, never inside the model, so training uses the stable BCE-with-logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Bound on B x n_items x width floats materialised at once when scoring every item.
+SCORE_BUDGET = 1 << 25
+
+
+class RecModel(nn.Module):
+    """Base class: subclasses implement forward, item_cache and _score_cached."""
+
+    n_users: int
+    n_items: int
+    pair_width: int = 1  # floats per (user, item) pair while scoring all items
+
+    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """(B,) user indices, (B,) item indices -> (B,) logits."""
+        raise NotImplementedError
+
+    def item_cache(self) -> tuple[torch.Tensor, ...]:
+        """Item-side tensors computed once per model version, reused for every user."""
+        raise NotImplementedError
+
+    def _score_cached(
+        self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_all(
+        self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor:
+        """(B,) user indices -> (B, n_items) logits, in user chunks that bound memory."""
+        cache = self.item_cache() if cache is None else cache
+        rows = max(1, SCORE_BUDGET // (self.n_items * self.pair_width))
+        if len(user_idx) <= rows:
+            return self._score_cached(user_idx, cache)
+        return torch.cat([self._score_cached(chunk, cache) for chunk in user_idx.split(rows)])
+
+    def item_representation(self) -> torch.Tensor | None:
+        """(n_items, r) vectors whose cosine similarity reflects how the model sees items."""
+        return None
+
+    def retrieval_vectors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(user_vecs, item_vecs) whose dot product approximates the score, for ANN retrieval."""
+        return None
+
+
+def init_embedding(table: nn.Embedding, std: float = 0.01) -> None:
+    nn.init.normal_(table.weight, std=std)

@@ -1,0 +1,82 @@
+"""The seed's NCF: user and item embeddings, concatenated, through an MLP to one logit.
+
+    UserEmbedding(n_users, d0/2), ItemEmbedding(n_items, d0/2)
+    -> concat (B, d0) -> [Linear -> ReLU -> Dropout] per hidden width -> Linear(d_last, 1)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recommender.models.base import RecModel, init_embedding
+
+
+class MLPTower(nn.Module):
+    """Embeddings plus hidden layers; returns the last hidden vector, which NeuMF reuses.
+
+    The first Linear sees [p_u, q_i], so its weight splits into a user half and an item half.
+    Scoring one user against every item precomputes the item half once (item_cache), turning
+    the widest layer into a broadcast add.
+    """
+
+    def __init__(
+        self, n_users: int, n_items: int, layers: list[int], dropout: float, sparse: bool = False
+    ) -> None:
+        super().__init__()
+        half = layers[0] // 2
+        self.user_emb = nn.Embedding(n_users, half, sparse=sparse)
+        self.item_emb = nn.Embedding(n_items, half, sparse=sparse)
+        init_embedding(self.user_emb)
+        init_embedding(self.item_emb)
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(layers[:-1], layers[1:]))
+        self.dropout = nn.Dropout(dropout)
+        self.width = layers[1]
+
+    def _rest(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(torch.relu(h))
+        for linear in self.linears[1:]:
+            h = self.dropout(torch.relu(linear(h)))
+        return h
+
+    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """(B,), (B,) -> (B, layers[-1])."""
+        x = torch.cat([self.user_emb(user_idx), self.item_emb(item_idx)], -1)  # (B, d0)
+        return self._rest(self.linears[0](x))
+
+    def item_half(self) -> torch.Tensor:
+        """(n_items, layers[1]): the item embeddings through the item half of layer one."""
+        half = self.user_emb.embedding_dim
+        return self.item_emb.weight @ self.linears[0].weight[:, half:].T
+
+    def all_items(self, user_idx: torch.Tensor, item_half: torch.Tensor) -> torch.Tensor:
+        """(B,) users against every item -> (B, n_items, layers[-1])."""
+        half = self.user_emb.embedding_dim
+        first = self.linears[0]
+        user_half = self.user_emb(user_idx) @ first.weight[:, :half].T + first.bias  # (B, d1)
+        return self._rest(user_half[:, None, :] + item_half[None, :, :])
+
+
+class MLP(RecModel):
+    def __init__(
+        self, n_users: int, n_items: int, layers: list[int], dropout: float, sparse: bool = False
+    ) -> None:
+        super().__init__()
+        self.n_users, self.n_items = n_users, n_items
+        self.tower = MLPTower(n_users, n_items, layers, dropout, sparse)
+        self.out = nn.Linear(layers[-1], 1)
+        self.pair_width = self.tower.width
+
+    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        return self.out(self.tower(user_idx, item_idx)).squeeze(-1)
+
+    def item_cache(self) -> tuple[torch.Tensor, ...]:
+        return (self.tower.item_half(),)
+
+    def _score_cached(
+        self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        return self.out(self.tower.all_items(user_idx, cache[0])).squeeze(-1)
+
+    def item_representation(self) -> torch.Tensor:
+        return self.tower.item_half()

@@ -1,0 +1,457 @@
+"""Training: BCE with logits and Adam over epochs of fresh negatives, early stopping, checkpoints.
+
+A run is a list of stages. Plain training is one stage; NeuMF with pretraining trains GMF, then
+MLP, then NeuMF initialised from both. With `train.refit`, every stage is first run with early
+stopping on the validation split to choose its number of epochs, then re-run on train +
+validation for exactly that many epochs, so the most recent interactions (the validation split
+under leave-last-out) still reach the final model. The test split is never read here.
+
+Checkpoints: `last.pt` (written after every epoch, everything needed to resume, RNG states
+included) and `best.pt` (the model for inference). Both are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from recommender import __version__
+from recommender.config import Config, ModelConfig
+from recommender.data.interactions import Interactions
+from recommender.data.pipeline import DataBundle
+from recommender.data.sampling import NegativeSampler, epoch_batches
+from recommender.evaluate import evaluate_full
+from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, build_model
+from recommender.utils import (
+    ConfigError,
+    RecommenderError,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+log = logging.getLogger("recommender")
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model trained for up to `epochs` epochs on `data` ("train" or "full")."""
+
+    name: str
+    model: str
+    data: str
+    epochs: int
+    lr: float
+    weight_decay: float
+    early_stopping: bool
+    init_from: tuple[str, str] | None = None  # (gmf stage, mlp stage) for NeuMF pretraining
+
+
+def plan_stages(cfg: Config) -> list[Stage]:
+    """The stages a config asks for, in order; the last one produces the served model."""
+    t, name = cfg.train, cfg.model.name
+    if name == "popularity":
+        return []
+    pretrain = name == "neumf" and t.pretrain.enabled
+    phases = [("select", "train", True)] + ([("refit", "full", False)] if t.refit else [])
+    stages = []
+    for phase, data, early in phases:
+        init = None
+        if pretrain:
+            for sub, sc in (("gmf", t.pretrain.gmf), ("mlp", t.pretrain.mlp)):
+                stages.append(
+                    Stage(f"{phase}/{sub}", sub, data, sc.epochs, sc.lr, sc.weight_decay, early)
+                )
+            init = (f"{phase}/gmf", f"{phase}/mlp")
+        stages.append(
+            Stage(f"{phase}/{name}", name, data, t.epochs, t.lr, t.weight_decay, early, init)
+        )
+    return stages
+
+
+def run_data(data: DataBundle) -> dict[str, Any]:
+    """What inference needs besides weights: vocabularies, titles, history, popularity."""
+    full = data.train_full
+    indptr, items = full.csr()
+    info = data.item_info
+    titles = genres = None
+    if info is not None:
+        by_id = info.drop_duplicates("item_id").set_index("item_id")
+        ids = data.items.ids
+        titles = by_id["title"].reindex(ids).fillna("").astype(str).tolist()
+        if "genres" in by_id:
+            genres = by_id["genres"].reindex(ids).fillna("").astype(str).tolist()
+    return {
+        "user_ids": data.users.to_list(),
+        "item_ids": data.items.to_list(),
+        "item_titles": titles,
+        "item_genres": genres,
+        "item_counts": torch.from_numpy(full.item_counts()),
+        "history_indptr": torch.from_numpy(indptr),
+        "history_items": torch.from_numpy(items.astype("int32")),
+        "source": data.source,
+    }
+
+
+def check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix a new run into an old directory unless asked to overwrite it.
+
+    Called before any data is read, so a refused run leaves nothing behind.
+    """
+    if resume and overwrite:
+        raise RecommenderError("--resume and --overwrite contradict each other")
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise RecommenderError(f"{out}: no last.pt to resume from (is this a run directory?)")
+        return
+    if out.exists() and not out.is_dir():
+        raise RecommenderError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RecommenderError(
+            f"run directory {out} is not empty; pass --overwrite to replace it "
+            "or --resume to continue it"
+        )
+
+
+def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Check, then create (or empty, with overwrite) the run directory."""
+    check_run_dir(out, overwrite=overwrite, resume=resume)
+    if resume:
+        return
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+class Trainer:
+    """Trains the configured model on a DataBundle and writes a run directory.
+
+    Example:
+        >>> trainer = Trainer(cfg, load_data(cfg.data, cfg.seed), Path("runs/x"))  # doctest: +SKIP
+        >>> model = trainer.fit()                                                  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: Config, data: DataBundle, out: Path, device: torch.device) -> None:
+        self.cfg, self.data, self.out, self.device = cfg, data, Path(out), device
+        self.stages = plan_stages(cfg)
+        self.monitor = cfg.train.monitor
+        k = self._monitor_k()
+        self.valid_ks = sorted({k, *cfg.eval.ks})
+        self.run_data = run_data(data)
+        self.completed: dict[str, dict[str, Any]] = {}
+        self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor, NegativeSampler]] = {}
+
+    def _monitor_k(self) -> int:
+        name, _, k = self.monitor.partition("@")
+        if name not in {"ndcg", "hr", "recall", "precision", "map"} or not k.isdigit():
+            raise ConfigError(f"train.monitor: '{self.monitor}' is not a metric like ndcg@10")
+        return int(k)
+
+    # -- data on the device ------------------------------------------------------------------
+
+    def _split(self, which: str) -> Interactions:
+        return self.data.train if which == "train" else self.data.train_full
+
+    def _epoch_source(self, which: str) -> tuple[torch.Tensor, torch.Tensor, NegativeSampler]:
+        if which not in self._tensors:
+            inter = self._split(which)
+            t = self.cfg.train
+            sampler = NegativeSampler(
+                inter, strategy=t.sampling, power=t.popularity_power, device=self.device
+            )
+            users = torch.from_numpy(inter.user_idx).to(self.device)
+            items = torch.from_numpy(inter.item_idx).to(self.device)
+            self._tensors[which] = (users, items, sampler)
+        return self._tensors[which]
+
+    # -- models and optimisers ---------------------------------------------------------------
+
+    def _model_config(self, name: str) -> ModelConfig:
+        return self.cfg.model.model_copy(update={"name": name})
+
+    def _build(self, index: int, stage: Stage) -> RecModel:
+        torch.manual_seed(self.cfg.seed + 1000 * index)
+        model = build_model(
+            self._model_config(stage.model),
+            len(self.data.users),
+            len(self.data.items),
+            sparse=self.cfg.train.sparse,
+        ).to(self.device)
+        if stage.init_from is not None:
+            assert isinstance(model, NeuMF)
+            gmf, mlp = (self._completed_model(name) for name in stage.init_from)
+            assert isinstance(gmf, GMF) and isinstance(mlp, MLP)
+            model.load_pretrained(gmf, mlp, self.cfg.train.pretrain.alpha)
+        return model
+
+    def _completed_model(self, stage_name: str) -> RecModel:
+        done = self.completed[stage_name]
+        model = build_model(
+            self._model_config(done["model"]), len(self.data.users), len(self.data.items)
+        ).to(self.device)
+        model.load_state_dict(done["state_dict"])
+        return model
+
+    def _optimizer(self, model: RecModel, stage: Stage) -> list[torch.optim.Optimizer]:
+        fused = self.device.type in ("cpu", "cuda")
+        if not self.cfg.train.sparse:
+            return [
+                torch.optim.Adam(
+                    model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay, fused=fused
+                )
+            ]
+        sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        ids = {id(p) for p in sparse}
+        dense = [p for p in model.parameters() if id(p) not in ids]
+        return [
+            torch.optim.SparseAdam(sparse, lr=stage.lr),
+            torch.optim.Adam(dense, lr=stage.lr, weight_decay=stage.weight_decay, fused=fused),
+        ]
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _epoch_seed(self, index: int, epoch: int) -> int:
+        return (self.cfg.seed * 1_000_003 + index * 10_007 + epoch) % (2**63)
+
+    def _train_epoch(
+        self,
+        model: RecModel,
+        optimizers: list[torch.optim.Optimizer],
+        stage: Stage,
+        generator: torch.Generator,
+        desc: str,
+    ) -> tuple[float, int, float]:
+        users, items, sampler = self._epoch_source(stage.data)
+        t = self.cfg.train
+        model.train()
+        start = time.perf_counter()
+        batches = epoch_batches(
+            users,
+            items,
+            sampler,
+            num_negatives=t.num_negatives,
+            batch_size=t.batch_size,
+            generator=generator,
+        )
+        n_batches = math.ceil(len(users) * (1 + t.num_negatives) / t.batch_size)
+        total_loss = torch.zeros((), device=self.device)
+        seen = 0
+        bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not t.progress, unit="batch")
+        for step, (u, i, y) in enumerate(batches):
+            logits = model(u, i)
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            total_loss += loss.detach() * len(y)
+            seen += len(y)
+            if step % 25 == 0:
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / elapsed:,.0f}")
+            bar.update()
+        bar.close()
+        seconds = time.perf_counter() - start
+        return float(total_loss) / max(seen, 1), seen, seconds
+
+    def _validate(self, model: RecModel) -> dict[str, float]:
+        result = evaluate_full(
+            model,
+            self.data.train,
+            self.data.valid,
+            self.valid_ks,
+            batch_users=self.cfg.eval.batch_users,
+            device=self.device,
+        )
+        return result.metrics
+
+    def fit(self, resume: bool = False) -> RecModel:
+        """Run every stage (continuing from last.pt when resuming); return the final model."""
+        self.cfg.save(self.out / "config.yaml")
+        if not self.stages:
+            model = Popularity(len(self.data.users), len(self.data.items))
+            model.fit(self.data.train_full.item_counts())
+            self._save_best(model, "popularity", 0, {})
+            return model
+        state = self._load_resume_state() if resume else None
+        first = state["stage_index"] if state else 0
+        model: RecModel | None = None
+        for index in range(first, len(self.stages)):
+            model = self._run_stage(index, state if index == first else None)
+        assert model is not None
+        return model
+
+    def _load_resume_state(self) -> dict[str, Any]:
+        state = load_checkpoint(self.out / "last.pt", map_location=self.device)
+        if state.get("config_digest") != self.cfg.digest():
+            raise RecommenderError(
+                f"{self.out}: --resume needs the same config as the original run "
+                f"(see {self.out / 'config.yaml'})"
+            )
+        self.completed = state["completed"]
+        self._truncate_metrics(state["stage_index"], state["epoch"])
+        log.info("resuming %s at stage %s, epoch %d", self.out, state["stage"], state["epoch"] + 1)
+        return state
+
+    def _truncate_metrics(self, stage_index: int, epoch: int) -> None:
+        """Drop metric lines written after the checkpoint, so resumed epochs are not doubled."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip()
+            and (json.loads(line)["stage_index"], json.loads(line)["epoch"]) <= (stage_index, epoch)
+        ]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def _run_stage(self, index: int, resume: dict[str, Any] | None) -> RecModel:
+        stage = self.stages[index]
+        is_final = index == len(self.stages) - 1
+        model = self._build(index, stage)
+        optimizers = self._optimizer(model, stage)
+        epochs = stage.epochs
+        if not stage.early_stopping:
+            select = stage.name.replace("refit/", "select/", 1)
+            epochs = self.completed[select]["best_epoch"]
+        best_metric, best_epoch, bad = -math.inf, 0, 0
+        best_state: dict[str, torch.Tensor] | None = None
+        best_valid: dict[str, float] = {}
+        start_epoch = 1
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            for opt, opt_state in zip(optimizers, resume["optimizers"]):
+                opt.load_state_dict(opt_state)
+            best_metric, best_epoch, bad = resume["best_metric"], resume["best_epoch"], resume["bad"]
+            best_state, best_valid = resume["best_state"], resume["best_valid"]
+            torch.set_rng_state(resume["torch_rng"].cpu())
+            start_epoch = resume["epoch"] + 1
+        for epoch in range(start_epoch, epochs + 1):
+            if bad >= self.cfg.train.patience:
+                break
+            gen = torch.Generator(device=self.device).manual_seed(self._epoch_seed(index, epoch))
+            loss, samples, seconds = self._train_epoch(
+                model, optimizers, stage, gen, f"{stage.name} {epoch}/{epochs}"
+            )
+            record: dict[str, Any] = {
+                "stage": stage.name,
+                "stage_index": index,
+                "epoch": epoch,
+                "loss": loss,
+                "train_samples": samples,
+                "train_seconds": round(seconds, 4),
+                "samples_per_second": round(samples / max(seconds, 1e-9), 1),
+                "world_size": 1,
+            }
+            improved = True
+            if stage.early_stopping:
+                valid = self._validate(model)
+                record["valid"] = valid
+                improved = valid[self.monitor] > best_metric
+                if improved:
+                    best_metric, best_valid = valid[self.monitor], valid
+                bad = 0 if improved else bad + 1
+            if improved:
+                best_epoch = epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if is_final:
+                    self._save_best(model, stage.model, epoch, best_valid or self._select_valid())
+            self._save_last(index, epoch, model, optimizers, best_metric, best_epoch, bad,
+                            best_state, best_valid)
+            self._append_metrics(record)
+            log.info(
+                "%s epoch %d: loss %.4f, %s samples/s%s",
+                stage.name,
+                epoch,
+                loss,
+                f"{record['samples_per_second']:,.0f}",
+                f", valid {self.monitor} {record['valid'][self.monitor]:.4f}"
+                if "valid" in record
+                else "",
+            )
+        assert best_state is not None
+        model.load_state_dict(best_state)
+        self.completed[stage.name] = {
+            "model": stage.model,
+            "best_epoch": best_epoch,
+            "best_metric": best_metric,
+            "best_valid": best_valid,
+            "state_dict": best_state,
+        }
+        return model
+
+    def _select_valid(self) -> dict[str, float]:
+        """Validation metrics of the selection stage that chose this refit's epoch count."""
+        final = self.stages[-1].name.replace("refit/", "select/", 1)
+        return self.completed.get(final, {}).get("best_valid", {})
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _save_last(
+        self,
+        index: int,
+        epoch: int,
+        model: RecModel,
+        optimizers: list[torch.optim.Optimizer],
+        best_metric: float,
+        best_epoch: int,
+        bad: int,
+        best_state: dict[str, torch.Tensor] | None,
+        best_valid: dict[str, float],
+    ) -> None:
+        save_checkpoint(
+            self.out / "last.pt",
+            {
+                "format_version": CHECKPOINT_VERSION,
+                "config_digest": self.cfg.digest(),
+                "stage_index": index,
+                "stage": self.stages[index].name,
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in optimizers],
+                "best_metric": best_metric,
+                "best_epoch": best_epoch,
+                "best_state": best_state,
+                "best_valid": best_valid,
+                "bad": bad,
+                "completed": self.completed,
+                "torch_rng": torch.get_rng_state(),
+            },
+        )
+
+    def _save_best(
+        self, model: RecModel, name: str, epoch: int, valid: dict[str, float]
+    ) -> None:
+        save_checkpoint(
+            self.out / "best.pt",
+            {
+                "format_version": CHECKPOINT_VERSION,
+                "package_version": __version__,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "config": self.cfg.to_dict(),
+                "config_digest": self.cfg.digest(),
+                "model_config": self._model_config(name).model_dump(mode="json"),
+                "n_users": len(self.data.users),
+                "n_items": len(self.data.items),
+                "state_dict": model.state_dict(),
+                "epoch": epoch,
+                "valid_metrics": valid,
+                **self.run_data,
+            },
+        )
