@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from recommender.utils import (
     DataError,
     RecommenderError,
     atomic_path,
-    atomic_write_text,
     resolve_device,
     set_threads,
     setup_logging,
@@ -28,19 +28,24 @@ from recommender.utils import (
 log = logging.getLogger("recommender")
 
 
+def _quoted(text: str) -> str:
+    """A YAML string literal, so a path like `2024` or `a #2.csv` stays that exact string."""
+    return json.dumps(text)
+
+
 def _config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.set or [])
     if args.dataset:
-        overrides += [f"data.dataset={args.dataset}", "data.path=null"]
+        overrides += [f"data.dataset={_quoted(args.dataset)}", "data.path=null"]
     if args.data:
-        overrides += ["data.dataset=null", f"data.path={args.data}"]
+        overrides += ["data.dataset=null", f"data.path={_quoted(args.data)}"]
     if args.train or args.test:
         if not (args.train and args.test):
             raise RecommenderError("--train and --test must be given together")
-        overrides += ["data.dataset=null", f"data.train_path={args.train}"]
-        overrides += [f"data.test_path={args.test}"]
+        overrides += ["data.dataset=null", f"data.train_path={_quoted(args.train)}"]
+        overrides += [f"data.test_path={_quoted(args.test)}"]
         if args.test_negatives:
-            overrides.append(f"data.test_negatives_path={args.test_negatives}")
+            overrides.append(f"data.test_negatives_path={_quoted(args.test_negatives)}")
     elif args.test_negatives:
         raise RecommenderError("--test-negatives needs --train and --test")
     if args.model:
@@ -65,8 +70,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = load_data(cfg.data, cfg.seed)
+    trainer = Trainer(cfg, data, out, device)  # validates the rest of the config first
     prepare_run_dir(out, overwrite=args.overwrite, resume=args.resume)
-    Trainer(cfg, data, out, device).fit(resume=args.resume)
+    try:
+        trainer.fit(resume=args.resume)
+    except RecommenderError:
+        # A new run that fails on bad input leaves no half-written directory behind; a
+        # resumed one keeps its checkpoints.
+        if not args.resume:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print(f"trained {cfg.model.name}: {out / 'best.pt'}")
 
 
@@ -82,7 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"note: {note}")
 
 
-def _open_recommender(run: str):  # noqa: ANN202 - lazy import keeps `--help` fast
+def _open_recommender(run: str):
     from recommender.inference import Recommender
 
     return Recommender.from_run(run)
@@ -101,7 +114,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     items, scores = rec.recommend(args.user, k=args.k)
     fallback = not rec.known_users(args.user)[0]
     print(f"top-{args.k} for user {args.user}" + (" (popularity fallback)" if fallback else ""))
-    for rank, (item, score) in enumerate(zip(items, scores), 1):
+    for rank, (item, score) in enumerate(zip(items, scores, strict=True), 1):
         if item is None:
             break
         line = f"{rank:>3}. {item:>8}  {score:.4f}  {rec.title(item)}"
@@ -110,7 +123,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         print(line)
 
 
-def write_all_recommendations(rec, k: int, out: Path, chunk: int = 2048) -> None:  # noqa: ANN001
+def write_all_recommendations(rec, k: int, out: Path, chunk: int = 2048) -> None:
     frames = []
     user_ids = rec.users.ids
     for start in range(0, len(user_ids), chunk):
@@ -153,6 +166,12 @@ def cmd_score(args: argparse.Namespace) -> None:
     with atomic_path(Path(args.out)) as tmp:
         pairs.to_csv(tmp, index=False, float_format="%.6g")
     print(f"scored {len(pairs)} pairs -> {args.out}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from recommender.serving import serve
+
+    serve(args.run, host=args.host, port=args.port, workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--pairs", required=True)
     score.add_argument("--out", required=True)
     score.set_defaults(func=cmd_score)
+
+    serve = sub.add_parser("serve", help="HTTP service for a run (settings: RECOMMENDER_SERVE_*)")
+    serve.add_argument("--run", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="processes, each with the model")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

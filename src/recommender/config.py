@@ -61,6 +61,8 @@ class DataConfig(_Section):
     def _one_source(self) -> DataConfig:
         if (self.train_path is None) != (self.test_path is None):
             raise ValueError("train_path and test_path must be given together")
+        if self.train_path is not None and self.path is not None:
+            raise ValueError("give either path or train_path/test_path, not both")
         if self.test_negatives_path is not None and self.train_path is None:
             raise ValueError("test_negatives_path needs train_path and test_path")
         return self
@@ -111,7 +113,11 @@ class TrainConfig(_Section):
     sampling: Literal["uniform", "popularity"] = "uniform"
     popularity_power: float = Field(0.75, ge=0, description="Exponent for popularity sampling.")
     patience: int = Field(5, ge=1, description="Epochs without validation gain before stopping.")
-    monitor: str = Field("ndcg@10", description="Validation metric for early stopping.")
+    monitor: str = Field(
+        "ndcg@10",
+        pattern=r"^(ndcg|hr|recall|precision|map)@[1-9][0-9]*$",
+        description="Validation metric for early stopping, e.g. ndcg@10.",
+    )
     refit: bool = Field(
         True,
         description="After early stopping, retrain on train + validation for the best number "
@@ -151,6 +157,16 @@ class Config(_Section):
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
+    def training_digest(self) -> str:
+        """Hash of what determines the trained weights; runtime knobs (device, threads,
+        progress bar, evaluation batching) are left out so a run can resume elsewhere."""
+        tree = self.to_dict()
+        for key in ("device", "threads", "eval"):
+            tree.pop(key)
+        tree["train"].pop("progress")
+        blob = json.dumps(tree, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
     def save(self, path: Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -167,10 +183,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if is_last:
             node[key] = value
             return
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        model = annotation if is_section else None  # type: ignore[assignment]
         if model is None:
             raise ConfigError(f"config key '{'.'.join(keys[: depth + 1])}' has no sub-keys")
-        node = node.setdefault(key, {})
+        if node.get(key) is None:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise ConfigError(f"config section '{'.'.join(keys[: depth + 1])}' must be a mapping")
+        node = node[key]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from recommender.config import load_config
 from recommender.data.interactions import Interactions
 from recommender.data.sampling import NegativeSampler
-from recommender.config import load_config
 from recommender.models import Popularity, RecModel
 from recommender.utils import RecommenderError, atomic_write_text
 
@@ -88,9 +88,7 @@ class EvalResult:
         }
 
 
-def _padded_targets(
-    targets: Interactions, users: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_targets(targets: Interactions, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, Pmax) item indices of each user's held-out items (-1 padded) and a validity mask."""
     rows, items = targets.seen_mask(users)
     counts = np.bincount(rows, minlength=len(users))
@@ -153,9 +151,9 @@ def evaluate_full(
         masked = scores.shape[1] - n_valid
         at_least = scores.shape[1] - below  # candidates scoring >= the positive, itself included
         ranks = torch.where(valid, (at_least - 1).float(), PAD)
-        pos_below = (
-            (pos_scores[:, None, :] < pos_scores[:, :, None]) & valid[:, None, :]
-        ).sum(2)  # other positives strictly below each positive
+        pos_below = ((pos_scores[:, None, :] < pos_scores[:, :, None]) & valid[:, None, :]).sum(
+            2
+        )  # other positives strictly below each positive
         neg_below = (below - masked[:, None] - pos_below).float()
         n_pos = valid.sum(1)
         metrics = ranking_metrics(ranks, neg_below, (n_valid - n_pos).float(), ks)
@@ -171,9 +169,7 @@ def evaluate_full(
     )
 
 
-def sample_negatives(
-    history: Interactions, targets: Interactions, m: int, seed: int
-) -> np.ndarray:
+def sample_negatives(history: Interactions, targets: Interactions, m: int, seed: int) -> np.ndarray:
     """(len(targets), m) uniform negatives per target row, outside the user's history and targets.
 
     Drawn with a fixed seed so every model in a comparison faces the same candidates.

@@ -44,7 +44,7 @@ class Explanation:
             return "popular with all users"
         named = [
             f"{titles.get(i, i) if titles else i} ({w:.2f})"
-            for i, w in zip(self.supporting_items, self.weights)
+            for i, w in zip(self.supporting_items, self.weights, strict=True)
         ]
         return "because you liked " + ", ".join(named)
 
@@ -69,7 +69,7 @@ class Recommender:
         self.meta = meta
         titles = meta.get("item_titles")
         self.titles: dict[str, str] | None = (
-            dict(zip(items.to_list(), titles)) if titles is not None else None
+            dict(zip(items.to_list(), titles, strict=True)) if titles is not None else None
         )
         with torch.no_grad():
             self._cache = model.item_cache()
@@ -88,9 +88,20 @@ class Recommender:
             model.fit(ckpt["item_counts"].numpy())
         else:
             model.load_state_dict(ckpt["state_dict"])
-        meta = {k: ckpt[k] for k in ("item_titles", "item_genres", "config", "config_digest",
-                                     "created_at", "epoch", "valid_metrics", "model_config",
-                                     "source")}
+        meta = {
+            k: ckpt[k]
+            for k in (
+                "item_titles",
+                "item_genres",
+                "config",
+                "config_digest",
+                "created_at",
+                "epoch",
+                "valid_metrics",
+                "model_config",
+                "source",
+            )
+        }
         meta["run_dir"] = str(run_dir)
         return cls(
             model,
@@ -148,8 +159,8 @@ class Recommender:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items and scores per user: shapes (k,) for one user, (U, k) for a list.
 
-        Scores are probabilities (the popularity share for fallback users). Slots beyond the
-        items a user has not seen hold item id None and score NaN.
+        Scores are probabilities (the popularity share for fallback users). k is capped at the
+        catalog size; slots beyond the items a user has not seen hold item id None, score NaN.
         """
         if k < 1:
             raise RecommenderError(f"k must be >= 1, got {k}")
@@ -159,17 +170,12 @@ class Recommender:
         if exclude_seen:
             rows, cols = self._seen_coordinates(user_idx)
             scores[rows, cols] = -torch.inf
-        k_eff = min(k, len(self.items))
-        top_scores, top_idx = torch.topk(scores, k_eff, dim=1)
-        top_scores, top_idx = top_scores.cpu().numpy(), top_idx.cpu().numpy()
-        item_ids = self.items.to_ids(top_idx).astype(object)
+        top = torch.topk(scores, min(k, len(self.items)), dim=1)
+        top_scores: np.ndarray = top.values.cpu().numpy()
+        item_ids = self.items.to_ids(top.indices).astype(object)
         empty = ~np.isfinite(top_scores)
         item_ids[empty] = None
-        top_scores = np.where(empty, np.nan, top_scores)
-        if k_eff < k:
-            pad = ((0, 0), (0, k - k_eff))
-            item_ids = np.pad(item_ids, pad, constant_values=None)
-            top_scores = np.pad(top_scores, pad, constant_values=np.nan)
+        top_scores[empty] = np.nan
         return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
 
     def _seen_coordinates(self, user_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,6 +211,25 @@ class Recommender:
         sims = self._item_rep @ self._item_rep[idx]
         sims[idx] = -torch.inf
         top = torch.topk(sims, min(k, len(self.items) - 1))
+        return self.items.to_ids(top.indices), top.values.cpu().numpy()
+
+    @torch.no_grad()
+    def similar_to_items(
+        self, item_ids: Sequence[str | int], k: int = 10
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Items closest to a set of items (an anonymous session), the set itself excluded.
+
+        The score is the cosine similarity to the mean of the items' normalised vectors, so a
+        visitor with no user id is answered from what they just looked at.
+        """
+        if self._item_rep is None:
+            raise RecommenderError(f"the {self.model_name} model has no item representation")
+        if not len(item_ids):
+            raise RecommenderError("similar_to_items needs at least one item id")
+        idx = torch.from_numpy(self.items.index([str(x) for x in item_ids])).to(self.device)
+        sims = self._item_rep @ self._item_rep[idx].mean(0)  # (n_items,)
+        sims[idx] = -torch.inf
+        top = torch.topk(sims, min(k, len(self.items) - len(torch.unique(idx))))
         return self.items.to_ids(top.indices), top.values.cpu().numpy()
 
     @torch.no_grad()

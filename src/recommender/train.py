@@ -34,8 +34,8 @@ from recommender.data.sampling import NegativeSampler, epoch_batches
 from recommender.evaluate import evaluate_full
 from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, build_model
 from recommender.utils import (
-    ConfigError,
     RecommenderError,
+    atomic_write_text,
     load_checkpoint,
     save_checkpoint,
 )
@@ -147,17 +147,10 @@ class Trainer:
         self.cfg, self.data, self.out, self.device = cfg, data, Path(out), device
         self.stages = plan_stages(cfg)
         self.monitor = cfg.train.monitor
-        k = self._monitor_k()
-        self.valid_ks = sorted({k, *cfg.eval.ks})
+        self.valid_ks = sorted({int(self.monitor.partition("@")[2]), *cfg.eval.ks})
         self.run_data = run_data(data)
         self.completed: dict[str, dict[str, Any]] = {}
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor, NegativeSampler]] = {}
-
-    def _monitor_k(self) -> int:
-        name, _, k = self.monitor.partition("@")
-        if name not in {"ndcg", "hr", "recall", "precision", "map"} or not k.isdigit():
-            raise ConfigError(f"train.monitor: '{self.monitor}' is not a metric like ndcg@10")
-        return int(k)
 
     # -- data on the device ------------------------------------------------------------------
 
@@ -280,23 +273,23 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> RecModel:
         """Run every stage (continuing from last.pt when resuming); return the final model."""
+        state = self._load_resume_state() if resume else None
         self.cfg.save(self.out / "config.yaml")
         if not self.stages:
-            model = Popularity(len(self.data.users), len(self.data.items))
-            model.fit(self.data.train_full.item_counts())
-            self._save_best(model, "popularity", 0, {})
-            return model
-        state = self._load_resume_state() if resume else None
+            popularity = Popularity(len(self.data.users), len(self.data.items))
+            popularity.fit(self.data.train_full.item_counts())
+            self._save_best(popularity, "popularity", 0, {})
+            return popularity
         first = state["stage_index"] if state else 0
-        model: RecModel | None = None
-        for index in range(first, len(self.stages)):
-            model = self._run_stage(index, state if index == first else None)
-        assert model is not None
-        return model
+        models = [
+            self._run_stage(index, state if index == first else None)
+            for index in range(first, len(self.stages))
+        ]
+        return models[-1]
 
     def _load_resume_state(self) -> dict[str, Any]:
         state = load_checkpoint(self.out / "last.pt", map_location=self.device)
-        if state.get("config_digest") != self.cfg.digest():
+        if state.get("training_digest") != self.cfg.training_digest():
             raise RecommenderError(
                 f"{self.out}: --resume needs the same config as the original run "
                 f"(see {self.out / 'config.yaml'})"
@@ -311,13 +304,15 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip()
-            and (json.loads(line)["stage_index"], json.loads(line)["epoch"]) <= (stage_index, epoch)
-        ]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill that stopped the run
+                continue
+            if (record["stage_index"], record["epoch"]) <= (stage_index, epoch):
+                kept.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _run_stage(self, index: int, resume: dict[str, Any] | None) -> RecModel:
         stage = self.stages[index]
@@ -334,9 +329,13 @@ class Trainer:
         start_epoch = 1
         if resume is not None:
             model.load_state_dict(resume["model"])
-            for opt, opt_state in zip(optimizers, resume["optimizers"]):
+            for opt, opt_state in zip(optimizers, resume["optimizers"], strict=True):
                 opt.load_state_dict(opt_state)
-            best_metric, best_epoch, bad = resume["best_metric"], resume["best_epoch"], resume["bad"]
+            best_metric, best_epoch, bad = (
+                resume["best_metric"],
+                resume["best_epoch"],
+                resume["bad"],
+            )
             best_state, best_valid = resume["best_state"], resume["best_valid"]
             torch.set_rng_state(resume["torch_rng"].cpu())
             start_epoch = resume["epoch"] + 1
@@ -370,8 +369,17 @@ class Trainer:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if is_final:
                     self._save_best(model, stage.model, epoch, best_valid or self._select_valid())
-            self._save_last(index, epoch, model, optimizers, best_metric, best_epoch, bad,
-                            best_state, best_valid)
+            self._save_last(
+                index,
+                epoch,
+                model,
+                optimizers,
+                best_metric,
+                best_epoch,
+                bad,
+                best_state,
+                best_valid,
+            )
             self._append_metrics(record)
             log.info(
                 "%s epoch %d: loss %.4f, %s samples/s%s",
@@ -419,7 +427,7 @@ class Trainer:
             self.out / "last.pt",
             {
                 "format_version": CHECKPOINT_VERSION,
-                "config_digest": self.cfg.digest(),
+                "training_digest": self.cfg.training_digest(),
                 "stage_index": index,
                 "stage": self.stages[index].name,
                 "epoch": epoch,
@@ -435,9 +443,7 @@ class Trainer:
             },
         )
 
-    def _save_best(
-        self, model: RecModel, name: str, epoch: int, valid: dict[str, float]
-    ) -> None:
+    def _save_best(self, model: RecModel, name: str, epoch: int, valid: dict[str, float]) -> None:
         save_checkpoint(
             self.out / "best.pt",
             {

@@ -97,7 +97,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise RecommenderError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})")
+        raise RecommenderError(
+            f"{path}: not a readable checkpoint ({exc.__class__.__name__})"
+        ) from None
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise RecommenderError(f"{path}: not a checkpoint written by this project")
     return payload

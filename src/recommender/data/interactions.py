@@ -105,6 +105,14 @@ class Interactions:
                 raise DataError("user_idx outside the user vocabulary")
             if self.item_idx.min() < 0 or self.item_idx.max() >= self.n_items:
                 raise DataError("item_idx outside the item vocabulary")
+            keys = np.sort(self.keys)
+            dup = np.flatnonzero(keys[1:] == keys[:-1])
+            if len(dup):
+                key = int(keys[dup[0]])
+                raise DataError(
+                    f"duplicate interaction (user_idx {key // self.n_items}, "
+                    f"item_idx {key % self.n_items})"
+                )
 
     def __len__(self) -> int:
         return len(self.user_idx)

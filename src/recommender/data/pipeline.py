@@ -1,10 +1,10 @@
 """From a data config to ready training data: read, label, de-duplicate, filter, index, split.
 
-    file / built-in dataset / NCF split files
-      -> canonical frame (user_id, item_id, rating, timestamp; raw ids as strings)
-      -> implicit positives (rating >= threshold), duplicate pairs collapsed, k-core filter
-      -> Vocabulary for users and items, Interactions of indices
-      -> test split, then a validation split carved from train (never from test)
+file / built-in dataset / NCF split files
+  -> canonical frame (user_id, item_id, rating, timestamp; raw ids as strings)
+  -> implicit positives (rating >= threshold), duplicate pairs collapsed, k-core filter
+  -> Vocabulary for users and items, Interactions of indices
+  -> test split, then a validation split carved from train (never from test)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from recommender.config import DataConfig
+from recommender.config import ColumnsConfig, DataConfig
 from recommender.data import splits
 from recommender.data.datasets import load_builtin
 from recommender.data.interactions import Interactions, Vocabulary
@@ -99,7 +99,10 @@ def _read_raw(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
             mapping["rating"] = cols.rating
         if cols.timestamp:
             mapping["timestamp"] = cols.timestamp
-        frame = read_interactions(cfg.path, format=cfg.format, columns=mapping, sep=cfg.sep)
+        # With the default names, rating and timestamp are read when the file has them; a
+        # mapping the user wrote names columns that must be there.
+        columns = None if cols == ColumnsConfig() else mapping
+        frame = read_interactions(cfg.path, format=cfg.format, columns=columns, sep=cfg.sep)
         return frame, None, f"file {cfg.path}"
     if cfg.dataset is None:
         raise DataError("no data: set data.dataset, data.path, or data.train_path/test_path")
@@ -120,6 +123,7 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     data = to_interactions(frame, users, items)
     train, test = splits.split(data, cfg.split, cfg.test_ratio, rng)
     train, valid = splits.split(train, cfg.split, cfg.valid_ratio, rng)
+    _check_nonempty(source, cfg.split, valid, test)
     _log_sizes(source, users, items, train, valid, test)
     return DataBundle(users, items, train, valid, test, None, item_info, source)
 
@@ -140,6 +144,7 @@ def _load_presplit(cfg: DataConfig) -> DataBundle:
         negatives = _align_negatives(ncf.negatives, ncf.negative_items, test, users, items, cfg)
     train, valid = splits.leave_last_out(train_all)
     source = f"NCF split files {cfg.train_path}, {cfg.test_path}"
+    _check_nonempty(source, "leave_last_out", valid, test)
     _log_sizes(source, users, items, train, valid, test)
     return DataBundle(users, items, train, valid, test, negatives, None, source)
 
@@ -153,10 +158,17 @@ def _align_negatives(
     cfg: DataConfig,
 ) -> np.ndarray:
     n_items = len(items)
-    neg_keys = users.index(pairs["user_id"].to_numpy()) * n_items + items.index(
-        pairs["item_id"].to_numpy()
-    )
+    user_idx = users.lookup(pairs["user_id"].to_numpy())
+    item_idx = items.lookup(pairs["item_id"].to_numpy())
+    neg_keys = user_idx * n_items + item_idx
     test_keys = test.keys
+    stray = (user_idx < 0) | (item_idx < 0) | ~np.isin(neg_keys, test_keys)
+    if stray.any():
+        row = int(np.flatnonzero(stray)[0])
+        raise DataError(
+            f"{cfg.test_negatives_path}: negatives line for ({pairs['user_id'].iloc[row]},"
+            f"{pairs['item_id'].iloc[row]}), which is not a pair of {cfg.test_path}"
+        )
     order = np.argsort(neg_keys, kind="stable")
     pos = np.searchsorted(neg_keys[order], test_keys).clip(max=len(order) - 1)
     found = neg_keys[order][pos] == test_keys
@@ -168,6 +180,18 @@ def _align_negatives(
         )
     flat = items.index(negative_items.ravel()).reshape(negative_items.shape)
     return flat[order[pos]]
+
+
+def _check_nonempty(source: str, split: str, valid: Interactions, test: Interactions) -> None:
+    """Early stopping needs validation data and evaluation needs test data: say so up front."""
+    hint = (
+        "users need at least 3 interactions under leave_last_out"
+        if split == "leave_last_out"
+        else "raise data.test_ratio / data.valid_ratio or use more data"
+    )
+    for name, part in (("test", test), ("validation", valid)):
+        if not len(part):
+            raise DataError(f"{source}: the {split} split leaves no {name} interactions; {hint}")
 
 
 def _log_sizes(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 
 from recommender.data.interactions import Interactions
@@ -59,6 +60,18 @@ class NegativeSampler:
         if strategy == "popularity":
             weights = torch.from_numpy(positives.item_counts()).double().pow(power)
             weights = weights + (weights.sum() == 0)  # all-zero counts: fall back to uniform
+            # Items without training interactions have weight 0 and are never drawn, so a user
+            # holding every item of positive weight has no negatives: rejection would not end.
+            drawable = (weights > 0).numpy()
+            held = np.bincount(
+                positives.user_idx, weights=drawable[positives.item_idx], minlength=len(counts)
+            )
+            if len(held) and held.max() >= drawable.sum():
+                user = int(held.argmax())
+                raise DataError(
+                    f"user index {user} interacted with every item that popularity sampling can "
+                    "draw; it has no negatives (use train.sampling=uniform)"
+                )
             cdf = torch.cumsum(weights / weights.sum(), 0)
             cdf[-1] = 1.0
             self._cdf = cdf.to(self.device)
@@ -71,6 +84,8 @@ class NegativeSampler:
         if self._dense is not None:
             return self._dense[keys]
         assert self._keys is not None
+        if not len(self._keys):
+            return torch.zeros_like(keys, dtype=torch.bool)
         pos = torch.searchsorted(self._keys, keys).clamp_(max=len(self._keys) - 1)
         return self._keys[pos] == keys
 

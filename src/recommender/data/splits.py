@@ -41,7 +41,7 @@ def temporal(data: Interactions, ratio: float) -> tuple[Interactions, Interactio
     """Hold out the globally latest `ratio` of interactions."""
     ts = _require_timestamps(data, "temporal")
     order = np.lexsort((data.item_idx, data.user_idx, ts))
-    n_test = int(round(len(data) * ratio))
+    n_test = round(len(data) * ratio)
     test_mask = np.zeros(len(data), dtype=bool)
     test_mask[order[len(data) - n_test :]] = True
     return data.subset(~test_mask), data.subset(test_mask)

@@ -1,10 +1,12 @@
 """The seed's NCF: user and item embeddings, concatenated, through an MLP to one logit.
 
-    UserEmbedding(n_users, d0/2), ItemEmbedding(n_items, d0/2)
-    -> concat (B, d0) -> [Linear -> ReLU -> Dropout] per hidden width -> Linear(d_last, 1)
+UserEmbedding(n_users, d0/2), ItemEmbedding(n_items, d0/2)
+-> concat (B, d0) -> [Linear -> ReLU -> Dropout] per hidden width -> Linear(d_last, 1)
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -29,31 +31,31 @@ class MLPTower(nn.Module):
         self.item_emb = nn.Embedding(n_items, half, sparse=sparse)
         init_embedding(self.user_emb)
         init_embedding(self.item_emb)
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(layers[:-1], layers[1:]))
+        self.first = nn.Linear(layers[0], layers[1])
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(layers[1:]))
         self.dropout = nn.Dropout(dropout)
         self.width = layers[1]
 
     def _rest(self, h: torch.Tensor) -> torch.Tensor:
         h = self.dropout(torch.relu(h))
-        for linear in self.linears[1:]:
+        for linear in self.linears:
             h = self.dropout(torch.relu(linear(h)))
         return h
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         """(B,), (B,) -> (B, layers[-1])."""
         x = torch.cat([self.user_emb(user_idx), self.item_emb(item_idx)], -1)  # (B, d0)
-        return self._rest(self.linears[0](x))
+        return self._rest(self.first(x))
 
     def item_half(self) -> torch.Tensor:
         """(n_items, layers[1]): the item embeddings through the item half of layer one."""
         half = self.user_emb.embedding_dim
-        return self.item_emb.weight @ self.linears[0].weight[:, half:].T
+        return self.item_emb.weight @ self.first.weight[:, half:].T
 
     def all_items(self, user_idx: torch.Tensor, item_half: torch.Tensor) -> torch.Tensor:
         """(B,) users against every item -> (B, n_items, layers[-1])."""
         half = self.user_emb.embedding_dim
-        first = self.linears[0]
-        user_half = self.user_emb(user_idx) @ first.weight[:, :half].T + first.bias  # (B, d1)
+        user_half = self.user_emb(user_idx) @ self.first.weight[:, :half].T + self.first.bias
         return self._rest(user_half[:, None, :] + item_half[None, :, :])
 
 

@@ -11,6 +11,8 @@ from recommender.models.base import RecModel
 class Popularity(RecModel):
     """logit(u, i) = log(1 + count_i); no trainable parameters, fitted by counting."""
 
+    log_counts: torch.Tensor
+
     def __init__(self, n_users: int, n_items: int) -> None:
         super().__init__()
         self.n_users, self.n_items = n_users, n_items

@@ -1,0 +1,166 @@
+"""The Recommender contract: raw ids in and out, one user and a batch alike, clear failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recommender.inference import Explanation, Recommender
+from recommender.utils import RecommenderError
+
+
+@pytest.fixture(scope="module")
+def rec(gmf_run: Path) -> Recommender:
+    return Recommender.from_run(gmf_run)
+
+
+def history_ids(rec: Recommender, user: str) -> set[str]:
+    idx = int(rec.users.index([user])[0])
+    return set(rec.items.to_ids(rec.history_of(idx)).tolist())
+
+
+def test_loads_from_the_run_directory_alone(rec: Recommender, gmf_run: Path):
+    assert rec.model_name == "gmf"
+    assert len(rec.users) == 160 and len(rec.items) == 120
+    assert rec.meta["run_dir"] == str(gmf_run)
+    assert not rec.model.training
+
+
+def test_single_user_and_batch_agree(rec: Recommender):
+    users = ["u10", "u7", "u484"]
+    items, scores = rec.recommend(users, k=10)
+    assert items.shape == scores.shape == (3, 10)
+    for row, user in enumerate(users):
+        one_items, one_scores = rec.recommend(user, k=10)
+        assert one_items.shape == (10,)
+        assert one_items.tolist() == items[row].tolist()
+        np.testing.assert_allclose(one_scores, scores[row], rtol=1e-6)
+    # Integer-typed and string-typed ids name the same item / user.
+    assert rec.recommend(np.array(["u10"]), k=3)[0][0].tolist() == items[0, :3].tolist()
+
+
+def test_scores_are_sorted_probabilities(rec: Recommender):
+    items, scores = rec.recommend("u10", k=20)
+    assert np.all(np.diff(scores) <= 0)
+    assert np.all((scores > 0) & (scores < 1))
+    assert len(set(items.tolist())) == 20
+    assert all(isinstance(i, str) for i in items)
+
+
+def test_exclude_seen_excludes_the_history(rec: Recommender):
+    seen = history_ids(rec, "u10")
+    assert seen
+    items, _ = rec.recommend("u10", k=len(rec.items) - len(seen))
+    assert not set(items.tolist()) & seen
+    everything, _ = rec.recommend("u10", k=len(rec.items), exclude_seen=False)
+    assert set(everything.tolist()) == set(rec.items.to_list())
+    # A trained model ranks the items the user interacted with near the top.
+    top = set(everything[:20].tolist())
+    assert len(top & seen) >= 5
+
+
+def test_k_beyond_the_unseen_items_pads_with_none(rec: Recommender):
+    seen = history_ids(rec, "u10")
+    items, scores = rec.recommend("u10", k=len(rec.items) + 5)
+    n_unseen = len(rec.items) - len(seen)
+    assert all(i is not None for i in items[:n_unseen])
+    assert all(i is None for i in items[n_unseen:])
+    assert np.isnan(scores[n_unseen:]).all()
+    with pytest.raises(RecommenderError, match="k must be"):
+        rec.recommend("u10", k=0)
+
+
+def test_unknown_user_gets_the_popularity_fallback(rec: Recommender):
+    assert rec.known_users(["u10", "nobody"]).tolist() == [True, False]
+    assert rec.known_users("nobody").tolist() == [False]
+    items, scores = rec.recommend("nobody", k=10)
+    counts = np.expm1(rec.popularity.log_counts.numpy())
+    # The fallback's scores are the top-10 counts (ties may pick either item), as a share.
+    np.testing.assert_allclose(scores, np.sort(counts)[::-1][:10] / counts.max(), rtol=1e-5)
+    np.testing.assert_allclose(counts[rec.items.index(items)] / counts.max(), scores, rtol=1e-5)
+    batch_items, _ = rec.recommend(["u10", "nobody"], k=10)
+    assert batch_items[1].tolist() == items.tolist()
+
+
+def test_unknown_item_is_a_clear_error(rec: Recommender):
+    with pytest.raises(RecommenderError, match="unknown item 'no-such-item'"):
+        rec.score(["u10"], ["no-such-item"])
+    with pytest.raises(RecommenderError, match="unknown item"):
+        rec.similar_items("no-such-item")
+    with pytest.raises(RecommenderError, match="unknown item"):
+        rec.explain("u10", "no-such-item")
+
+
+def test_score_keeps_the_order_and_matches_recommend(rec: Recommender):
+    items, top_scores = rec.recommend("u10", k=5)
+    users = ["u10"] * 5
+    scores = rec.score(users, items.tolist())
+    np.testing.assert_allclose(scores, top_scores, rtol=1e-5)
+    reversed_scores = rec.score(users, items.tolist()[::-1])
+    np.testing.assert_allclose(reversed_scores, scores[::-1], rtol=1e-6)
+    mixed = rec.score(["u10", "nobody", "u7"], [15, "15", 25])
+    assert mixed.shape == (3,)
+    assert mixed[0] == pytest.approx(rec.score(["u10"], ["15"])[0])
+    counts = np.expm1(rec.popularity.log_counts.numpy())
+    assert mixed[1] == pytest.approx(counts[rec.items.index(["15"])[0]] / counts.max(), rel=1e-5)
+    with pytest.raises(RecommenderError, match="2 users but 1 items"):
+        rec.score(["u10", "u7"], ["15"])
+
+
+def test_similar_items_excludes_the_item_itself(rec: Recommender):
+    items, sims = rec.similar_items("15", k=10)
+    assert len(items) == 10 and "15" not in items.tolist()
+    assert np.all(np.diff(sims) <= 1e-6)
+    everything, _ = rec.similar_items(15, k=1000)
+    assert len(everything) == len(rec.items) - 1
+
+
+def test_similar_items_recover_the_planted_clusters(rec: Recommender):
+    # Items i and j share a cluster when (i - j) is a multiple of 8 (conftest N_CLUSTERS).
+    items, _ = rec.similar_items("15", k=5)  # raw id 15 is item index 1
+    clusters = [((int(i) - 5) // 10) % 8 for i in items]
+    assert sum(c == 1 for c in clusters) >= 3
+
+
+def test_explain_returns_history_items_with_weights(rec: Recommender):
+    items, _ = rec.recommend("u10", k=3)
+    seen = history_ids(rec, "u10")
+    for item in items:
+        why = rec.explain("u10", item, n=3)
+        assert isinstance(why, Explanation)
+        assert why.item_id == item and why.method == "item-embedding similarity"
+        assert 1 <= len(why.supporting_items) <= 3
+        assert set(why.supporting_items) <= seen
+        assert len(why.weights) == len(why.supporting_items)
+        assert all(0 < w <= 1 for w in why.weights) and sum(why.weights) <= 1 + 1e-6
+        assert why.weights == sorted(why.weights, reverse=True)
+        assert why.one_line().startswith("because you liked ")
+
+
+def test_explain_for_an_unknown_user_falls_back(rec: Recommender):
+    why = rec.explain("nobody", "15")
+    assert why.supporting_items == [] and why.method == "popularity"
+    assert why.one_line() == "popular with all users"
+
+
+def test_from_run_rejects_what_is_not_a_run(tmp_path: Path):
+    with pytest.raises(RecommenderError, match="not a run directory"):
+        Recommender.from_run(tmp_path / "missing")
+    with pytest.raises(RecommenderError, match="checkpoint not found"):
+        Recommender.from_run(tmp_path)
+
+
+def test_similar_to_items_excludes_the_given_items(rec: Recommender):
+    one, one_sims = rec.similar_to_items(["15"], k=5)
+    items, sims = rec.similar_items("15", k=5)
+    assert one.tolist() == items.tolist()
+    np.testing.assert_allclose(one_sims, sims, rtol=1e-5)
+    several, scores = rec.similar_to_items(["15", 25, "15"], k=10)
+    assert not {"15", "25"} & set(several.tolist())
+    assert np.isfinite(scores).all() and np.all(np.diff(scores) <= 1e-6)
+    with pytest.raises(RecommenderError, match="unknown item"):
+        rec.similar_to_items(["15", "nope"])
+    with pytest.raises(RecommenderError, match="at least one"):
+        rec.similar_to_items([])

@@ -1,0 +1,240 @@
+"""Training: stages, checkpoints, metrics.jsonl, a planted answer, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import FAST, run_cli
+from recommender.config import load_config
+from recommender.data.pipeline import load_data
+from recommender.evaluate import evaluate_full
+from recommender.models import Popularity
+from recommender.train import Trainer, plan_stages
+from recommender.utils import RecommenderError, load_checkpoint, save_checkpoint
+
+TIMING = {"train_seconds", "samples_per_second"}
+
+
+def test_plan_stages():
+    names = [s.name for s in plan_stages(load_config(None))]
+    assert names == [
+        "select/gmf", "select/mlp", "select/neumf", "refit/gmf", "refit/mlp", "refit/neumf",
+    ]  # fmt: skip
+    stages = plan_stages(load_config(None, ["model.name=gmf", "train.refit=false"]))
+    assert [(s.name, s.data, s.early_stopping) for s in stages] == [("select/gmf", "train", True)]
+    refit = plan_stages(load_config(None, ["model.name=mf"]))[-1]
+    assert (refit.data, refit.early_stopping) == ("full", False)
+    neumf = plan_stages(load_config(None, ["train.refit=false"]))[-1]
+    assert neumf.init_from == ("select/gmf", "select/mlp")
+    assert plan_stages(load_config(None, ["model.name=popularity"])) == []
+
+
+def test_checkpoints_exist_and_load_with_weights_only(gmf_run: Path):
+    for name in ("best.pt", "last.pt"):
+        payload = torch.load(gmf_run / name, map_location="cpu", weights_only=True)
+        assert payload["format_version"] == 1
+    best = load_checkpoint(gmf_run / "best.pt")
+    for key in ("model_config", "state_dict", "user_ids", "item_ids", "n_users", "n_items",
+                "epoch", "valid_metrics", "config", "config_digest", "item_counts",
+                "history_indptr", "history_items"):  # fmt: skip
+        assert key in best, key
+    assert best["model_config"]["name"] == "gmf"
+    assert len(best["user_ids"]) == best["n_users"] and len(best["item_ids"]) == best["n_items"]
+    # Raw ids in vocabulary order: strings sort as text, integer ids (with gaps) as numbers.
+    assert best["user_ids"][:3] == ["u10", "u100", "u103"]
+    assert best["item_ids"][:3] == ["5", "15", "25"]
+    assert "ndcg@10" in best["valid_metrics"]
+    last = load_checkpoint(gmf_run / "last.pt")
+    for key in ("model", "optimizers", "torch_rng", "epoch", "stage_index", "completed"):
+        assert key in last, key
+    assert not list(gmf_run.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_run_directory_keeps_the_resolved_config(gmf_run: Path):
+    saved = load_config(gmf_run / "config.yaml")
+    assert saved.model.name == "gmf" and saved.train.epochs == 8
+    assert saved.digest() == load_checkpoint(gmf_run / "best.pt")["config_digest"]
+    assert yaml.safe_load((gmf_run / "config.yaml").read_text())["train"]["epochs"] == 8
+
+
+def test_metrics_jsonl_one_line_per_epoch(gmf_run: Path):
+    lines = (gmf_run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    cfg = load_config(gmf_run / "config.yaml")
+    data = load_data(cfg.data, cfg.seed)
+    select = [r for r in records if r["stage"] == "select/gmf"]
+    refit = [r for r in records if r["stage"] == "refit/gmf"]
+    assert [r["epoch"] for r in select] == list(range(1, 9))
+    assert [r["epoch"] for r in refit] == list(range(1, len(refit) + 1))
+    assert len(select) + len(refit) == len(records)
+    k = 1 + cfg.train.num_negatives
+    for r in records:
+        for key in ("epoch", "train_samples", "train_seconds", "samples_per_second", "loss"):
+            assert key in r, key
+        assert r["samples_per_second"] > 0 and r["loss"] > 0
+    for r in select:
+        assert r["train_samples"] == len(data.train) * k
+        assert {"ndcg@10", "hr@10"} <= set(r["valid"])
+    for r in refit:
+        # The refit trains on train + validation for the chosen number of epochs.
+        assert r["train_samples"] == len(data.train_full) * k
+    best_epoch = max(select, key=lambda r: r["valid"]["ndcg@10"])["epoch"]
+    assert len(refit) == best_epoch
+    assert select[-1]["loss"] < select[0]["loss"]
+
+
+def test_neumf_with_pretraining_beats_popularity(planted_csv: Path, tmp_path: Path):
+    cfg = load_config(
+        None,
+        [*FAST, "data.dataset=null", f"data.path={planted_csv}", "model.name=neumf",
+         "train.epochs=3", "train.lr=0.005", "train.refit=false"],
+    )  # fmt: skip
+    data = load_data(cfg.data, cfg.seed)
+    model = Trainer(cfg, data, tmp_path, torch.device("cpu")).fit()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    stages = {json.loads(line)["stage"] for line in lines}
+    assert stages == {"select/gmf", "select/mlp", "select/neumf"}
+    history = data.train_full
+    popularity = Popularity(len(data.users), len(data.items)).fit(history.item_counts())
+    ours = evaluate_full(model, history, data.test, [10]).metrics["hr@10"]
+    baseline = evaluate_full(popularity, history, data.test, [10]).metrics["hr@10"]
+    assert ours > baseline + 0.25, (ours, baseline)
+
+
+def state(path: Path, key: str) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[key]
+
+
+def records(run: Path) -> list[dict]:
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out.append({k: v for k, v in record.items() if k not in TIMING})
+    return out
+
+
+def train_args(data: Path, out: Path) -> list[str]:
+    # MLP with dropout: resuming must restore the global torch RNG as well as the sampler's.
+    sets = [*FAST, "train.epochs=3", "model.dropout=0.2"]
+    return ["train", "--data", str(data), "--model", "mlp", "--out", str(out)] + [
+        f"--set={s}" for s in sets
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(planted_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from recommender.cli import main
+
+    out = tmp_path_factory.mktemp("resume") / "whole"
+    assert main(train_args(planted_csv, out)) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [2, 4], ids=["mid-selection", "at-refit-start"])
+def test_resume_gives_the_uninterrupted_result(
+    planted_csv: Path,
+    uninterrupted: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kill_at: int,
+):
+    """Kill the run after epoch `kill_at` trained but before its checkpoint, then --resume.
+
+    Epoch calls 1-3 are selection, 4.. the refit: kill_at=4 dies as a new stage starts.
+    """
+    calls = {"n": 0}
+    original = Trainer._train_epoch
+
+    def killed(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt  # as if Ctrl-C (or a kill) arrived before the checkpoint
+        return result
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "_train_epoch", killed)
+    code, _, err = run_cli(train_args(planted_csv, out), capsys)
+    assert code == 130 and "interrupted" in err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == kill_at - 1
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+
+    code, _, err = run_cli([*train_args(planted_csv, out), "--resume"], capsys)
+    assert code == 0, err
+    assert records(out) == records(uninterrupted)
+    for name, key in (("best.pt", "state_dict"), ("last.pt", "model")):
+        expected, got = state(uninterrupted / name, key), state(out / name, key)
+        assert expected.keys() == got.keys()
+        for param in expected:
+            assert torch.equal(expected[param], got[param]), (name, param)
+
+
+@pytest.mark.slow
+def test_resume_with_a_different_config_is_refused_and_changes_nothing(
+    planted_csv: Path, uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    args = [*train_args(planted_csv, run), "--set=train.lr=0.5", "--resume"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert "same config" in err and "Traceback" not in err
+    after = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert after.keys() == before.keys()
+    # The refused run must not replace the original run's config.yaml with its own.
+    assert after["config.yaml"] == before["config.yaml"]
+    assert after == before
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_changes_no_result(
+    planted_csv: Path, uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    code, _, err = run_cli([*train_args(planted_csv, run), "--resume"], capsys)
+    assert code == 0, err
+    assert records(run) == records(uninterrupted)
+    expected, got = (
+        state(uninterrupted / "best.pt", "state_dict"),
+        state(run / "best.pt", "state_dict"),
+    )
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resume_needs_a_run_directory(planted_csv: Path, tmp_path: Path, capsys):
+    code, _, err = run_cli([*train_args(planted_csv, tmp_path / "nothing"), "--resume"], capsys)
+    assert code == 2 and "no last.pt to resume from" in err
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_load_checkpoint_rejects_foreign_and_corrupt_files(tmp_path: Path):
+    with pytest.raises(RecommenderError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(RecommenderError, match="not a readable checkpoint"):
+        load_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(RecommenderError, match="not a checkpoint written by this project"):
+        load_checkpoint(foreign)
+
+
+def test_checkpoints_refuse_arbitrary_objects(tmp_path: Path):
+    # weights_only=True: a pickled object (here a Path) cannot be smuggled into a checkpoint.
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": Path("x")}, path)
+    with pytest.raises(RecommenderError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    save_checkpoint(tmp_path / "ok.pt", {"format_version": 1, "w": torch.ones(1)})
+    assert load_checkpoint(tmp_path / "ok.pt")["w"].item() == 1.0
