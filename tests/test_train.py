@@ -151,7 +151,7 @@ def test_resume_gives_the_uninterrupted_result(
     Epoch calls 1-3 are selection, 4.. the refit: kill_at=4 dies as a new stage starts.
     """
     calls = {"n": 0}
-    original = Trainer._train_epoch
+    original = Trainer.train_epoch
 
     def killed(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
@@ -161,11 +161,11 @@ def test_resume_gives_the_uninterrupted_result(
         return result
 
     out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "_train_epoch", killed)
+    monkeypatch.setattr(Trainer, "train_epoch", killed)
     code, _, err = run_cli(train_args(planted_csv, out), capsys)
     assert code == 130 and "interrupted" in err
     assert len((out / "metrics.jsonl").read_text().splitlines()) == kill_at - 1
-    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
 
     code, _, err = run_cli([*train_args(planted_csv, out), "--resume"], capsys)
     assert code == 0, err

@@ -11,6 +11,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from recommender.utils import (
     DataError,
     RecommenderError,
     atomic_path,
+    atomic_write_text,
     resolve_device,
     set_threads,
     setup_logging,
@@ -83,9 +85,70 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained {cfg.model.name}: {out / 'best.pt'}")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from recommender.evaluate import evaluate_run
+def evaluate_run(run_dir: Path) -> dict[str, Any]:
+    """Test metrics of a run's model and of Popularity, under both protocols.
 
+    The data is rebuilt from the run's saved config (the split is deterministic) and checked
+    against the vocabularies in the checkpoint, so a changed data file cannot pass silently.
+    The report is written to `run_dir/eval.json` and returned.
+    """
+    from recommender.data.pipeline import load_data
+    from recommender.evaluate import (
+        EvalResult,
+        evaluate_full,
+        evaluate_sampled,
+        format_table,
+        sample_negatives,
+    )
+    from recommender.inference import Recommender
+    from recommender.models import Popularity, RecModel
+
+    if not (run_dir / "config.yaml").is_file():
+        raise RecommenderError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    rec = Recommender.from_run(run_dir)
+    data = load_data(cfg.data, cfg.seed)
+    if rec.users.to_list() != data.users.to_list() or rec.items.to_list() != data.items.to_list():
+        raise RecommenderError(
+            f"{run_dir}: the data no longer matches the vocabularies the model was trained on"
+        )
+    history = data.train_full
+    popularity = Popularity(len(data.users), len(data.items)).fit(history.item_counts())
+    negatives = data.test_negatives
+    negatives_note = "given negatives file"
+    if negatives is None:
+        negatives = sample_negatives(history, data.test, cfg.eval.num_negatives, cfg.seed)
+        negatives_note = f"{cfg.eval.num_negatives} sampled negatives (seed {cfg.seed})"
+    models: dict[str, RecModel] = {rec.model_name: rec.model}
+    if rec.model_name != "popularity":
+        models["popularity"] = popularity
+    ks = cfg.eval.ks
+    results: dict[str, EvalResult] = {}
+    for name, model in models.items():
+        results[f"{name}/full"] = evaluate_full(
+            model, history, data.test, ks, batch_users=cfg.eval.batch_users, fallback=popularity
+        )
+        results[f"{name}/sampled"] = evaluate_sampled(
+            model, history, data.test, negatives, ks, fallback=popularity
+        )
+    shown = ["auc", "mrr"] + [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
+    shown += [f"{m}@{max(ks)}" for m in ("recall", "precision", "map", "coverage")]
+    notes = sorted({n for r in results.values() for n in r.notes})
+    notes.append("FULL: ranked against every item outside the user's training history")
+    notes.append(f"SAMPLED: test item against {negatives_note}")
+    report: dict[str, Any] = {
+        "run": str(run_dir),
+        "model": rec.model_name,
+        "n_test_users": results[f"{rec.model_name}/full"].n_users,
+        "results": {name: res.to_dict() for name, res in results.items()},
+        "notes": notes,
+    }
+    report["table"] = format_table(results, shown)
+    atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2))
+    return report
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
     report = evaluate_run(Path(args.run))
     if args.json:
         print(json.dumps(report, indent=2))
@@ -151,6 +214,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         pairs = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty file") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: malformed CSV ({str(exc).strip()})") from None
     missing = [c for c in ("user_id", "item_id") if c not in pairs.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(pairs.columns)}")

@@ -7,26 +7,22 @@ Sampled numbers are much higher and can reorder models (Krichene & Rendle 2020),
 carries the name of the protocol that produced it.
 
 Ties count against the model: a held-out item's rank is the number of other candidates scoring
-at least as high, so a constant scorer gets zero on every metric.
+at least as high, so a constant scorer gets zero on every metric (MRR sits at its floor,
+1 / number of candidates).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from recommender.config import load_config
 from recommender.data.interactions import Interactions
 from recommender.data.sampling import NegativeSampler
 from recommender.models import Popularity, RecModel
-from recommender.utils import RecommenderError, atomic_write_text
 
 log = logging.getLogger("recommender")
 
@@ -170,15 +166,27 @@ def evaluate_full(
 
 
 def sample_negatives(history: Interactions, targets: Interactions, m: int, seed: int) -> np.ndarray:
-    """(len(targets), m) uniform negatives per target row, outside the user's history and targets.
+    """(len(targets), m) distinct uniform negatives per row, outside the user's history and targets.
 
     Drawn with a fixed seed so every model in a comparison faces the same candidates.
     """
     known = history.concat(targets)
+    room = int(known.n_items - known.user_counts().max())
+    if m > room:
+        log.warning("sampled protocol: %d negatives per row requested, only %d exist", m, room)
+        m = room
     sampler = NegativeSampler(known)
     gen = torch.Generator().manual_seed(seed)
-    negs = sampler.sample(torch.from_numpy(targets.user_idx), m, gen)
-    return negs.numpy()
+    users = torch.from_numpy(targets.user_idx)
+    negs = sampler.sample(users, m, gen)
+    while True:  # redraw repeats within a row, so each row holds m distinct items
+        ordered, order = torch.sort(negs, dim=1)
+        repeat = torch.zeros_like(negs, dtype=torch.bool)
+        repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+        rows, cols = torch.nonzero(repeat, as_tuple=True)
+        if not len(rows):
+            return negs.numpy()
+        negs[rows, order[rows, cols]] = sampler.sample(users[rows], 1, gen).squeeze(1)
 
 
 @torch.no_grad()
@@ -234,58 +242,3 @@ def format_table(rows: dict[str, EvalResult], metrics: list[str]) -> str:
         values = " ".join(f"{res.metrics.get(m, float('nan')):>12.4f}" for m in metrics)
         lines.append(f"{model_name:<12} {res.protocol:<8} {values}")
     return "\n".join(lines)
-
-
-def evaluate_run(run_dir: Path) -> dict[str, Any]:
-    """Test metrics of a run's model and of Popularity, under both protocols.
-
-    The data is rebuilt from the run's saved config (the split is deterministic) and checked
-    against the vocabularies in the checkpoint, so a changed data file cannot pass silently.
-    The report is written to `run_dir/eval.json` and returned.
-    """
-    from recommender.data.pipeline import load_data
-    from recommender.inference import Recommender
-
-    if not (run_dir / "config.yaml").is_file():
-        raise RecommenderError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    rec = Recommender.from_run(run_dir)
-    data = load_data(cfg.data, cfg.seed)
-    if rec.users.to_list() != data.users.to_list() or rec.items.to_list() != data.items.to_list():
-        raise RecommenderError(
-            f"{run_dir}: the data no longer matches the vocabularies the model was trained on"
-        )
-    history = data.train_full
-    popularity = Popularity(len(data.users), len(data.items)).fit(history.item_counts())
-    negatives = data.test_negatives
-    negatives_note = "given negatives file"
-    if negatives is None:
-        negatives = sample_negatives(history, data.test, cfg.eval.num_negatives, cfg.seed)
-        negatives_note = f"{cfg.eval.num_negatives} sampled negatives (seed {cfg.seed})"
-    models: dict[str, RecModel] = {rec.model_name: rec.model}
-    if rec.model_name != "popularity":
-        models["popularity"] = popularity
-    ks = cfg.eval.ks
-    results: dict[str, EvalResult] = {}
-    for name, model in models.items():
-        results[f"{name}/full"] = evaluate_full(
-            model, history, data.test, ks, batch_users=cfg.eval.batch_users, fallback=popularity
-        )
-        results[f"{name}/sampled"] = evaluate_sampled(
-            model, history, data.test, negatives, ks, fallback=popularity
-        )
-    shown = ["auc", "mrr"] + [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
-    shown += [f"{m}@{max(ks)}" for m in ("recall", "precision", "map", "coverage")]
-    notes = sorted({n for r in results.values() for n in r.notes})
-    notes.append("FULL: ranked against every item outside the user's training history")
-    notes.append(f"SAMPLED: test item against {negatives_note}")
-    report: dict[str, Any] = {
-        "run": str(run_dir),
-        "model": rec.model_name,
-        "n_test_users": results[f"{rec.model_name}/full"].n_users,
-        "results": {name: res.to_dict() for name, res in results.items()},
-        "notes": notes,
-    }
-    report["table"] = format_table(results, shown)
-    atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2))
-    return report

@@ -40,8 +40,10 @@ class Explanation:
     method: str
 
     def one_line(self, titles: dict[str, str] | None = None) -> str:
-        if not self.supporting_items:
+        if self.method == "popularity":
             return "popular with all users"
+        if not self.supporting_items:
+            return "no item in your history is similar to it"
         named = [
             f"{titles.get(i, i) if titles else i} ({w:.2f})"
             for i, w in zip(self.supporting_items, self.weights, strict=True)

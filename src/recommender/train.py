@@ -197,7 +197,7 @@ class Trainer:
         model.load_state_dict(done["state_dict"])
         return model
 
-    def _optimizer(self, model: RecModel, stage: Stage) -> list[torch.optim.Optimizer]:
+    def optimizers(self, model: RecModel, stage: Stage) -> list[torch.optim.Optimizer]:
         fused = self.device.type in ("cpu", "cuda")
         if not self.cfg.train.sparse:
             return [
@@ -218,7 +218,7 @@ class Trainer:
     def _epoch_seed(self, index: int, epoch: int) -> int:
         return (self.cfg.seed * 1_000_003 + index * 10_007 + epoch) % (2**63)
 
-    def _train_epoch(
+    def train_epoch(
         self,
         model: RecModel,
         optimizers: list[torch.optim.Optimizer],
@@ -318,7 +318,7 @@ class Trainer:
         stage = self.stages[index]
         is_final = index == len(self.stages) - 1
         model = self._build(index, stage)
-        optimizers = self._optimizer(model, stage)
+        optimizers = self.optimizers(model, stage)
         epochs = stage.epochs
         if not stage.early_stopping:
             select = stage.name.replace("refit/", "select/", 1)
@@ -338,12 +338,14 @@ class Trainer:
             )
             best_state, best_valid = resume["best_state"], resume["best_valid"]
             torch.set_rng_state(resume["torch_rng"].cpu())
+            if resume["cuda_rng"]:
+                torch.cuda.set_rng_state_all([s.cpu() for s in resume["cuda_rng"]])
             start_epoch = resume["epoch"] + 1
         for epoch in range(start_epoch, epochs + 1):
             if bad >= self.cfg.train.patience:
                 break
             gen = torch.Generator(device=self.device).manual_seed(self._epoch_seed(index, epoch))
-            loss, samples, seconds = self._train_epoch(
+            loss, samples, seconds = self.train_epoch(
                 model, optimizers, stage, gen, f"{stage.name} {epoch}/{epochs}"
             )
             record: dict[str, Any] = {
@@ -369,6 +371,9 @@ class Trainer:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if is_final:
                     self._save_best(model, stage.model, epoch, best_valid or self._select_valid())
+            # Metrics first: a kill before the checkpoint only repeats this epoch on resume,
+            # and the resumed run drops the duplicate line.
+            self._append_metrics(record)
             self._save_last(
                 index,
                 epoch,
@@ -380,7 +385,6 @@ class Trainer:
                 best_state,
                 best_valid,
             )
-            self._append_metrics(record)
             log.info(
                 "%s epoch %d: loss %.4f, %s samples/s%s",
                 stage.name,
@@ -440,6 +444,7 @@ class Trainer:
                 "bad": bad,
                 "completed": self.completed,
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
         )
 

@@ -1,0 +1,150 @@
+"""Training throughput against the pure-compute bound, and full-ranking evaluation time.
+
+The bound: forward, backward and optimizer step on ready-made random index batches (no
+sampling, no shuffling, no data movement). The pipeline: whole epochs of the real Trainer
+(negative sampling, permutation, batching included) on the same data and model shapes.
+Both are measured in this one run, at 1 and at 2 threads.
+
+    python benchmarks/bench_training.py [--data-dir ../shared/data/ml-100k-loo]
+
+Without the NCF files it falls back to synthetic data of the same shape (943 x 1682, 99k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from recommender.config import load_config
+from recommender.data.datasets import write_synthetic
+from recommender.data.pipeline import load_data
+from recommender.evaluate import evaluate_full
+from recommender.models import build_model
+from recommender.train import Trainer
+
+BENCH_MODEL = ["model.embedding_dim=32", "model.mlp_layers=[64,32,16,8]"]
+
+
+def data_overrides(data_dir: Path | None, tmp: Path) -> list[str]:
+    if data_dir is not None and (data_dir / "ml-100k.train.rating").is_file():
+        return [
+            "data.dataset=null",
+            f"data.train_path={data_dir / 'ml-100k.train.rating'}",
+            f"data.test_path={data_dir / 'ml-100k.test.rating'}",
+        ]
+    path = write_synthetic(tmp / "synthetic.csv", n_users=943, n_items=1682, n_interactions=100_000)
+    return ["data.dataset=null", f"data.path={path}"]
+
+
+def compute_bound(trainer: Trainer, batch_size: int, steps: int) -> float:
+    """Samples/s of forward + backward + Adam step on pre-built random batches."""
+    cfg = trainer.cfg
+    n_users, n_items = len(trainer.data.users), len(trainer.data.items)
+    model = build_model(cfg.model, n_users, n_items)
+    stage = trainer.stages[-1]
+    optimizers = trainer.optimizers(model, stage)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randint(n_users, (batch_size,), generator=gen),
+            torch.randint(n_items, (batch_size,), generator=gen),
+            torch.randint(2, (batch_size,), generator=gen).float(),
+        )
+        for _ in range(16)
+    ]
+
+    def run(n: int) -> None:
+        for step in range(n):
+            u, i, y = batches[step % len(batches)]
+            loss = F.binary_cross_entropy_with_logits(model(u, i), y)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+
+    run(10)
+    start = time.perf_counter()
+    run(steps)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def pipeline_throughput(trainer: Trainer, epochs: int) -> float:
+    """Samples/s of whole Trainer epochs: sampling, shuffling and batching included."""
+    stage = trainer.stages[-1]
+    model = build_model(trainer.cfg.model, len(trainer.data.users), len(trainer.data.items))
+    optimizers = trainer.optimizers(model, stage)
+    trainer.train_epoch(model, optimizers, stage, torch.Generator().manual_seed(0), "warmup")
+    samples = seconds = 0.0
+    for epoch in range(epochs):
+        gen = torch.Generator().manual_seed(epoch + 1)
+        _, n, secs = trainer.train_epoch(model, optimizers, stage, gen, "bench")
+        samples += n
+        seconds += secs
+    return samples / seconds
+
+
+def eval_seconds(trainer: Trainer, model_overrides: list[str], repeats: int = 5) -> float:
+    cfg = load_config(None, model_overrides)
+    model = build_model(cfg.model, len(trainer.data.users), len(trainer.data.items))
+    data = trainer.data
+    evaluate_full(model, data.train, data.test, [10])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        evaluate_full(model, data.train_full, data.test, [10], batch_users=1024)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/ml-100k-loo"))
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = data_overrides(args.data_dir, Path(tmp))
+        overrides += BENCH_MODEL + [
+            f"train.batch_size={args.batch_size}",
+            "train.progress=false",
+            "train.refit=false",
+            "train.pretrain.enabled=false",
+        ]
+        cfg = load_config(None, overrides)
+        data = load_data(cfg.data, cfg.seed)
+        trainer = Trainer(cfg, data, Path(tmp) / "run", torch.device("cpu"))
+        results: dict[str, object] = {
+            "machine": f"{platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads available, torch {torch.__version__}",
+            "data": data.source,
+            "model": "NeuMF dim 32, MLP [64, 32, 16, 8]",
+            "batch_size": args.batch_size,
+        }
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            bound = compute_bound(trainer, args.batch_size, args.steps)
+            pipe = pipeline_throughput(trainer, args.epochs)
+            results[f"threads_{threads}"] = {
+                "compute_bound_samples_s": round(bound),
+                "pipeline_samples_s": round(pipe),
+                "ratio": round(pipe / bound, 3),
+            }
+        torch.set_num_threads(2)
+        results["full_eval_seconds_all_users"] = {
+            "bench NeuMF (32, [64,32,16,8])": round(eval_seconds(trainer, BENCH_MODEL), 4),
+            "default NeuMF (64, [128,64,32,16])": round(eval_seconds(trainer, []), 4),
+        }
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
