@@ -1,0 +1,279 @@
+"""Serving benchmark: latency at a fixed rate, throughput at p99 <= 50 ms, bad-input load with
+reloads, and two-stage recall; the real service against a naive one, in the same run.
+
+Two catalogs: a trained ml-100k run (`--run`) and a synthetic 1,000,000-item NeuMF with
+constructed weights (benchmarks/serving_synthetic.py). Every server is the real process
+(`recommender serve`, one uvicorn worker) on 127.0.0.1, driven by an open-loop asyncio client
+(benchmarks/serving_load.py) on the same machine, so client and server share the cores.
+
+    PYTHONPATH=src python benchmarks/bench_serving.py --run runs/demo --out serving.json
+
+Request counts are bounded, so the whole benchmark ends by itself (about 5 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+import recommender
+from recommender.serving import ServeSettings
+from recommender.serving.engine import ServedModel
+from recommender.utils import load_checkpoint
+from serving_load import Shot, run_fixed_rate
+from serving_synthetic import write_synthetic_run
+
+HERE = Path(__file__).resolve().parent
+TOKEN = "bench-token"
+P99_BUDGET_MS = 50.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(cmd: list[str], port: int, timeout_s: float = 180.0) -> subprocess.Popen[bytes]:
+    src = str(Path(recommender.__file__).resolve().parents[1])
+    env = {**os.environ, "RECOMMENDER_ADMIN_TOKEN": TOKEN, "PYTHONPATH": src}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{cmd} not ready after {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """SIGTERM, as an orchestrator would; how long the drain and exit took."""
+    t = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    return {"exit_code": code, "exit_seconds": round(time.perf_counter() - t, 2)}
+
+
+def user_shots(users: np.ndarray, n: int, rng: np.random.Generator) -> list[Shot]:
+    return [Shot("GET", f"/v1/users/{u}/recommendations?k=10") for u in rng.choice(users, size=n)]
+
+
+def mixed_shots(
+    users: np.ndarray, items: np.ndarray, n: int, rng: np.random.Generator
+) -> list[Shot]:
+    """The traffic of the reliability test: mostly good requests of every kind, 10% bad."""
+    bad = [
+        Shot("GET", f"/v1/users/{users[0]}/recommendations?k=0", bad=True),
+        Shot("GET", f"/v1/users/{users[0]}/recommendations?k=abc", bad=True),
+        Shot("POST", "/v1/recommendations", content=b'{"user_ids": ["1"', bad=True),
+        Shot("POST", "/v1/recommendations", json={"user_ids": [1, 2]}, bad=True),
+        Shot("POST", "/v1/recommendations", json={"session_item_ids": ["no-such"]}, bad=True),
+        Shot("POST", "/v1/recommendations", json={"user_ids": ["x"] * 10_000}, bad=True),
+        Shot("POST", "/v1/score", json={"pairs": [{"user_id": "1"}]}, bad=True),
+        Shot("GET", "/v1/items/no-such-item/similar", bad=True),
+    ]
+    shots = []
+    for kind in rng.random(n):
+        if kind < 0.10:
+            shots.append(bad[rng.integers(len(bad))])
+        elif kind < 0.20:
+            batch = [str(u) for u in rng.choice(users, 8)] + ["unknown-user"]
+            shots.append(Shot("POST", "/v1/recommendations", json={"user_ids": batch}))
+        elif kind < 0.25:
+            session = [str(i) for i in rng.choice(items, 3)]
+            shots.append(Shot("POST", "/v1/recommendations", json={"session_item_ids": session}))
+        elif kind < 0.30:
+            pairs = [{"user_id": str(u), "item_id": str(i)} for u, i in zip(
+                rng.choice(users, 5), rng.choice(items, 5), strict=True)]  # fmt: skip
+            shots.append(Shot("POST", "/v1/score", json={"pairs": pairs}))
+        elif kind < 0.45:
+            u = rng.choice(users)
+            shots.append(Shot("GET", f"/v1/users/{u}/recommendations?k=10&explain=true"))
+        else:
+            shots.append(Shot("GET", f"/v1/users/{rng.choice(users)}/recommendations?k=10"))
+    return shots
+
+
+def reloads(
+    run_dir: Path, at_s: list[float]
+) -> Callable[[httpx.AsyncClient], Awaitable[dict[str, Any]]]:
+    async def during(client: httpx.AsyncClient) -> dict[str, Any]:
+        codes = []
+        start = time.monotonic()
+        for when in at_s:
+            await asyncio.sleep(max(0.0, when - (time.monotonic() - start)))
+            response = await client.post(
+                "/admin/reload",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                json={"run_dir": str(run_dir)},
+                timeout=120,
+            )
+            codes.append(response.status_code)
+        return {"reload_statuses": codes}
+
+    return during
+
+
+def fixed(base: str, shots: list[Shot], rate: float, **kw: Any) -> dict[str, Any]:
+    return asyncio.run(run_fixed_rate(base, shots, rate, **kw)).summary()
+
+
+def ramp(
+    base: str, users: np.ndarray, rates: list[float], seconds: float, rng: np.random.Generator
+) -> dict[str, Any]:
+    """Raise the rate until p99 exceeds the budget or anything fails; the last rate that held
+    is the throughput at p99 <= 50 ms."""
+    steps, best = [], None
+    for rate in rates:
+        step = fixed(base, user_shots(users, int(rate * seconds), rng), rate)
+        steps.append(step)
+        if step["p99_ms"] > P99_BUDGET_MS or step["ok"] < step["requests"]:
+            break
+        best = step["throughput"]
+    return {"throughput_at_p99_50ms": best, "steps": steps}
+
+
+def recall(run_dir: Path, users: np.ndarray, settings: ServeSettings) -> dict[str, Any]:
+    """The two-stage answer's share of the exact top-10 (history excluded in both).
+
+    Re-ranking is exact, so this is also the candidate stage's recall of the exact top-10.
+    """
+    served = ServedModel.load(run_dir, settings)
+    users_list = [str(u) for u in users]
+    t = time.perf_counter()
+    exact, _ = served.rec.recommend(users_list, k=10)
+    exact_ms = (time.perf_counter() - t) / len(users) * 1e3
+    t = time.perf_counter()
+    approx = [served.recommend([u], 10, True)[0].item_ids for u in users_list]
+    approx_ms = (time.perf_counter() - t) / len(users) * 1e3
+    hits = [len(set(e) & set(a)) / 10 for e, a in zip(exact, approx, strict=True)]
+    return {
+        "recall_at_10": round(float(np.mean(hits)), 4),
+        "users": len(users),
+        "candidates": settings.ann_candidates,
+        "nprobe": settings.ann_nprobe,
+        "exact_ms_per_user_in_process": round(exact_ms, 2),
+        "two_stage_ms_per_user_in_process": round(approx_ms, 2),
+        "load_seconds": served.load_seconds,
+    }
+
+
+def scenario(
+    label: str,
+    run_dir: Path,
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+    *,
+    naive_requests: int,
+    ramp_rates: list[float],
+    naive_ramp_rates: list[float],
+    reload_test: bool,
+) -> dict[str, Any]:
+    ckpt = load_checkpoint(run_dir / "best.pt")
+    users = np.array(ckpt["user_ids"][:20_000])
+    items = np.array(ckpt["item_ids"])[rng.integers(ckpt["n_items"], size=1000)]
+    del ckpt
+    out: dict[str, Any] = {"label": label, "run_dir": str(run_dir)}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "recommender", "serve", "--run", str(run_dir)]
+    proc = start([*cmd, "--port", str(port)], port)
+    try:
+        out["model"] = httpx.get(f"{base}/v1/model").json()
+        fixed(base, user_shots(users, 200, rng), args.rate)  # warm-up, not reported
+        out["service_fixed"] = fixed(base, user_shots(users, args.requests, rng), args.rate)
+        out["service_ramp"] = ramp(base, users, ramp_rates, args.step_seconds, rng)
+        if reload_test:
+            shots = mixed_shots(users, items, args.load_requests, rng)
+            span = len(shots) / args.load_rate
+            out["load_test"] = fixed(
+                base, shots, args.load_rate, during=reloads(run_dir, [span / 3, 2 * span / 3])
+            )
+    finally:
+        out["service_stop"] = stop(proc)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    naive = [sys.executable, str(HERE / "serving_naive.py"), "--run", str(run_dir)]
+    proc = start([*naive, "--port", str(port)], port)
+    try:
+        fixed(base, user_shots(users, min(50, naive_requests), rng), args.rate, timeout_s=120)
+        out["naive_fixed"] = fixed(
+            base, user_shots(users, naive_requests, rng), args.rate, timeout_s=120
+        )
+        if naive_ramp_rates:
+            out["naive_ramp"] = ramp(base, users, naive_ramp_rates, args.step_seconds, rng)
+    finally:
+        out["naive_stop"] = stop(proc)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", required=True, help="a trained ml-100k run directory")
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--requests", type=int, default=3000, help="at the fixed rate")
+    parser.add_argument("--step-seconds", type=float, default=3.0, help="per ramp step")
+    parser.add_argument("--load-requests", type=int, default=3000)
+    parser.add_argument("--load-rate", type=float, default=100.0)
+    parser.add_argument("--big-items", type=int, default=1_000_000)
+    parser.add_argument("--big-run", help="reuse or create the synthetic run here")
+    parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    torch.set_num_threads(ServeSettings().threads)  # in-process timings as the service runs
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
+
+    small = Path(args.run)
+    results["ml100k"] = scenario(
+        "ml-100k", small, args, rng, naive_requests=args.requests,
+        ramp_rates=[200, 400, 600, 800, 1000, 1200], naive_ramp_rates=[200, 400, 600, 800],
+        reload_test=True,
+    )  # fmt: skip
+    users = np.array(load_checkpoint(small / "best.pt")["user_ids"])
+    forced = ServeSettings(ann_threshold=0, ann_candidates=200, ann_nprobe=16)
+    results["ml100k_two_stage_recall"] = recall(small, rng.choice(users, 300), forced)
+
+    if not args.skip_big:
+        with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
+            big = Path(args.big_run) if args.big_run else Path(tmp) / "big"
+            if not (big / "best.pt").is_file():
+                t = time.perf_counter()
+                write_synthetic_run(big, n_items=args.big_items)
+                results["big_build_seconds"] = round(time.perf_counter() - t, 1)
+            results["big"] = scenario(
+                f"synthetic {args.big_items:,} items", big, args, rng, naive_requests=20,
+                ramp_rates=[200, 400, 600], naive_ramp_rates=[], reload_test=True,
+            )  # fmt: skip
+            big_users = np.array([f"u{u}" for u in rng.integers(20_000, size=100)])
+            results["big_two_stage_recall"] = recall(big, big_users, ServeSettings())
+    results["load_avg_end"] = os.getloadavg()
+    text = json.dumps(results, indent=2, default=str)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""An open-loop load generator on loopback: requests leave on a fixed schedule, whatever the
+server's pace, and latency is measured from the scheduled send time.
+
+Measuring from the schedule (not from when the client got round to sending) keeps queueing
+in the numbers: a server that falls behind shows it in p99 instead of silently slowing the
+client down (coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One request; `bad` marks a deliberately malformed one, which must get a 4xx."""
+
+    method: str
+    url: str
+    json: Any = None
+    content: bytes | None = None
+    bad: bool = False
+
+
+@dataclass
+class Outcome:
+    rate: float
+    latencies_ms: np.ndarray
+    statuses: list[int]  # 0 = dropped: connection error or timeout, no HTTP answer
+    bad: list[bool]
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        statuses = np.array(self.statuses)
+        bad = np.array(self.bad)
+        ok = statuses == 200
+        lat = self.latencies_ms[ok & ~bad] if (ok & ~bad).any() else np.array([np.nan])
+        return {
+            "rate": self.rate,
+            "requests": len(statuses),
+            "throughput": round(len(statuses) / self.seconds, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p90_ms": round(float(np.percentile(lat, 90)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "max_ms": round(float(lat.max()), 2),
+            "ok": int(ok.sum()),
+            "4xx": int(((statuses >= 400) & (statuses < 500)).sum()),
+            "5xx": int((statuses >= 500).sum()),
+            "dropped": int((statuses == 0).sum()),
+            "bad_sent": int(bad.sum()),
+            "bad_not_4xx": int((bad & ~((statuses >= 400) & (statuses < 500))).sum()),
+            "good_not_200": int((~bad & ~ok).sum()),
+            **self.extra,
+        }
+
+
+async def _fire(client: httpx.AsyncClient, shot: Shot, scheduled: float) -> tuple[float, int]:
+    loop = asyncio.get_running_loop()
+    try:
+        response = await client.request(
+            shot.method, shot.url, json=shot.json, content=shot.content,
+            headers={"content-type": "application/json"} if shot.content is not None else None,
+        )  # fmt: skip
+        status = response.status_code
+    except httpx.HTTPError:
+        status = 0
+    return (loop.time() - scheduled) * 1e3, status
+
+
+async def run_fixed_rate(
+    base_url: str,
+    shots: list[Shot],
+    rate: float,
+    timeout_s: float = 10.0,
+    during: Callable[[httpx.AsyncClient], Awaitable[dict[str, Any]]] | None = None,
+) -> Outcome:
+    """Send `shots` at `rate` per second; `during` runs alongside (e.g. an admin reload)."""
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s) as client:
+        loop = asyncio.get_running_loop()
+        side = asyncio.create_task(during(client)) if during else None
+        start = loop.time()
+        tasks = []
+        for i, shot in enumerate(shots):
+            scheduled = start + i / rate
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_fire(client, shot, scheduled)))
+        results = await asyncio.gather(*tasks)
+        seconds = loop.time() - start
+        extra = await side if side else {}
+    return Outcome(
+        rate,
+        np.array([r[0] for r in results]),
+        [r[1] for r in results],
+        [s.bad for s in shots],
+        seconds,
+        extra,
+    )

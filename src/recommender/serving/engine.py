@@ -1,0 +1,150 @@
+"""One loaded model version as the service sees it: the `Recommender` plus serving extras.
+
+A `ServedModel` is immutable once built. A reload builds a new one beside the old and swaps a
+single reference, so a request that picked up the old version finishes on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recommender.inference import Recommender
+from recommender.models import Popularity
+from recommender.serving.retrieval import TwoStageRetriever
+from recommender.serving.settings import ServeSettings
+
+log = logging.getLogger("recommender")
+
+# Raw ids are never empty, so no vocabulary holds this one: asking the Recommender for it
+# returns its popularity fallback list.
+ANONYMOUS = ""
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One ranked list: raw item ids and scores, best first; `fallback` marks popularity."""
+
+    user_id: str | None
+    item_ids: list[str]
+    scores: list[float]
+    fallback: bool = False
+
+
+def _ranked(user_id: str | None, ids: np.ndarray, scores: np.ndarray, fallback: bool) -> Ranked:
+    """Drop the empty slots (id None) that pad a list shorter than k."""
+    keep = [i for i, item in enumerate(ids) if item is not None]
+    return Ranked(user_id, [str(ids[i]) for i in keep], [float(scores[i]) for i in keep], fallback)
+
+
+class ServedModel:
+    def __init__(self, rec: Recommender, settings: ServeSettings, load_seconds: float) -> None:
+        self.rec = rec
+        self.load_seconds = load_seconds
+        digest = str(rec.meta.get("config_digest") or "unknown")
+        created = str(rec.meta.get("created_at") or "")
+        stamp = "".join(ch for ch in created[:19] if ch.isdigit())
+        # Digest plus training time: a rerun of the same config is still a new version.
+        self.version = f"{digest}-{stamp}" if stamp else digest
+        self.retriever: TwoStageRetriever | None = None
+        if len(rec.items) > settings.ann_threshold:
+            if rec.model.retrieval_vectors() is None:
+                log.warning(
+                    "%s has no retrieval vectors: scoring all %d items exactly per request",
+                    rec.model_name,
+                    len(rec.items),
+                )
+            else:
+                self.retriever = TwoStageRetriever(
+                    rec.model,
+                    settings.ann_candidates,
+                    settings.ann_nprobe,
+                    settings.ann_nlist,
+                    rec.device,
+                )
+
+    @classmethod
+    def load(cls, run_dir: str | Path, settings: ServeSettings) -> ServedModel:
+        """Load `run_dir` and build what serving precomputes; raises RecommenderError."""
+        start = time.perf_counter()
+        rec = Recommender.from_run(run_dir)
+        served = cls(rec, settings, 0.0)
+        served.load_seconds = round(time.perf_counter() - start, 3)
+        log.info("loaded %s (%s) in %.1f s", run_dir, served.version, served.load_seconds)
+        return served
+
+    @property
+    def retrieval(self) -> str:
+        return "two-stage" if self.retriever is not None else "exact"
+
+    def info(self) -> dict[str, Any]:
+        meta = self.rec.meta
+        return {
+            "version": self.version,
+            "model": self.rec.model_name,
+            "run_dir": meta.get("run_dir"),
+            "created_at": meta.get("created_at"),
+            "config_digest": meta.get("config_digest"),
+            "epoch": meta.get("epoch"),
+            "valid_metrics": meta.get("valid_metrics") or {},
+            "n_users": len(self.rec.users),
+            "n_items": len(self.rec.items),
+            "retrieval": self.retrieval,
+            "load_seconds": self.load_seconds,
+        }
+
+    def title(self, item_id: str) -> str | None:
+        return self.rec.titles.get(item_id) if self.rec.titles else None
+
+    def recommend(self, user_ids: list[str], k: int, exclude_seen: bool) -> list[Ranked]:
+        """Top-k per user; unknown users get the popularity list with `fallback` set."""
+        user_idx = self.rec.users.lookup(user_ids)
+        known = user_idx >= 0
+        if self.retriever is None or not known.any():
+            ids, scores = self.rec.recommend(user_ids, k=k, exclude_seen=exclude_seen)
+            return [_ranked(u, ids[r], scores[r], not known[r]) for r, u in enumerate(user_ids)]
+        results: list[Ranked | None] = [None] * len(user_ids)
+        rows = np.flatnonzero(known)
+        exclude = [self.rec.history_of(int(u)) for u in user_idx[rows]] if exclude_seen else None
+        top_idx, top_scores = self.retriever.topk(user_idx[rows], k, exclude)
+        top_ids = np.where(top_idx >= 0, self.rec.items.ids[np.maximum(top_idx, 0)], None)
+        for pos, row in enumerate(rows):
+            results[row] = _ranked(user_ids[row], top_ids[pos], top_scores[pos], False)
+        unknown = np.flatnonzero(~known)
+        if len(unknown):
+            pop_ids, pop_scores = self.rec.recommend([user_ids[r] for r in unknown], k=k)
+            for pos, row in enumerate(unknown):
+                results[row] = _ranked(user_ids[row], pop_ids[pos], pop_scores[pos], True)
+        return [r for r in results if r is not None]
+
+    def session(self, item_ids: list[str], k: int) -> Ranked:
+        """An anonymous visitor: items most similar to the session's items (item similarity).
+
+        A model without an item space (popularity) answers with the popularity list.
+        """
+        if isinstance(self.rec.model, Popularity):
+            ids, scores = self.rec.recommend(ANONYMOUS, k=k, exclude_seen=False)
+            return _ranked(None, ids, scores, True)
+        ids, scores = self.rec.similar_to_items(item_ids, k=k)
+        return _ranked(None, ids, scores, False)
+
+    def similar(self, item_id: str, k: int) -> Ranked:
+        ids, scores = self.rec.similar_items(item_id, k=k)
+        return _ranked(None, ids, scores, False)
+
+    def score(self, user_ids: list[str], item_ids: list[str]) -> list[float]:
+        return [float(s) for s in self.rec.score(user_ids, item_ids)]
+
+    def explain(self, user_id: str, item_id: str) -> dict[str, Any]:
+        exp = self.rec.explain(user_id, item_id)
+        return {
+            "supporting_items": exp.supporting_items,
+            "weights": exp.weights,
+            "method": exp.method,
+            "text": exp.one_line(self.rec.titles),
+        }

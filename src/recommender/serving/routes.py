@@ -1,0 +1,257 @@
+"""The HTTP endpoints. Handlers are thin: validate, call the ServedModel, shape the response.
+
+Handlers are `async` and call the model inline: a request is a millisecond of batched tensor
+work that already uses every core through torch's own threads, so a thread-pool hop would
+add latency without adding throughput. Each handler takes the served model once, through
+`served_model`, so a reload mid-request cannot mix two versions in one answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from recommender.serving.engine import Ranked, ServedModel
+from recommender.serving.metrics import Metrics
+from recommender.serving.schemas import (
+    MAX_K,
+    ErrorResponse,
+    Explanation,
+    ModelInfo,
+    RecommendationList,
+    RecommendationsRequest,
+    RecommendationsResponse,
+    RecommendedItem,
+    ReloadRequest,
+    ReloadResponse,
+    ScoreRequest,
+    ScoreResponse,
+    SimilarItems,
+    Status,
+)
+from recommender.serving.settings import ServeSettings
+from recommender.utils import RecommenderError
+
+log = logging.getLogger("recommender")
+
+
+class ApiError(Exception):
+    """An answer other than 2xx; `field` names the input at fault, when there is one."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+
+def served_model(request: Request) -> ServedModel:
+    served: ServedModel | None = request.app.state.served
+    if served is None:
+        raise ApiError(503, "the model is not loaded yet")
+    return served
+
+
+def settings(request: Request) -> ServeSettings:
+    return request.app.state.settings
+
+
+def metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+Served = Annotated[ServedModel, Depends(served_model)]
+Settings = Annotated[ServeSettings, Depends(settings)]
+Registry = Annotated[Metrics, Depends(metrics)]
+K = Annotated[int, Query(ge=1, le=MAX_K, description="List length.")]
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 503)
+}
+
+router = APIRouter(responses=ERRORS)
+
+
+def _check_size(field: str, n: int, cap: int) -> None:
+    if n > cap:
+        raise ApiError(413, f"{n} entries, at most {cap} per request", field)
+
+
+def _check_items(served: ServedModel, item_ids: list[str], field: str, status: int = 422) -> None:
+    """Unknown items are the caller's error: name the first one and where it was."""
+    unknown = served.rec.items.lookup(item_ids) < 0
+    if unknown.any():
+        pos = int(unknown.argmax())
+        raise ApiError(status, f"unknown item '{item_ids[pos]}'", field.format(pos))
+
+
+def _as_list(served: ServedModel, ranked: Ranked, explain: bool) -> RecommendationList:
+    items = [
+        RecommendedItem(
+            item_id=item,
+            score=score,
+            title=served.title(item),
+            explanation=Explanation(**served.explain(ranked.user_id, item))
+            if explain and ranked.user_id is not None
+            else None,
+        )
+        for item, score in zip(ranked.item_ids, ranked.scores, strict=True)
+    ]
+    return RecommendationList(
+        user_id=ranked.user_id,
+        items=items,
+        fallback="popularity" if ranked.fallback else None,
+        model_version=served.version,
+    )
+
+
+@router.get("/v1/users/{user_id}/recommendations", tags=["recommendations"])
+async def user_recommendations(
+    user_id: str,
+    served: Served,
+    registry: Registry,
+    k: K = 10,
+    exclude_seen: bool = True,
+    explain: bool = False,
+) -> RecommendationList:
+    """Top-k items for one user; an unknown user gets the popularity list."""
+    ranked = served.recommend([user_id], k, exclude_seen)[0]
+    registry.fallback(int(ranked.fallback))
+    return _as_list(served, ranked, explain)
+
+
+@router.post("/v1/recommendations", tags=["recommendations"])
+async def batch_recommendations(
+    body: RecommendationsRequest, served: Served, limits: Settings, registry: Registry
+) -> RecommendationsResponse:
+    """A batch of users, or an anonymous session answered by item similarity."""
+    if body.user_ids is not None:
+        _check_size("user_ids", len(body.user_ids), limits.max_batch)
+        ranked = served.recommend(body.user_ids, body.k, body.exclude_seen)
+        registry.fallback(sum(r.fallback for r in ranked))
+    else:
+        session = body.session_item_ids or []
+        _check_size("session_item_ids", len(session), limits.max_session_items)
+        _check_items(served, session, "session_item_ids.{}")
+        ranked = [served.session(session, body.k)]
+    return RecommendationsResponse(
+        results=[_as_list(served, r, body.explain) for r in ranked],
+        model_version=served.version,
+    )
+
+
+@router.get("/v1/items/{item_id}/similar", tags=["items"])
+async def similar_items(item_id: str, served: Served, k: K = 10) -> SimilarItems:
+    """Items closest to `item_id` in the model's item space (cosine similarity)."""
+    _check_items(served, [item_id], "item_id", status=404)  # the path names a resource
+    try:
+        ranked = served.similar(item_id, k)
+    except RecommenderError as exc:
+        raise ApiError(409, str(exc)) from None
+    items = [
+        RecommendedItem(item_id=i, score=s, title=served.title(i))
+        for i, s in zip(ranked.item_ids, ranked.scores, strict=True)
+    ]
+    return SimilarItems(item_id=item_id, items=items, model_version=served.version)
+
+
+@router.post("/v1/score", tags=["recommendations"])
+async def score(body: ScoreRequest, served: Served, limits: Settings) -> ScoreResponse:
+    """Probability per (user, item) pair, in request order; unknown users get popularity."""
+    _check_size("pairs", len(body.pairs), limits.max_batch)
+    items = [p.item_id for p in body.pairs]
+    _check_items(served, items, "pairs.{}.item_id")
+    scores = served.score([p.user_id for p in body.pairs], items)
+    return ScoreResponse(scores=scores, model_version=served.version)
+
+
+@router.get("/healthz", tags=["operations"])
+async def healthz() -> Status:
+    """The process is up and answering (liveness)."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", tags=["operations"])
+async def readyz(served: Served) -> Status:
+    """A model is loaded and requests can be served (readiness); 503 until then."""
+    return Status(status="ready", model_version=served.version)
+
+
+@router.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+async def prometheus_metrics(request: Request, registry: Registry) -> PlainTextResponse:
+    served: ServedModel | None = request.app.state.served
+    return PlainTextResponse(
+        registry.render(served.info() if served is not None else None),
+        media_type="text/plain; version=0.0.4; charset=utf-8",
+    )
+
+
+@router.get("/v1/model", tags=["operations"])
+async def model_info(served: Served) -> ModelInfo:
+    """Version, training date, validation metrics and config digest of the served model."""
+    return ModelInfo(**served.info())
+
+
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Bearer token check. With no token configured every call is refused the same way, so
+    an unconfigured server never exposes admin routes."""
+    expected: str | None = request.app.state.admin_token
+    scheme, _, token = (authorization or "").partition(" ")
+    if (
+        expected is None
+        or scheme.lower() != "bearer"
+        or not hmac.compare_digest(token.encode(), expected.encode())
+    ):
+        raise ApiError(
+            401,
+            "admin routes need 'Authorization: Bearer <token>' matching the server's token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+@router.post("/admin/reload", tags=["operations"], dependencies=[Depends(require_admin)])
+async def reload(
+    request: Request,
+    served: Served,
+    limits: Settings,
+    registry: Registry,
+    body: Annotated[ReloadRequest | None, Body()] = None,
+) -> ReloadResponse:
+    """Load a run beside the serving one, then swap one reference: requests in flight finish
+    on the old model. A run that fails to load is refused and the old model keeps serving."""
+    run_dir = body.run_dir if body is not None and body.run_dir else served.rec.meta["run_dir"]
+    async with request.app.state.reload_lock:
+        old: ServedModel = request.app.state.served
+        try:
+            new = await run_in_threadpool(ServedModel.load, run_dir, limits)
+        # Any failure (a missing file, a foreign checkpoint, shapes that do not match the
+        # architecture) means the run is unusable; none of them may take the service down.
+        except Exception as exc:
+            registry.reload("refused")
+            log.warning("reload of %s refused: %s", run_dir, exc)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            message = (
+                first_line
+                if isinstance(exc, RecommenderError)
+                else (f"{type(exc).__name__}: {first_line}")
+            )
+            raise ApiError(
+                422, f"run refused, still serving {old.version}: {message}", "run_dir"
+            ) from None
+        request.app.state.served = new
+    registry.reload("ok")
+    log.info("reloaded: %s -> %s", old.version, new.version)
+    return ReloadResponse(
+        model_version=new.version,
+        previous_version=old.version,
+        run_dir=str(run_dir),
+        load_seconds=new.load_seconds,
+    )

@@ -1,0 +1,123 @@
+"""Request and response bodies of the HTTP API.
+
+Ids travel as strings, the raw ids of the training data, so a numeric id sent as a JSON number
+is a type error rather than a silent conversion. Limits that depend on settings (batch sizes)
+are checked in the routes; fixed ones (k) live here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_K = 1000
+
+
+class _Body(BaseModel):
+    """Request bodies reject unknown keys, so a misspelt field is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Explanation(BaseModel):
+    supporting_items: list[str] = Field(description="History items behind the pick.")
+    weights: list[float]
+    method: str
+    text: str = Field(description="One line for display, e.g. 'because you liked ...'.")
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float = Field(description="Probability, or popularity share for a fallback.")
+    title: str | None = None
+    explanation: Explanation | None = None
+
+
+class RecommendationList(BaseModel):
+    user_id: str | None = Field(description="None for an anonymous session.")
+    items: list[RecommendedItem]
+    fallback: Literal["popularity"] | None = None
+    model_version: str
+
+
+class RecommendationsRequest(_Body):
+    """Either `user_ids` (a batch of known or unknown users) or `session_item_ids` (an
+    anonymous visitor's recent items, answered by item similarity)."""
+
+    user_ids: list[str] | None = Field(None, min_length=1)
+    session_item_ids: list[str] | None = Field(None, min_length=1)
+    k: int = Field(10, ge=1, le=MAX_K)
+    exclude_seen: bool = True
+    explain: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RecommendationsRequest:
+        if (self.user_ids is None) == (self.session_item_ids is None):
+            raise ValueError("give exactly one of user_ids or session_item_ids")
+        return self
+
+
+class RecommendationsResponse(BaseModel):
+    results: list[RecommendationList]
+    model_version: str
+
+
+class SimilarItems(BaseModel):
+    item_id: str
+    items: list[RecommendedItem]
+    model_version: str
+
+
+class Pair(_Body):
+    user_id: str
+    item_id: str
+
+
+class ScoreRequest(_Body):
+    pairs: list[Pair] = Field(min_length=1)
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float] = Field(description="One probability per pair, in request order.")
+    model_version: str
+
+
+class ModelInfo(BaseModel):
+    version: str
+    model: str
+    run_dir: str | None
+    created_at: str | None = Field(description="When training wrote the checkpoint (UTC).")
+    config_digest: str | None
+    epoch: int | None
+    valid_metrics: dict[str, float]
+    n_users: int
+    n_items: int
+    retrieval: Literal["exact", "two-stage"]
+    load_seconds: float
+
+
+class ReloadRequest(_Body):
+    run_dir: str | None = Field(None, description="Run to load; default: the one serving.")
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_version: str
+    run_dir: str
+    load_seconds: float
+
+
+class Status(BaseModel):
+    status: Literal["ok", "ready"]
+    model_version: str | None = None
+
+
+class FieldError(BaseModel):
+    field: str | None = Field(description="Dotted path of the offending input, e.g. 'k'.")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    errors: list[FieldError]

@@ -1,0 +1,433 @@
+"""The HTTP service: every endpoint and error in-process, then the real `recommender serve`.
+
+The runs are the conftest's tiny GMF (items "5", "15", ...; users "u7", "u10", ...) and a
+popularity run trained here, so a reload has a genuinely different model to swap in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import recommender
+from recommender.cli import main
+from recommender.inference import Recommender
+from recommender.serving import ServeSettings, create_app
+from recommender.serving.settings import ENV_PREFIX
+from recommender.utils import ConfigError
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+USER = "u10"
+
+
+@pytest.fixture(scope="module")
+def pop_run(planted_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("serving") / "pop"
+    args = ["train", "--data", str(planted_csv), "--model", "popularity", "--out", str(out)]
+    assert main([*args, "--set=train.progress=false", "--set=device=cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def rec(gmf_run: Path) -> Recommender:
+    return Recommender.from_run(gmf_run)
+
+
+@pytest.fixture
+def client(gmf_run: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("RECOMMENDER_ADMIN_TOKEN", TOKEN)
+    app = create_app(gmf_run, ServeSettings(max_batch=4, max_session_items=3))
+    with TestClient(app) as c:
+        yield c
+
+
+def error_field(response: httpx.Response) -> str | None:
+    body = response.json()
+    assert set(body) == {"detail", "errors"} and "Traceback" not in response.text
+    return body["errors"][0]["field"]  # type: ignore[no-any-return]
+
+
+def history(rec: Recommender, user: str) -> set[str]:
+    return set(rec.items.to_ids(rec.history_of(int(rec.users.index([user])[0]))).tolist())
+
+
+# -- operations --------------------------------------------------------------------------------
+
+
+def test_health_ready_and_model_info(client: TestClient, gmf_run: Path):
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz").json()
+    info = client.get("/v1/model").json()
+    assert ready == {"status": "ready", "model_version": info["version"]}
+    assert info["model"] == "gmf" and info["run_dir"] == str(gmf_run)
+    assert info["n_items"] == 120 and info["retrieval"] == "exact"
+    assert info["version"].startswith(info["config_digest"]) and info["created_at"]
+    assert "hr@10" in info["valid_metrics"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_not_ready_before_the_lifespan_loads_the_model(gmf_run: Path):
+    client = TestClient(create_app(gmf_run))  # no `with`: the lifespan never runs
+    assert client.get("/healthz").status_code == 200
+    response = client.get("/readyz")
+    assert response.status_code == 503 and "not loaded" in response.json()["detail"]
+    assert client.get(f"/v1/users/{USER}/recommendations").status_code == 503
+
+
+def test_metrics_count_routes_statuses_and_latency(client: TestClient):
+    client.get(f"/v1/users/{USER}/recommendations")
+    client.get("/v1/users/nobody/recommendations")
+    client.get(f"/v1/users/{USER}/recommendations?k=0")
+    client.get("/no/such/path")
+    text = client.get("/metrics").text
+    route = 'route="/v1/users/{user_id}/recommendations"'
+    assert f'recommender_http_requests_total{{method="GET",{route},status="200"}} 2' in text
+    assert f'recommender_http_requests_total{{method="GET",{route},status="422"}} 1' in text
+    assert 'route="(unmatched)",status="404"} 1' in text
+    assert "nobody" not in text  # raw ids never become labels
+    hist = "recommender_http_request_duration_seconds"
+    assert f'{hist}_bucket{{method="GET",{route},le="+Inf"}} 3' in text
+    assert f'{hist}_count{{method="GET",{route}}} 3' in text
+    assert "# TYPE recommender_http_request_duration_seconds histogram" in text
+    assert "recommender_fallback_total 1" in text
+    version = client.get("/v1/model").json()["version"]
+    assert f'recommender_model_info{{version="{version}",model="gmf"' in text
+
+
+# -- recommendations ---------------------------------------------------------------------------
+
+
+def test_user_recommendations_match_the_recommender(client: TestClient, rec: Recommender):
+    body = client.get(f"/v1/users/{USER}/recommendations?k=5").json()
+    items, scores = rec.recommend(USER, k=5)
+    assert body["user_id"] == USER and body["fallback"] is None
+    assert [i["item_id"] for i in body["items"]] == items.tolist()
+    np.testing.assert_allclose([i["score"] for i in body["items"]], scores, rtol=1e-6)
+    assert body["model_version"] == client.get("/v1/model").json()["version"]
+    assert all(i["explanation"] is None for i in body["items"])
+
+
+def test_exclude_seen_and_explanations(client: TestClient, rec: Recommender):
+    seen = history(rec, USER)
+    shown = client.get(f"/v1/users/{USER}/recommendations?k=1000").json()["items"]
+    assert len(shown) == 120 - len(seen) and not seen & {i["item_id"] for i in shown}
+    everything = client.get(f"/v1/users/{USER}/recommendations?k=1000&exclude_seen=false")
+    assert len(everything.json()["items"]) == 120
+    explained = client.get(f"/v1/users/{USER}/recommendations?k=3&explain=true").json()
+    for item in explained["items"]:
+        why = item["explanation"]
+        assert why["method"] == "item-embedding similarity"
+        assert set(why["supporting_items"]) <= seen and why["text"].startswith("because")
+
+
+def test_unknown_user_gets_the_popularity_fallback(client: TestClient, rec: Recommender):
+    body = client.get("/v1/users/stranger/recommendations?k=4&explain=true").json()
+    assert body["fallback"] == "popularity" and body["user_id"] == "stranger"
+    assert [i["item_id"] for i in body["items"]] == rec.recommend("stranger", k=4)[0].tolist()
+    assert body["items"][0]["explanation"]["method"] == "popularity"
+
+
+@pytest.mark.parametrize("k", ["0", "1001", "-3", "abc", "2.5", ""])
+def test_k_out_of_range_names_k(client: TestClient, k: str):
+    response = client.get(f"/v1/users/{USER}/recommendations?k={k}")
+    assert response.status_code == 422 and error_field(response) == "k"
+    response = client.post("/v1/recommendations", json={"user_ids": [USER], "k": k})
+    assert response.status_code == 422 and error_field(response) == "k"
+
+
+def test_batch_keeps_order_and_marks_fallbacks(client: TestClient, rec: Recommender):
+    users = ["u7", "nobody", USER]
+    body = client.post("/v1/recommendations", json={"user_ids": users, "k": 3}).json()
+    assert [r["user_id"] for r in body["results"]] == users
+    assert [r["fallback"] for r in body["results"]] == [None, "popularity", None]
+    expected, _ = rec.recommend(users, k=3)
+    assert [[i["item_id"] for i in r["items"]] for r in body["results"]] == expected.tolist()
+
+
+def test_session_is_answered_by_item_similarity(client: TestClient, rec: Recommender):
+    body = client.post("/v1/recommendations", json={"session_item_ids": ["15", "95"], "k": 5})
+    result = body.json()["results"][0]
+    assert result["user_id"] is None and result["fallback"] is None
+    ids = [i["item_id"] for i in result["items"]]
+    assert ids == rec.similar_to_items(["15", "95"], k=5)[0].tolist()
+    assert not {"15", "95"} & set(ids)
+
+
+def test_session_on_a_popularity_model_falls_back(pop_run: Path):
+    with TestClient(create_app(pop_run)) as c:
+        result = c.post("/v1/recommendations", json={"session_item_ids": ["15"]}).json()
+        assert result["results"][0]["fallback"] == "popularity"
+        response = c.get("/v1/items/15/similar")
+        assert response.status_code == 409 and "no item representation" in response.text
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"user_ids": ["u7", 10]}, 422, "user_ids.1"),
+        ({"user_ids": "u7"}, 422, "user_ids"),
+        ({"user_ids": []}, 422, "user_ids"),
+        ({"user_ids": ["a", "b", "c", "d", "e"]}, 413, "user_ids"),
+        ({"user_ids": ["u7"], "explain": "maybe"}, 422, "explain"),
+        ({"user_ids": ["u7"], "colour": "red"}, 422, "colour"),
+        ({}, 422, "body"),
+        ({"user_ids": ["u7"], "session_item_ids": ["15"]}, 422, "body"),
+        ({"session_item_ids": ["15", "no-such-item"]}, 422, "session_item_ids.1"),
+        ({"session_item_ids": ["15", "25", "35", "45"]}, 413, "session_item_ids"),
+        ([1, 2], 422, "body"),
+    ],
+)
+def test_bad_batch_requests_name_the_field(
+    client: TestClient, body: object, status: int, field: str
+):
+    response = client.post("/v1/recommendations", json=body)
+    assert response.status_code == status and error_field(response) == field
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [(b'{"user_ids": ["u7"]', 400), (b"not json", 400), (b"", 422), (b"user_ids=u7", 400)],
+)
+def test_malformed_json_is_a_400_not_a_500(client: TestClient, content: bytes, status: int):
+    headers = {"content-type": "application/json"}
+    response = client.post("/v1/recommendations", content=content, headers=headers)
+    assert response.status_code == status and error_field(response) == "body"
+
+
+# -- items and scores --------------------------------------------------------------------------
+
+
+def test_similar_items(client: TestClient, rec: Recommender):
+    body = client.get("/v1/items/15/similar?k=4").json()
+    assert body["item_id"] == "15"
+    assert [i["item_id"] for i in body["items"]] == rec.similar_items("15", k=4)[0].tolist()
+    response = client.get("/v1/items/no-such-item/similar")
+    assert response.status_code == 404 and error_field(response) == "item_id"
+    response = client.get("/v1/items/15/similar?k=5000")
+    assert response.status_code == 422 and error_field(response) == "k"
+
+
+def test_score_keeps_the_order(client: TestClient, rec: Recommender):
+    pairs = [("u7", "15"), ("nobody", "25"), (USER, "35")]
+    body = client.post(
+        "/v1/score", json={"pairs": [{"user_id": u, "item_id": i} for u, i in pairs]}
+    ).json()
+    expected = rec.score([u for u, _ in pairs], [i for _, i in pairs])
+    np.testing.assert_allclose(body["scores"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"pairs": [{"user_id": "u7", "item_id": "15"}, {"user_id": "u7", "item_id": "x"}]},
+         422, "pairs.1.item_id"),
+        ({"pairs": [{"user_id": "u7"}]}, 422, "pairs.0.item_id"),
+        ({"pairs": [{"user_id": "u7", "item_id": 15}]}, 422, "pairs.0.item_id"),
+        ({"pairs": []}, 422, "pairs"),
+        ({"pairs": [{"user_id": "u7", "item_id": "15"}] * 5}, 413, "pairs"),
+    ],
+)  # fmt: skip
+def test_bad_score_requests_name_the_field(
+    client: TestClient, body: object, status: int, field: str
+):
+    response = client.post("/v1/score", json=body)
+    assert response.status_code == status and error_field(response) == field
+
+
+def test_unknown_paths_and_methods_are_json_4xx(client: TestClient):
+    assert client.get("/v2/anything").status_code == 404
+    response = client.delete("/v1/score")
+    assert response.status_code == 405 and error_field(response) is None
+
+
+# -- admin reload ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]
+)
+def test_reload_needs_the_token(client: TestClient, headers: dict[str, str]):
+    response = client.post("/admin/reload", headers=headers)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+
+
+def test_admin_is_disabled_without_the_variable(gmf_run: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("RECOMMENDER_ADMIN_TOKEN", raising=False)
+    with TestClient(create_app(gmf_run)) as c:
+        assert c.post("/admin/reload", headers=AUTH).status_code == 401
+        assert c.post("/admin/reload", headers={"Authorization": "Bearer "}).status_code == 401
+
+
+def test_reload_swaps_and_refuses_a_broken_run(
+    client: TestClient, pop_run: Path, gmf_run: Path, tmp_path: Path
+):
+    before = client.get("/v1/model").json()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "best.pt").write_bytes(b"not a checkpoint")
+    # A readable checkpoint whose weights do not fit the architecture it names.
+    misfit = tmp_path / "misfit"
+    misfit.mkdir()
+    ckpt = torch.load(gmf_run / "best.pt", weights_only=True)
+    ckpt["model_config"]["embedding_dim"] += 1
+    torch.save(ckpt, misfit / "best.pt")
+    for run_dir in (broken, misfit, tmp_path / "missing"):
+        response = client.post("/admin/reload", headers=AUTH, json={"run_dir": str(run_dir)})
+        assert response.status_code == 422 and error_field(response) == "run_dir"
+        assert before["version"] in response.json()["detail"]
+        assert client.get("/v1/model").json() == before
+    swapped = client.post("/admin/reload", headers=AUTH, json={"run_dir": str(pop_run)}).json()
+    assert swapped["previous_version"] == before["version"]
+    assert client.get("/v1/model").json()["model"] == "popularity"
+    body = client.get(f"/v1/users/{USER}/recommendations").json()
+    assert body["model_version"] == swapped["model_version"]
+    again = client.post("/admin/reload", headers=AUTH)  # no body: reload the serving run
+    assert again.status_code == 200 and again.json()["run_dir"] == str(pop_run)
+    text = client.get("/metrics").text
+    assert 'recommender_reloads_total{result="ok"} 2' in text
+    assert 'recommender_reloads_total{result="refused"} 3' in text
+
+
+def test_reload_under_load_drops_nothing(client: TestClient, pop_run: Path, gmf_run: Path):
+    statuses: list[int] = []
+
+    def hammer() -> None:
+        for _ in range(60):
+            statuses.append(client.get(f"/v1/users/{USER}/recommendations").status_code)
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    for run_dir in (pop_run, gmf_run, pop_run):
+        body = {"run_dir": str(run_dir)}
+        assert client.post("/admin/reload", headers=AUTH, json=body).status_code == 200
+    worker.join()
+    assert statuses == [200] * 60
+
+
+# -- two-stage retrieval -----------------------------------------------------------------------
+
+
+def test_two_stage_matches_exact_when_the_search_is_exhaustive(gmf_run: Path, rec: Recommender):
+    pytest.importorskip("faiss")
+    # Every list probed and every item a candidate: the ANN stage cannot miss anything.
+    settings = ServeSettings(ann_threshold=0, ann_candidates=1000, ann_nprobe=1000)
+    with TestClient(create_app(gmf_run, settings)) as c:
+        assert c.get("/v1/model").json()["retrieval"] == "two-stage"
+        users = ["u7", USER, "nobody"]
+        body = c.post("/v1/recommendations", json={"user_ids": users, "k": 10}).json()
+        expected, scores = rec.recommend(users, k=10)
+        for row, result in enumerate(body["results"]):
+            assert [i["item_id"] for i in result["items"]] == expected[row].tolist()
+            np.testing.assert_allclose([i["score"] for i in result["items"]], scores[row], 1e-5)
+        assert body["results"][2]["fallback"] == "popularity"
+
+
+def test_two_stage_excludes_history_beyond_the_candidate_budget(gmf_run: Path, rec: Recommender):
+    pytest.importorskip("faiss")
+    # 12 candidates but ~16 history items: the search must ask for the history on top.
+    settings = ServeSettings(ann_threshold=0, ann_candidates=12, ann_nprobe=1000)
+    with TestClient(create_app(gmf_run, settings)) as c:
+        items = c.get(f"/v1/users/{USER}/recommendations?k=10").json()["items"]
+        ids = [i["item_id"] for i in items]
+        assert len(ids) == len(set(ids)) == 10 and not set(ids) & history(rec, USER)
+        scores = [i["score"] for i in items]
+        assert scores == sorted(scores, reverse=True)
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_round_trip_through_the_environment():
+    settings = ServeSettings(max_batch=7, ann_threshold=10, threads=1)
+    assert ServeSettings.from_env(settings.to_env()) == settings
+    with pytest.raises(ConfigError, match=f"{ENV_PREFIX}MAX_BATCH"):
+        ServeSettings.from_env({f"{ENV_PREFIX}MAX_BATCH": "0"})
+
+
+# -- the real process --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server not ready in time")
+
+
+def test_real_server_serves_reloads_and_drains_on_sigterm(gmf_run: Path, pop_run: Path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    src = str(Path(recommender.__file__).parents[1])
+    env = {
+        **os.environ,
+        "RECOMMENDER_ADMIN_TOKEN": TOKEN,
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [sys.executable, "-m", "recommender", "serve", "--run", str(gmf_run), "--port"]
+    proc = subprocess.Popen(
+        [*cmd, str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_ready(base, proc)
+        first = httpx.get(f"{base}/v1/users/{USER}/recommendations?k=3").json()
+        assert len(first["items"]) == 3 and first["fallback"] is None
+        reload = httpx.post(
+            f"{base}/admin/reload", headers=AUTH, json={"run_dir": str(pop_run)}, timeout=30
+        )
+        assert reload.status_code == 200
+        assert httpx.get(f"{base}/v1/model").json()["model"] == "popularity"
+
+        # A request in flight when SIGTERM arrives: headers and half the body are sent, the
+        # rest only after the signal. Draining means it is still answered in full.
+        payload = json.dumps({"user_ids": [USER], "k": 2}).encode()
+        head = (
+            f"POST /v1/recommendations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(head + payload[:5])
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            conn.sendall(payload[5:])
+            response = b""
+            while chunk := conn.recv(65536):
+                response += chunk
+        assert response.startswith(b"HTTP/1.1 200"), response[:200]
+        assert b'"results"' in response
+        # uvicorn re-raises the signal once drained, so supervisors see a SIGTERM stop.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        log = proc.stdout.read().decode() if proc.stdout else ""
+        assert "Traceback" not in log and "Finished server process" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
