@@ -40,10 +40,12 @@ demo: install
 serve: install
 	$(BIN)/recommender serve --run $(RUN)
 
+# Needs the demo run (make demo) for the serving benchmark; see docs/BENCHMARKS.md.
 bench: install
 	$(BIN)/python benchmarks/bench_training.py
-	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_quality.py
+	$(BIN)/python benchmarks/bench_serving.py --run $(RUN)
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

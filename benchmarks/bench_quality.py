@@ -16,6 +16,7 @@ import json
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 METRICS = [("sampled", "hr@10"), ("sampled", "ndcg@10"), ("full", "hr@10"), ("full", "ndcg@10")]
@@ -30,7 +31,9 @@ def run(cmd: list[str]) -> str:
     return done.stdout
 
 
-def train_and_evaluate(data_dir: Path, model: str, seed: int, out: Path) -> dict[str, float]:
+def train_and_evaluate(
+    data_dir: Path, model: str, seed: int, out: Path, threads: int
+) -> dict[str, float]:
     run_dir = out / f"{model}-seed{seed}"
     run(
         [
@@ -39,6 +42,7 @@ def train_and_evaluate(data_dir: Path, model: str, seed: int, out: Path) -> dict
             "--test", str(data_dir / "ml-100k.test.rating"),
             "--test-negatives", str(data_dir / "ml-100k.test.negative"),
             "--model", model, "--set", f"seed={seed}", "--set", "train.progress=false",
+            "--set", f"threads={threads}",
             "--out", str(run_dir), "--overwrite",
         ]
     )  # fmt: skip
@@ -57,14 +61,22 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["neumf", "mf", "popularity"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     args = parser.parse_args()
     table: dict[str, dict[str, float]] = {}
     for model in args.models:
-        per_seed = [train_and_evaluate(args.data_dir, model, s, args.out) for s in args.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            per_seed = list(
+                pool.map(
+                    lambda s, m=model: train_and_evaluate(
+                        args.data_dir, m, s, args.out, args.threads
+                    ),
+                    args.seeds,
+                )
+            )
         table[model] = {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
-        table[model] |= {
-            f"{k} std": statistics.pstdev(r[k] for r in per_seed) for k in per_seed[0]
-        }
+        table[model] |= {f"{k} std": statistics.pstdev(r[k] for r in per_seed) for k in per_seed[0]}
         print(model, json.dumps({k: round(v, 4) for k, v in table[model].items()}), flush=True)
     print("\n| model | sampled HR@10 | sampled NDCG@10 | full HR@10 | full NDCG@10 |")
     print("|---|---|---|---|---|")

@@ -113,7 +113,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         overrides = data_overrides(args.data_dir, Path(tmp))
-        overrides += BENCH_MODEL + [
+        overrides += [
+            *BENCH_MODEL,
             f"train.batch_size={args.batch_size}",
             "train.progress=false",
             "train.refit=false",

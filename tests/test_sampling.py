@@ -32,11 +32,13 @@ def positive_set(data: Interactions) -> set[tuple[int, int]]:
     return set(zip(data.user_idx.tolist(), data.item_idx.tolist(), strict=True))
 
 
-@pytest.fixture(params=["dense", "sorted_keys"])
+@pytest.fixture(params=["dense", "bitset", "sorted_keys"])
 def membership(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test against both membership paths: the bitmap and the sorted keys."""
-    if request.param == "sorted_keys":
+    """Run a test against every membership path: byte bitmap, packed bitset, sorted keys."""
+    if request.param != "dense":
         monkeypatch.setattr(sampling, "DENSE_LIMIT", 0)
+    if request.param == "sorted_keys":
+        monkeypatch.setattr(sampling, "BITSET_LIMIT", 0)
     return request.param
 
 
@@ -58,7 +60,8 @@ def test_never_returns_a_positive(membership: str, strategy: str, data, k, seed)
                 NegativeSampler(data, strategy=strategy)
             return
     sampler = NegativeSampler(data, strategy=strategy)
-    assert (sampler._dense is None) == (membership == "sorted_keys")
+    assert (sampler._dense is not None) == (membership == "dense")
+    assert (sampler._bits is not None) == (membership == "bitset")
     users = torch.arange(data.n_users).repeat(3)
     negs = sampler.sample(users, k, torch.Generator().manual_seed(seed))
     assert negs.shape == (len(users), k) and negs.dtype == torch.int64

@@ -63,26 +63,43 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train; under torchrun (RANK / WORLD_SIZE set) every rank runs this, see distributed.py."""
     from recommender.data.pipeline import load_data
+    from recommender.distributed import Dist
     from recommender.train import Trainer, check_run_dir, prepare_run_dir
 
+    dist = Dist.from_env()
+    if not dist.is_main:
+        log.setLevel(logging.WARNING)  # one rank speaks
     cfg = _config_from_args(args)
     out = Path(args.out)
     check_run_dir(out, overwrite=args.overwrite, resume=args.resume)
     set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    data = load_data(cfg.data, cfg.seed)
-    trainer = Trainer(cfg, data, out, device)  # validates the rest of the config first
-    prepare_run_dir(out, overwrite=args.overwrite, resume=args.resume)
+    device = dist.device(resolve_device(cfg.device))
+    dist.init(device)
     try:
-        trainer.fit(resume=args.resume)
-    except RecommenderError:
-        # A new run that fails on bad input leaves no half-written directory behind; a
-        # resumed one keeps its checkpoints.
-        if not args.resume:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    print(f"trained {cfg.model.name}: {out / 'best.pt'}")
+        dist.barrier()  # every rank has checked --out before rank 0 touches it
+        if not dist.is_main:
+            dist.barrier()  # rank 0 ingests first and writes the processed cache ...
+        data = load_data(cfg.data, cfg.seed)
+        if dist.is_main:
+            dist.barrier()  # ... which the other ranks then map
+        trainer = Trainer(cfg, data, out, device, dist)  # validates the rest of the config
+        if dist.is_main:
+            prepare_run_dir(out, overwrite=args.overwrite, resume=args.resume)
+        dist.barrier()
+        try:
+            trainer.fit(resume=args.resume)
+        except RecommenderError:
+            # A new run that fails on bad input leaves no half-written directory behind; a
+            # resumed one keeps its checkpoints.
+            if not args.resume and dist.is_main:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    finally:
+        dist.close()
+    if dist.is_main:
+        print(f"trained {cfg.model.name}: {out / 'best.pt'}")
 
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:

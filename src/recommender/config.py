@@ -56,6 +56,11 @@ class DataConfig(_Section):
     split: SplitName = "leave_last_out"
     test_ratio: float = Field(0.2, gt=0, lt=1, description="For temporal / random splits.")
     valid_ratio: float = Field(0.1, gt=0, lt=1, description="For temporal / random splits.")
+    cache: bool | Literal["auto"] = Field(
+        "auto",
+        description="Save the processed data (vocabularies, splits, histories) under "
+        "root/processed/ and reload it memory-mapped; auto: for input files of 64 MiB or more.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -99,17 +104,20 @@ class PretrainConfig(_Section):
     """NeuMF initialised from separately trained GMF and MLP (He et al. 2017, section 3.4.1)."""
 
     enabled: bool = True
-    gmf: StageConfig = Field(default_factory=StageConfig)
-    mlp: StageConfig = Field(default_factory=StageConfig)
+    gmf: StageConfig = Field(default_factory=lambda: StageConfig(lr=5e-3, weight_decay=1e-5))
+    mlp: StageConfig = Field(default_factory=lambda: StageConfig(lr=3e-3))
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of GMF in the fused output layer.")
+    finetune_lr: float = Field(
+        3e-4, gt=0, description="NeuMF's rate after pretraining (train.lr when not pretrained)."
+    )
 
 
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(4096, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    num_negatives: int = Field(4, ge=1, description="Negatives drawn per positive each epoch.")
+    num_negatives: int = Field(16, ge=1, description="Negatives drawn per positive each epoch.")
     sampling: Literal["uniform", "popularity"] = "uniform"
     popularity_power: float = Field(0.75, ge=0, description="Exponent for popularity sampling.")
     patience: int = Field(5, ge=1, description="Epochs without validation gain before stopping.")
@@ -125,6 +133,9 @@ class TrainConfig(_Section):
     )
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sparse: bool = Field(False, description="Sparse embedding gradients with SparseAdam.")
+    amp: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast in training; auto: on for CUDA, off on CPU."
+    )
     progress: bool = True
 
 
@@ -164,6 +175,7 @@ class Config(_Section):
         for key in ("device", "threads", "eval"):
             tree.pop(key)
         tree["train"].pop("progress")
+        tree["data"].pop("cache")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

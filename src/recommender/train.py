@@ -8,6 +8,10 @@ under leave-last-out) still reach the final model. The test split is never read 
 
 Checkpoints: `last.pt` (written after every epoch, everything needed to resume, RNG states
 included) and `best.pt` (the model for inference). Both are written atomically.
+
+Under torchrun the same loop runs on every rank through DistributedDataParallel (see
+distributed.py): each rank trains on its slice of the epoch, rank 0 validates and broadcasts
+the result, and only rank 0 writes files. On CUDA the forward pass runs in bf16 autocast.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from recommender import __version__
 from recommender.config import Config, ModelConfig
 from recommender.data.interactions import Interactions
 from recommender.data.pipeline import DataBundle
-from recommender.data.sampling import NegativeSampler, epoch_batches
+from recommender.data.sampling import NegativeSampler, epoch_batches, to_device
+from recommender.distributed import Dist, check_supported
 from recommender.evaluate import evaluate_full
 from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, build_model
 from recommender.utils import (
@@ -75,8 +80,9 @@ def plan_stages(cfg: Config) -> list[Stage]:
                     Stage(f"{phase}/{sub}", sub, data, sc.epochs, sc.lr, sc.weight_decay, early)
                 )
             init = (f"{phase}/gmf", f"{phase}/mlp")
+        lr = t.pretrain.finetune_lr if pretrain else t.lr
         stages.append(
-            Stage(f"{phase}/{name}", name, data, t.epochs, t.lr, t.weight_decay, early, init)
+            Stage(f"{phase}/{name}", name, data, t.epochs, lr, t.weight_decay, early, init)
         )
     return stages
 
@@ -143,8 +149,19 @@ class Trainer:
         >>> model = trainer.fit()                                                  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: Config, data: DataBundle, out: Path, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        data: DataBundle,
+        out: Path,
+        device: torch.device,
+        dist: Dist | None = None,
+    ) -> None:
         self.cfg, self.data, self.out, self.device = cfg, data, Path(out), device
+        self.dist = dist or Dist()
+        check_supported(self.dist, device, cfg.train.sparse)
+        amp = cfg.train.amp
+        self.amp = amp is True or (amp == "auto" and device.type == "cuda")
         self.stages = plan_stages(cfg)
         self.monitor = cfg.train.monitor
         self.valid_ks = sorted({int(self.monitor.partition("@")[2]), *cfg.eval.ks})
@@ -159,13 +176,14 @@ class Trainer:
 
     def _epoch_source(self, which: str) -> tuple[torch.Tensor, torch.Tensor, NegativeSampler]:
         if which not in self._tensors:
+            self._tensors.clear()  # stages run all on "train", then all on "full": keep one
             inter = self._split(which)
             t = self.cfg.train
             sampler = NegativeSampler(
                 inter, strategy=t.sampling, power=t.popularity_power, device=self.device
             )
-            users = torch.from_numpy(inter.user_idx).to(self.device)
-            items = torch.from_numpy(inter.item_idx).to(self.device)
+            users = to_device(inter.user_idx, self.device)
+            items = to_device(inter.item_idx, self.device)
             self._tensors[which] = (users, items, sampler)
         return self._tensors[which]
 
@@ -225,9 +243,13 @@ class Trainer:
         stage: Stage,
         generator: torch.Generator,
         desc: str,
+        net: torch.nn.Module | None = None,
     ) -> tuple[float, int, float]:
+        """One epoch of this rank's share; `net` is the module to step through (DDP's wrapper
+        around `model` when distributed). Returns (mean loss, samples, seconds) of this rank."""
         users, items, sampler = self._epoch_source(stage.data)
         t = self.cfg.train
+        net = model if net is None else net
         model.train()
         start = time.perf_counter()
         batches = epoch_batches(
@@ -237,14 +259,19 @@ class Trainer:
             num_negatives=t.num_negatives,
             batch_size=t.batch_size,
             generator=generator,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
-        n_batches = math.ceil(len(users) * (1 + t.num_negatives) / t.batch_size)
+        share = len(users) // self.dist.world_size
+        n_batches = math.ceil(share * (1 + t.num_negatives) / t.batch_size)
         total_loss = torch.zeros((), device=self.device)
         seen = 0
-        bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not t.progress, unit="batch")
+        quiet = not t.progress or not self.dist.is_main
+        bar = tqdm(total=n_batches, desc=desc, leave=False, disable=quiet, unit="batch")
         for step, (u, i, y) in enumerate(batches):
-            logits = model(u, i)
-            loss = F.binary_cross_entropy_with_logits(logits, y)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits = net(u, i)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -274,11 +301,13 @@ class Trainer:
     def fit(self, resume: bool = False) -> RecModel:
         """Run every stage (continuing from last.pt when resuming); return the final model."""
         state = self._load_resume_state() if resume else None
-        self.cfg.save(self.out / "config.yaml")
+        if self.dist.is_main:
+            self.cfg.save(self.out / "config.yaml")
         if not self.stages:
             popularity = Popularity(len(self.data.users), len(self.data.items))
             popularity.fit(self.data.train_full.item_counts())
-            self._save_best(popularity, "popularity", 0, {})
+            if self.dist.is_main:
+                self._save_best(popularity, "popularity", 0, {})
             return popularity
         first = state["stage_index"] if state else 0
         models = [
@@ -295,7 +324,8 @@ class Trainer:
                 f"(see {self.out / 'config.yaml'})"
             )
         self.completed = state["completed"]
-        self._truncate_metrics(state["stage_index"], state["epoch"])
+        if self.dist.is_main:
+            self._truncate_metrics(state["stage_index"], state["epoch"])
         log.info("resuming %s at stage %s, epoch %d", self.out, state["stage"], state["epoch"] + 1)
         return state
 
@@ -319,6 +349,7 @@ class Trainer:
         is_final = index == len(self.stages) - 1
         model = self._build(index, stage)
         optimizers = self.optimizers(model, stage)
+        main = self.dist.is_main
         epochs = stage.epochs
         if not stage.early_stopping:
             select = stage.name.replace("refit/", "select/", 1)
@@ -341,26 +372,32 @@ class Trainer:
             if resume["cuda_rng"]:
                 torch.cuda.set_rng_state_all([s.cpu() for s in resume["cuda_rng"]])
             start_epoch = resume["epoch"] + 1
+        # Wrapped after any resumed weights are in: DDP starts every rank from rank 0's.
+        net = self.dist.wrap(model, self.device)
         for epoch in range(start_epoch, epochs + 1):
             if bad >= self.cfg.train.patience:
                 break
             gen = torch.Generator(device=self.device).manual_seed(self._epoch_seed(index, epoch))
-            loss, samples, seconds = self.train_epoch(
-                model, optimizers, stage, gen, f"{stage.name} {epoch}/{epochs}"
+            loss, per_rank, seconds = self.train_epoch(
+                model, optimizers, stage, gen, f"{stage.name} {epoch}/{epochs}", net
             )
+            loss_sum, samples_f = self.dist.sum([loss * per_rank, float(per_rank)], self.device)
+            samples = int(samples_f)
             record: dict[str, Any] = {
                 "stage": stage.name,
                 "stage_index": index,
                 "epoch": epoch,
-                "loss": loss,
+                "loss": loss_sum / max(samples, 1),
                 "train_samples": samples,
                 "train_seconds": round(seconds, 4),
                 "samples_per_second": round(samples / max(seconds, 1e-9), 1),
-                "world_size": 1,
+                "world_size": self.dist.world_size,
+                "samples_per_rank": per_rank,
             }
             improved = True
             if stage.early_stopping:
-                valid = self._validate(model)
+                # Rank 0 validates; every rank gets its metrics and so takes the same decision.
+                valid = self.dist.broadcast(self._validate(model) if main else None)
                 record["valid"] = valid
                 improved = valid[self.monitor] > best_metric
                 if improved:
@@ -369,8 +406,10 @@ class Trainer:
             if improved:
                 best_epoch = epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if is_final:
+                if is_final and main:
                     self._save_best(model, stage.model, epoch, best_valid or self._select_valid())
+            if not main:
+                continue
             # Metrics first: a kill before the checkpoint only repeats this epoch on resume,
             # and the resumed run drops the duplicate line.
             self._append_metrics(record)

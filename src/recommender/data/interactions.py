@@ -39,6 +39,10 @@ class Vocabulary:
         if not self._index.is_unique:
             dup = self._index[self._index.duplicated()][0]
             raise DataError(f"{name} vocabulary has duplicate id '{dup}'")
+        # Converted once: `to_ids` runs per served request, and converting a 1M-id index
+        # each time costs ~50 ms. Read-only, as callers share it.
+        self._ids = self._index.to_numpy(dtype=object)
+        self._ids.flags.writeable = False
 
     @classmethod
     def from_values(cls, values: np.ndarray | pd.Series, name: str = "id") -> Vocabulary:
@@ -52,7 +56,7 @@ class Vocabulary:
 
     @property
     def ids(self) -> np.ndarray:
-        return self._index.to_numpy(dtype=object)
+        return self._ids
 
     def lookup(self, raw_ids: Sequence[object] | np.ndarray | pd.Series) -> np.ndarray:
         """Vectorized raw -> index; -1 where the id is unknown."""
@@ -92,6 +96,44 @@ class Interactions:
     _csr: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_shapes()
+        if len(self.user_idx):
+            keys = np.sort(self.keys)
+            dup = np.flatnonzero(keys[1:] == keys[:-1])
+            if len(dup):
+                key = int(keys[dup[0]])
+                raise DataError(
+                    f"duplicate interaction (user_idx {key // self.n_items}, "
+                    f"item_idx {key % self.n_items})"
+                )
+
+    @classmethod
+    def known_unique(
+        cls,
+        user_idx: np.ndarray,
+        item_idx: np.ndarray,
+        n_users: int,
+        n_items: int,
+        timestamp: np.ndarray | None = None,
+        rating: np.ndarray | None = None,
+        *,
+        csr: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Interactions:
+        """Build from arrays whose pairs are already known to be distinct.
+
+        For derived data only: a subset of validated interactions, the two sides of one split,
+        pairs de-duplicated by the caller, or a processed cache this package wrote. Lengths and
+        index ranges are still checked (O(n)); the duplicate check, a sort costing seconds at
+        20M rows, is what is skipped. Raw input always goes through the constructor.
+        """
+        self = object.__new__(cls)
+        self.user_idx, self.item_idx = user_idx, item_idx
+        self.n_users, self.n_items = n_users, n_items
+        self.timestamp, self.rating, self._csr = timestamp, rating, csr
+        self._check_shapes()
+        return self
+
+    def _check_shapes(self) -> None:
         self.user_idx = np.ascontiguousarray(self.user_idx, dtype=np.int64)
         self.item_idx = np.ascontiguousarray(self.item_idx, dtype=np.int64)
         n = len(self.user_idx)
@@ -105,14 +147,6 @@ class Interactions:
                 raise DataError("user_idx outside the user vocabulary")
             if self.item_idx.min() < 0 or self.item_idx.max() >= self.n_items:
                 raise DataError("item_idx outside the item vocabulary")
-            keys = np.sort(self.keys)
-            dup = np.flatnonzero(keys[1:] == keys[:-1])
-            if len(dup):
-                key = int(keys[dup[0]])
-                raise DataError(
-                    f"duplicate interaction (user_idx {key // self.n_items}, "
-                    f"item_idx {key % self.n_items})"
-                )
 
     def __len__(self) -> int:
         return len(self.user_idx)
@@ -122,8 +156,10 @@ class Interactions:
         """user_idx * n_items + item_idx: one int64 per pair, for set operations."""
         return self.user_idx * self.n_items + self.item_idx
 
-    def subset(self, mask: np.ndarray) -> Interactions:
-        return Interactions(
+    def subset(self, mask: np.ndarray | slice) -> Interactions:
+        """The rows selected by a boolean mask, an index array or a slice (a view, no copy);
+        distinct pairs stay distinct."""
+        return Interactions.known_unique(
             self.user_idx[mask],
             self.item_idx[mask],
             self.n_users,
@@ -132,11 +168,15 @@ class Interactions:
             None if self.rating is None else self.rating[mask],
         )
 
-    def concat(self, other: Interactions) -> Interactions:
+    def concat(self, other: Interactions, *, disjoint: bool = False) -> Interactions:
+        """Rows of self, then rows of other. `disjoint=True` says no pair is in both (the two
+        sides of one split), which skips the duplicate check; otherwise it is checked."""
+
         def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
             return None if a is None or b is None else np.concatenate([a, b])
 
-        return Interactions(
+        build = Interactions.known_unique if disjoint else Interactions
+        return build(
             np.concatenate([self.user_idx, other.user_idx]),
             np.concatenate([self.item_idx, other.item_idx]),
             self.n_users,
@@ -148,10 +188,14 @@ class Interactions:
     def csr(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr, items): the items of user u are items[indptr[u]:indptr[u+1]], sorted."""
         if self._csr is None:
-            order = np.lexsort((self.item_idx, self.user_idx))
+            # Pairs are distinct, so sorting the one-int64 keys orders by user, then item:
+            # one sort instead of lexsort's two passes (about 3x faster at 20M rows).
             counts = np.bincount(self.user_idx, minlength=self.n_users)
             indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            self._csr = (indptr, self.item_idx[order])
+            items = self.keys  # a fresh array: sorted and reduced in place, no temporaries
+            items.sort()
+            items %= self.n_items
+            self._csr = (indptr, items)
         return self._csr
 
     def user_counts(self) -> np.ndarray:

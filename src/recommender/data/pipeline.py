@@ -5,18 +5,23 @@ file / built-in dataset / NCF split files
   -> implicit positives (rating >= threshold), duplicate pairs collapsed, k-core filter
   -> Vocabulary for users and items, Interactions of indices
   -> test split, then a validation split carved from train (never from test)
+
+Large csv / tsv / parquet files take the columnar path (data/columnar.py: same result, a
+fraction of the time and memory), and the processed result is cached (data/cache.py) so the
+next run with the same data settings memory-maps it instead of ingesting again.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from recommender.config import ColumnsConfig, DataConfig
-from recommender.data import splits
+from recommender.data import cache, splits
+from recommender.data.columnar import read_indexed
 from recommender.data.datasets import load_builtin
 from recommender.data.interactions import Interactions, Vocabulary
 from recommender.data.readers import read_interactions, read_ncf_split
@@ -42,10 +47,15 @@ class DataBundle:
     test_negatives: np.ndarray | None  # (len(test), m) item indices, aligned with test rows
     item_info: pd.DataFrame | None  # item_id, title, genres
     source: str
+    # train + valid, when the builder already has it (load_data: the two sides of one split).
+    _full: Interactions | None = field(default=None, repr=False, compare=False)
 
     @property
     def train_full(self) -> Interactions:
-        return self.train.concat(self.valid)
+        """train + valid, built once (a duplicate check over 20M rows takes seconds)."""
+        if self._full is None:
+            self._full = self.train.concat(self.valid)
+        return self._full
 
 
 def collapse_duplicates(frame: pd.DataFrame) -> pd.DataFrame:
@@ -110,22 +120,80 @@ def _read_raw(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:
-    """Build the DataBundle described by `cfg`; the seed drives random splits only."""
+    """Build the DataBundle described by `cfg`; the seed drives random splits only.
+
+    With the cache on (see data.cache), a previous run's processed data is reloaded instead.
+    """
+    folder = cache.cache_dir(cfg, seed)
+    cached = cache.load(folder) if folder is not None else None
+    if cached is not None:
+        log.info("data: processed cache %s", folder)
+    else:
+        bundle = _load_presplit(cfg) if cfg.train_path is not None else _load_file(cfg, seed)
+        if folder is None:
+            _log_sizes(bundle)
+            return bundle
+        cache.save(
+            folder,
+            cache.Processed(
+                bundle.users,
+                bundle.items,
+                bundle.train,
+                bundle.valid,
+                bundle.test,
+                bundle.train_full,
+                bundle.test_negatives,
+                bundle.item_info,
+                bundle.source,
+            ),
+        )
+        log.info("data: processed data cached in %s", folder)
+        # Continue from the mapped copy: one buffer for train, valid and train_full, pages the
+        # kernel can evict, so the first run needs no more memory than the later ones.
+        del bundle
+        cached = cache.load(folder)
+        if cached is None:
+            raise DataError(f"{folder}: the processed cache just written cannot be read back")
+    bundle = DataBundle(
+        cached.users,
+        cached.items,
+        cached.train,
+        cached.valid,
+        cached.test,
+        cached.test_negatives,
+        cached.item_info,
+        cached.source,
+        cached.train_full,
+    )
+    _log_sizes(bundle)
+    return bundle
+
+
+def _load_file(cfg: DataConfig, seed: int) -> DataBundle:
     rng = np.random.default_rng(seed)
-    if cfg.train_path is not None:
-        return _load_presplit(cfg)
-    frame, item_info, source = _read_raw(cfg)
-    frame = _implicit(frame, cfg.rating_threshold, source)
-    frame = collapse_duplicates(frame)
-    frame = k_core(frame, cfg.min_user_interactions, cfg.min_item_interactions)
-    users = Vocabulary.from_values(frame["user_id"], "user")
-    items = Vocabulary.from_values(frame["item_id"], "item")
-    data = to_interactions(frame, users, items)
-    train, test = splits.split(data, cfg.split, cfg.test_ratio, rng)
-    train, valid = splits.split(train, cfg.split, cfg.valid_ratio, rng)
+    indexed = read_indexed(cfg) if cfg.path is not None else None
+    if indexed is not None:
+        users, items, data = indexed
+        item_info, source = None, f"file {cfg.path}"
+    else:
+        frame, item_info, source = _read_raw(cfg)
+        frame = _implicit(frame, cfg.rating_threshold, source)
+        frame = collapse_duplicates(frame)
+        frame = k_core(frame, cfg.min_user_interactions, cfg.min_item_interactions)
+        users = Vocabulary.from_values(frame["user_id"], "user")
+        items = Vocabulary.from_values(frame["item_id"], "item")
+        data = to_interactions(frame, users, items)
+        del frame
+    first, test = splits.split(data, cfg.split, cfg.test_ratio, rng)
+    del data  # at 20M rows each copy of the interactions is 0.5 GB
+    train, valid = splits.split(first, cfg.split, cfg.valid_ratio, rng)
+    del first
     _check_nonempty(source, cfg.split, valid, test)
-    _log_sizes(source, users, items, train, valid, test)
-    return DataBundle(users, items, train, valid, test, None, item_info, source)
+    full = train.concat(valid, disjoint=True)
+    # train and valid become views of full: one copy of the rows in memory, not two.
+    n_train = len(train)
+    train, valid = full.subset(slice(0, n_train)), full.subset(slice(n_train, None))
+    return DataBundle(users, items, train, valid, test, None, item_info, source, full)
 
 
 def _load_presplit(cfg: DataConfig) -> DataBundle:
@@ -145,8 +213,8 @@ def _load_presplit(cfg: DataConfig) -> DataBundle:
     train, valid = splits.leave_last_out(train_all)
     source = f"NCF split files {cfg.train_path}, {cfg.test_path}"
     _check_nonempty(source, "leave_last_out", valid, test)
-    _log_sizes(source, users, items, train, valid, test)
-    return DataBundle(users, items, train, valid, test, negatives, None, source)
+    full = train.concat(valid, disjoint=True)
+    return DataBundle(users, items, train, valid, test, negatives, None, source, full)
 
 
 def _align_negatives(
@@ -194,20 +262,13 @@ def _check_nonempty(source: str, split: str, valid: Interactions, test: Interact
             raise DataError(f"{source}: the {split} split leaves no {name} interactions; {hint}")
 
 
-def _log_sizes(
-    source: str,
-    users: Vocabulary,
-    items: Vocabulary,
-    train: Interactions,
-    valid: Interactions,
-    test: Interactions,
-) -> None:
+def _log_sizes(data: DataBundle) -> None:
     log.info(
         "data: %s | %d users, %d items | train %d, valid %d, test %d",
-        source,
-        len(users),
-        len(items),
-        len(train),
-        len(valid),
-        len(test),
+        data.source,
+        len(data.users),
+        len(data.items),
+        len(data.train),
+        len(data.valid),
+        len(data.test),
     )

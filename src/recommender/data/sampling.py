@@ -2,11 +2,14 @@
 
 Each epoch draws fresh negatives for every positive in one shot and rejects the few that hit a
 training positive of that user, redrawing only those, until none are left. Membership is a
-lookup in a dense bitmap when users x items is small enough, else a binary search in the sorted
-positive keys, so the cost is O(samples · log positives) with no per-row Python.
+lookup in a dense bool bitmap when users x items is small, in a packed bitset (one bit a cell:
+463 MB for MovieLens-20M's 3.7e9 cells) up to BITSET_LIMIT, else a binary search in the sorted
+positive keys (8x slower lookups than the bitset at 20M positives, measured). No per-row
+Python anywhere.
 
 Batches are contiguous slices of the epoch after one permutation: no Dataset, no DataLoader,
-no per-sample `__getitem__` (the approach of NVIDIA's NCF example).
+no per-sample `__getitem__` (the approach of NVIDIA's NCF example). Large epochs are built a
+chunk of positives at a time, so memory stays bounded at 100M samples.
 """
 
 from __future__ import annotations
@@ -20,8 +23,22 @@ import torch
 from recommender.data.interactions import Interactions
 from recommender.utils import DataError
 
-# Above this many user-item cells, a bitmap costs too much memory; use sorted keys instead.
+# Up to this many user-item cells, one byte a cell (fastest lookups).
 DENSE_LIMIT = 1 << 28
+# Up to this many cells, one bit a cell (512 MiB at the limit); beyond it, sorted keys, whose
+# binary search is about 8x slower at 20M positives but needs only 8 bytes a positive.
+BITSET_LIMIT = 1 << 32
+# Positives per chunk of an epoch: bounds the epoch's working memory (a few hundred MB) whatever
+# the epoch's size; sampling and shuffling are per chunk, the permutation is over the epoch.
+EPOCH_CHUNK = 1 << 20
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array -> tensor on `device`; through pinned memory and an async copy on CUDA."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class NegativeSampler:
@@ -46,16 +63,36 @@ class NegativeSampler:
         if len(counts) and counts.max() >= self.n_items:
             user = int(counts.argmax())
             raise DataError(f"user index {user} interacted with every item; it has no negatives")
-        keys = torch.from_numpy(positives.keys).to(self.device)
+        cells = positives.n_users * positives.n_items
         self._dense: torch.Tensor | None = None
+        self._bits: torch.Tensor | None = None
         self._keys: torch.Tensor | None = None
-        if positives.n_users * positives.n_items <= DENSE_LIMIT:
-            self._dense = torch.zeros(
-                positives.n_users * positives.n_items, dtype=torch.bool, device=self.device
-            )
-            self._dense[keys] = True
+        if cells > BITSET_LIMIT:
+            self._keys = torch.sort(to_device(positives.keys, self.device)).values
         else:
-            self._keys = torch.sort(keys).values
+            dense = cells <= DENSE_LIMIT
+            size = cells if dense else (cells + 7) // 8
+            table = torch.zeros(
+                size, dtype=torch.bool if dense else torch.uint8, device=self.device
+            )
+            one = torch.ones(1, dtype=torch.uint8, device=self.device)
+            # In slices, so 20M positives never need 20M-long temporaries.
+            for lo in range(0, len(positives), EPOCH_CHUNK):
+                users = positives.user_idx[lo : lo + EPOCH_CHUNK]
+                keys = to_device(
+                    users * self.n_items + positives.item_idx[lo : lo + EPOCH_CHUNK], self.device
+                )
+                if dense:
+                    table[keys] = True
+                else:
+                    # Pairs are distinct, so the bits added into a byte differ: the sum is an OR.
+                    table.index_put_(
+                        (keys >> 3,), one << (keys & 7).to(torch.uint8), accumulate=True
+                    )
+            if dense:
+                self._dense = table
+            else:
+                self._bits = table
         self._cdf: torch.Tensor | None = None
         if strategy == "popularity":
             weights = torch.from_numpy(positives.item_counts()).double().pow(power)
@@ -81,13 +118,18 @@ class NegativeSampler:
     def is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Bool tensor shaped like `items`: True where (user, item) is a training positive."""
         keys = users * self.n_items + items
+        shape, keys = keys.shape, keys.reshape(-1)
+        # index_select, not `table[keys]`: 3x faster gathers on CPU (measured at 8M keys).
         if self._dense is not None:
-            return self._dense[keys]
+            return self._dense.index_select(0, keys).view(shape)
+        if self._bits is not None:
+            byte = self._bits.index_select(0, keys >> 3)
+            return ((byte >> (keys & 7).to(torch.uint8)) & 1 == 1).view(shape)
         assert self._keys is not None
         if not len(self._keys):
-            return torch.zeros_like(keys, dtype=torch.bool)
+            return torch.zeros(shape, dtype=torch.bool, device=keys.device)
         pos = torch.searchsorted(self._keys, keys).clamp_(max=len(self._keys) - 1)
-        return self._keys[pos] == keys
+        return (self._keys.index_select(0, pos) == keys).view(shape)
 
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if self._cdf is None:
@@ -120,30 +162,46 @@ def epoch_batches(
     generator: torch.Generator,
     rank: int = 0,
     world_size: int = 1,
+    chunk: int = EPOCH_CHUNK,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (user_idx, item_idx, label) batches for one epoch: positives plus fresh negatives.
 
+    One permutation orders the positives; each chunk of `chunk` positives gets its negatives
+    and is shuffled with them, so a batch mixes positives and negatives of many users while
+    only one chunk's samples are in memory. Every batch but the last has `batch_size` rows.
+
     With `world_size > 1` each rank takes a disjoint, equal-sized share of the positives (the
-    same permutation on every rank, as the generator is seeded identically) and draws its own
-    negatives, so ranks step in lockstep for DistributedDataParallel.
+    same permutation on every rank, as the generator is seeded identically), so ranks step in
+    lockstep for DistributedDataParallel; negatives then come from a generator offset by the
+    rank, so no two ranks draw the same stream.
     """
     device = sampler.device
     perm = torch.randperm(len(users), generator=generator, device=device)
     if world_size > 1:
         share = len(perm) // world_size
         perm = perm[rank * share : (rank + 1) * share]
-    pos_users, pos_items = users[perm], items[perm]
-    negatives = sampler.sample(pos_users, num_negatives, generator)  # (P, k)
-    all_users = torch.cat([pos_users, pos_users.repeat_interleave(num_negatives)])
-    all_items = torch.cat([pos_items, negatives.view(-1)])
-    labels = torch.cat(
-        [
-            torch.ones(len(pos_users), device=device),
-            torch.zeros(negatives.numel(), device=device),
-        ]
-    )
-    order = torch.randperm(len(all_users), generator=generator, device=device)
-    all_users, all_items, labels = all_users[order], all_items[order], labels[order]
-    for start in range(0, len(order), batch_size):
-        end = start + batch_size
-        yield all_users[start:end], all_items[start:end], labels[start:end]
+        offset = int(torch.randint(2**62, (1,), generator=generator, device=device))
+        generator = torch.Generator(device=device).manual_seed(offset + rank)
+    carry: list[torch.Tensor] = []
+    for lo in range(0, len(perm), chunk):
+        part = perm[lo : lo + chunk]
+        pos_users, pos_items = users[part], items[part]
+        negatives = sampler.sample(pos_users, num_negatives, generator)  # (P, k)
+        all_users = torch.cat([pos_users, pos_users.repeat_interleave(num_negatives)])
+        all_items = torch.cat([pos_items, negatives.view(-1)])
+        labels = torch.cat(
+            [
+                torch.ones(len(pos_users), device=device),
+                torch.zeros(negatives.numel(), device=device),
+            ]
+        )
+        order = torch.randperm(len(all_users), generator=generator, device=device)
+        block = [all_users[order], all_items[order], labels[order]]
+        if carry:  # the previous chunk's tail, too short for a batch of its own
+            block = [torch.cat([a, b]) for a, b in zip(carry, block, strict=True)]
+        last = lo + chunk >= len(perm)
+        full = len(block[0]) if last else len(block[0]) - len(block[0]) % batch_size
+        for start in range(0, full, batch_size):
+            end = min(start + batch_size, full)
+            yield block[0][start:end], block[1][start:end], block[2][start:end]
+        carry = [t[full:] for t in block]
