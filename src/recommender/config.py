@@ -81,7 +81,7 @@ class ModelConfig(_Section):
         description="MLP widths; the first is the concatenated user+item embedding width "
         "(NCF paper convention), so each MLP embedding has mlp_layers[0] / 2 dimensions.",
     )
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.1, ge=0, lt=1, description="After each hidden MLP layer.")
 
     @model_validator(mode="after")
     def _layers(self) -> ModelConfig:
@@ -108,7 +108,7 @@ class PretrainConfig(_Section):
     mlp: StageConfig = Field(default_factory=lambda: StageConfig(lr=3e-3))
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of GMF in the fused output layer.")
     finetune_lr: float = Field(
-        3e-4, gt=0, description="NeuMF's rate after pretraining (train.lr when not pretrained)."
+        1e-4, gt=0, description="NeuMF's rate after pretraining (train.lr when not pretrained)."
     )
 
 
