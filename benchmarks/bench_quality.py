@@ -32,7 +32,7 @@ def run(cmd: list[str]) -> str:
 
 
 def train_and_evaluate(
-    data_dir: Path, model: str, seed: int, out: Path, threads: int
+    data_dir: Path, model: str, seed: int, out: Path, threads: int, overrides: list[str]
 ) -> dict[str, float]:
     run_dir = out / f"{model}-seed{seed}"
     run(
@@ -42,7 +42,7 @@ def train_and_evaluate(
             "--test", str(data_dir / "ml-100k.test.rating"),
             "--test-negatives", str(data_dir / "ml-100k.test.negative"),
             "--model", model, "--set", f"seed={seed}", "--set", "train.progress=false",
-            "--set", f"threads={threads}",
+            "--set", f"threads={threads}", *(a for o in overrides for a in ("--set", o)),
             "--out", str(run_dir), "--overwrite",
         ]
     )  # fmt: skip
@@ -63,6 +63,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (the defaults are the benchmark)",
+    )
     args = parser.parse_args()
     table: dict[str, dict[str, float]] = {}
     for model in args.models:
