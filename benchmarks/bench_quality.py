@@ -77,7 +77,7 @@ def main() -> None:
             per_seed = list(
                 pool.map(
                     lambda s, m=model: train_and_evaluate(
-                        args.data_dir, m, s, args.out, args.threads
+                        args.data_dir, m, s, args.out, args.threads, args.set
                     ),
                     args.seeds,
                 )
