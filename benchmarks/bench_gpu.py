@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from recommender.config import load_config
 from recommender.data.datasets import write_synthetic
@@ -35,7 +34,7 @@ from recommender.data.pipeline import load_data
 from recommender.data.sampling import epoch_batches
 from recommender.evaluate import evaluate_full
 from recommender.models import build_model
-from recommender.train import Trainer
+from recommender.train import Trainer, train_step
 from recommender.utils import set_threads
 
 ML20M = {"n_users": 138_493, "n_items": 26_744, "n_interactions": 20_000_263}
@@ -101,19 +100,7 @@ def main() -> None:
 
     def stepper(model):
         optimizers = trainer.optimizers(model, stage)
-
-        def step(u: torch.Tensor, i: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer.amp):
-                logits = model(u, i)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            return loss.detach()
-
-        return step
+        return lambda u, i, y: train_step(model, optimizers, u, i, y, amp=trainer.amp)
 
     # Compute bound: ready-made random batches already on the device.
     model = build_model(cfg.model, n_users, n_items, sparse=cfg.train.sparse).to(device)

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MODEL = ["model.embedding_dim=32", "model.mlp_layers=[64,32,16,8]"]
@@ -139,15 +138,9 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _step_fn(model, optimizers):
-    def step(u: torch.Tensor, i: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.binary_cross_entropy_with_logits(model(u, i), y)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
+    from recommender.train import train_step
 
-    return step
+    return lambda u, i, y: train_step(model, optimizers, u, i, y)
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:

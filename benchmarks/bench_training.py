@@ -20,16 +20,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from recommender.config import load_config
 from recommender.data.datasets import write_synthetic
 from recommender.data.pipeline import load_data
 from recommender.evaluate import evaluate_full
 from recommender.models import build_model
-from recommender.train import Trainer
+from recommender.train import Trainer, train_step
 
-BENCH_MODEL = ["model.embedding_dim=32", "model.mlp_layers=[64,32,16,8]"]
+BENCH_MODEL = ["model.embedding_dim=32", "model.mlp_layers=[64,32,16,8]", "model.dropout=0.0"]
 
 
 def data_overrides(data_dir: Path | None, tmp: Path) -> list[str]:
@@ -62,13 +61,7 @@ def compute_bound(trainer: Trainer, batch_size: int, steps: int) -> float:
 
     def run(n: int) -> None:
         for step in range(n):
-            u, i, y = batches[step % len(batches)]
-            loss = F.binary_cross_entropy_with_logits(model(u, i), y)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
+            train_step(model, optimizers, *batches[step % len(batches)])
 
     run(10)
     start = time.perf_counter()
