@@ -120,7 +120,7 @@ class TrainConfig(_Section):
     num_negatives: int = Field(16, ge=1, description="Negatives drawn per positive each epoch.")
     sampling: Literal["uniform", "popularity"] = "uniform"
     popularity_power: float = Field(0.75, ge=0, description="Exponent for popularity sampling.")
-    patience: int = Field(5, ge=1, description="Epochs without validation gain before stopping.")
+    patience: int = Field(10, ge=1, description="Epochs without validation gain before stopping.")
     monitor: str = Field(
         "ndcg@10",
         pattern=r"^(ndcg|hr|recall|precision|map)@[1-9][0-9]*$",
