@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,13 +44,12 @@ def data_overrides(data_dir: Path | None, tmp: Path) -> list[str]:
     return ["data.dataset=null", f"data.path={path}"]
 
 
-def compute_bound(trainer: Trainer, batch_size: int, steps: int) -> float:
-    """Samples/s of forward + backward + Adam step on pre-built random batches."""
+def compute_bound(trainer: Trainer, batch_size: int) -> Callable[[int], float]:
+    """A timer: samples/s of n forward + backward + Adam steps on pre-built random batches."""
     cfg = trainer.cfg
     n_users, n_items = len(trainer.data.users), len(trainer.data.items)
     model = build_model(cfg.model, n_users, n_items)
-    stage = trainer.stages[-1]
-    optimizers = trainer.optimizers(model, stage)
+    optimizers = trainer.optimizers(model, trainer.stages[-1])
     gen = torch.Generator().manual_seed(0)
     batches = [
         (
@@ -59,29 +60,27 @@ def compute_bound(trainer: Trainer, batch_size: int, steps: int) -> float:
         for _ in range(16)
     ]
 
-    def run(n: int) -> None:
-        for step in range(n):
+    def measure(steps: int) -> float:
+        start = time.perf_counter()
+        for step in range(steps):
             train_step(model, optimizers, *batches[step % len(batches)])
+        return steps * batch_size / (time.perf_counter() - start)
 
-    run(10)
-    start = time.perf_counter()
-    run(steps)
-    return steps * batch_size / (time.perf_counter() - start)
+    return measure
 
 
-def pipeline_throughput(trainer: Trainer, epochs: int) -> float:
-    """Samples/s of whole Trainer epochs: sampling, shuffling and batching included."""
+def pipeline(trainer: Trainer) -> Callable[[int], float]:
+    """A timer: samples/s of one whole Trainer epoch (sampling, shuffling, batching included)."""
     stage = trainer.stages[-1]
     model = build_model(trainer.cfg.model, len(trainer.data.users), len(trainer.data.items))
     optimizers = trainer.optimizers(model, stage)
-    trainer.train_epoch(model, optimizers, stage, torch.Generator().manual_seed(0), "warmup")
-    samples = seconds = 0.0
-    for epoch in range(epochs):
-        gen = torch.Generator().manual_seed(epoch + 1)
+
+    def measure(epoch: int) -> float:
+        gen = torch.Generator().manual_seed(epoch)
         _, n, secs = trainer.train_epoch(model, optimizers, stage, gen, "bench")
-        samples += n
-        seconds += secs
-    return samples / seconds
+        return n / secs
+
+    return measure
 
 
 def eval_seconds(trainer: Trainer, model_overrides: list[str], repeats: int = 5) -> float:
@@ -101,8 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/ml-100k-loo"))
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=400, help="bound steps per round")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating bound/epoch rounds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         overrides = data_overrides(args.data_dir, Path(tmp))
@@ -124,13 +123,20 @@ def main() -> None:
             "batch_size": args.batch_size,
         }
         for threads in (1, 2):
+            # Alternate the two timers so a noisy neighbour slows both alike; report medians.
             torch.set_num_threads(threads)
-            bound = compute_bound(trainer, args.batch_size, args.steps)
-            pipe = pipeline_throughput(trainer, args.epochs)
+            bound, pipe = compute_bound(trainer, args.batch_size), pipeline(trainer)
+            bound(10), pipe(0)  # warm-up
+            bounds, pipes = [], []
+            for r in range(args.rounds):
+                bounds.append(bound(args.steps))
+                pipes.append(pipe(r + 1))
+            b, p = statistics.median(bounds), statistics.median(pipes)
             results[f"threads_{threads}"] = {
-                "compute_bound_samples_s": round(bound),
-                "pipeline_samples_s": round(pipe),
-                "ratio": round(pipe / bound, 3),
+                "compute_bound_samples_s": round(b),
+                "pipeline_samples_s": round(p),
+                "ratio": round(p / b, 3),
+                "rounds": args.rounds,
             }
         torch.set_num_threads(2)
         results["full_eval_seconds_all_users"] = {
