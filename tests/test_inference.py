@@ -134,7 +134,7 @@ def test_explain_returns_history_items_with_weights(rec: Recommender):
         assert 1 <= len(why.supporting_items) <= 3
         assert set(why.supporting_items) <= seen
         assert len(why.weights) == len(why.supporting_items)
-        assert all(0 < w <= 1 for w in why.weights) and sum(why.weights) <= 1 + 1e-6
+        assert all(0 < w <= 1 + 1e-6 for w in why.weights)  # cosine similarities
         assert why.weights == sorted(why.weights, reverse=True)
         assert why.one_line().startswith("because you liked ")
 

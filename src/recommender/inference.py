@@ -238,8 +238,9 @@ class Recommender:
     def explain(self, user_id: str | int, item_id: str | int, n: int = 3) -> Explanation:
         """The user's history items most similar to `item_id` in the model's item space.
 
-        Weights are each item's share of the positive similarity mass over the whole history,
-        so they compare across explanations.
+        Weights are the cosine similarities (0 to 1] of each supporting item to `item_id`:
+        readable on their own, where a share of the whole history's similarity mass would be
+        a few hundredths for any user with a long history.
         """
         item_idx = int(self.items.index([item_id])[0])
         user_idx = int(self.users.lookup([user_id])[0])
@@ -249,10 +250,9 @@ class Recommender:
         if not len(history):
             return Explanation(str(item_id), [], [], "popularity")
         sims = (self._item_rep[torch.from_numpy(history)] @ self._item_rep[item_idx]).clamp(min=0)
-        total = float(sims.sum())
         top = torch.topk(sims, min(n, len(history)))
         keep = top.values > 0
-        weights = (top.values[keep] / max(total, 1e-12)).cpu().numpy()
+        weights = top.values[keep].cpu().numpy()
         supporting = self.items.to_ids(history[top.indices[keep].cpu().numpy()])
         return Explanation(
             str(item_id),
