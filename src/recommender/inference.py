@@ -68,6 +68,9 @@ class Recommender:
         self.users, self.items = users, items
         self.indptr, self.history = history_indptr, history_items
         self.popularity = Popularity(len(users), len(items)).fit(item_counts).to(self.device)
+        # Fallback scores: each item's count as a share of the most popular item's, computed once.
+        counts = torch.as_tensor(item_counts, dtype=torch.float32, device=self.device)
+        self._popularity_share = counts / counts.max().clamp(min=1)
         self.meta = meta
         titles = meta.get("item_titles")
         self.titles: dict[str, str] | None = (
@@ -148,12 +151,8 @@ class Recommender:
                 self.model.score_all(u, self._cache).float()
             )
         if (~known).any():
-            scores[torch.from_numpy(~known).to(self.device)] = self._popularity_scores()
+            scores[torch.from_numpy(~known).to(self.device)] = self._popularity_share
         return scores
-
-    def _popularity_scores(self) -> torch.Tensor:
-        counts = torch.expm1(self.popularity.log_counts)
-        return counts / counts.max().clamp(min=1)
 
     @torch.no_grad()
     def recommend(
@@ -201,7 +200,7 @@ class Recommender:
         known = torch.from_numpy(u >= 0).to(self.device)
         ut = torch.from_numpy(np.maximum(u, 0)).to(self.device)
         model_scores = torch.sigmoid(self.model(ut, i).float())
-        fallback = self._popularity_scores()[i]
+        fallback = self._popularity_share[i]
         return torch.where(known, model_scores, fallback).cpu().numpy()
 
     @torch.no_grad()
