@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from recommender.config import ModelConfig
-from recommender.data.interactions import Vocabulary
+from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError, load_checkpoint
 
@@ -67,9 +67,9 @@ class Recommender:
         self.model = model.to(self.device).eval()
         self.users, self.items = users, items
         self.indptr, self.history = history_indptr, history_items
-        self.popularity = Popularity(len(users), len(items)).fit(item_counts).to(self.device)
+        self.item_counts = np.asarray(item_counts)
         # Fallback scores: each item's count as a share of the most popular item's, computed once.
-        counts = torch.as_tensor(item_counts, dtype=torch.float32, device=self.device)
+        counts = torch.as_tensor(self.item_counts, dtype=torch.float32, device=self.device)
         self._popularity_share = counts / counts.max().clamp(min=1)
         self.meta = meta
         titles = meta.get("item_titles")
@@ -181,12 +181,11 @@ class Recommender:
 
     def _seen_coordinates(self, user_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         known_rows = np.flatnonzero(user_idx >= 0)
-        starts = self.indptr[user_idx[known_rows]]
-        lengths = self.indptr[user_idx[known_rows] + 1] - starts
-        rows = np.repeat(known_rows, lengths)
-        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        cols = self.history[np.repeat(starts, lengths) + offsets]
-        return torch.from_numpy(rows).to(self.device), torch.from_numpy(cols).to(self.device)
+        rows, cols = csr_rows(self.indptr, self.history, user_idx[known_rows])
+        return (
+            torch.from_numpy(known_rows[rows]).to(self.device),
+            torch.from_numpy(cols).to(self.device),
+        )
 
     @torch.no_grad()
     def score(self, user_ids: UserIds, item_ids: Sequence[str | int] | np.ndarray) -> np.ndarray:

@@ -206,9 +206,15 @@ class Interactions:
 
     def seen_mask(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row, item) coordinates of the seen items of `users`, row indexing into `users`."""
-        indptr, items = self.csr()
-        starts, ends = indptr[users], indptr[users + 1]
-        lengths = ends - starts
-        rows = np.repeat(np.arange(len(users)), lengths)
-        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return rows, items[np.repeat(starts, lengths) + offsets]
+        return csr_rows(*self.csr(), users)
+
+
+def csr_rows(
+    indptr: np.ndarray, items: np.ndarray, users: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expand CSR rows of `users` into (row, item) pairs, row indexing into `users`; no loop."""
+    starts = indptr[users]
+    lengths = indptr[users + 1] - starts
+    rows = np.repeat(np.arange(len(users)), lengths)
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return rows, items[np.repeat(starts, lengths) + offsets]
