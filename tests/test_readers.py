@@ -263,3 +263,126 @@ def test_item_titles_errors(tmp_path: Path):
         read_item_titles(write(tmp_path, "movies.dat", "1::a::b\n::c::d\n"), "ml-dat-movies")
     with pytest.raises(DataError, match=r"missing column\(s\) 'genres'"):
         read_item_titles(write(tmp_path, "n.csv", "movieId,title\n1,a\n"), "ml-csv-movies")
+
+
+# ml-latest-small as GroupLens ships it: CRLF line endings, half-star ratings, quoted titles.
+ML_LATEST_RATINGS = "userId,movieId,rating,timestamp\r\n1,1,4.0,964982703\r\n1,3,0.5,964981247\r\n"
+ML_LATEST_MOVIES = (
+    "movieId,title,genres\r\n"
+    "1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy\r\n"
+    '11,"American President, The (1995)",Comedy|Drama|Romance\r\n'
+    '29,"City of Lost Children, The (Cité des enfants perdus, La) (1995)",Adventure|Drama\r\n'
+    "114335,La cravate (1957),(no genres listed)\r\n"
+)
+# Last.fm HetRec 2011: tab-separated with a header; user_artists.dat is CRLF, artists.dat LF.
+USER_ARTISTS = "userID\tartistID\tweight\r\n2\t51\t13883\r\n2\t52\t11690\r\n3\t51\t7\r\n"
+ARTISTS = (
+    "id\tname\turl\tpictureURL\n"
+    "51\tDuran Duran\thttp://www.last.fm/music/Duran+Duran\thttp://u.last.fm/serve/252/1.jpg\n"
+    '1686\t"Weird Al" Yankovic\thttp://www.last.fm/music/%22Weird+Al%22+Yankovic\t\n'
+    "2906\tRoyce da 5'9\"\thttp://www.last.fm/music/Royce+da+5%279%22\thttp://u/2.jpg\n"
+    '5282\tHopsin, Ak\'sent & Donte "Burger" Winston\thttp://x\thttp://y\n'
+    "374\t宇多田ヒカル\thttp://www.last.fm/music/%E5%AE%87\thttp://u/3.png\n"
+    "90\tSigur Rós\thttp://www.last.fm/music/Sigur+R%C3%B3s\thttp://u/4.jpg\n"
+)
+
+
+def test_ml_latest_small_crlf_ratings_and_movies(tmp_path: Path):
+    ratings = write(tmp_path, "ratings.csv", ML_LATEST_RATINGS)
+    frame = read_interactions(ratings)
+    assert frame.to_dict("list") == {
+        "user_id": ["1", "1"], "item_id": ["1", "3"], "rating": [4.0, 0.5],
+        "timestamp": [964982703, 964981247],
+    }  # fmt: skip
+    movies = read_item_titles(write(tmp_path, "movies.csv", ML_LATEST_MOVIES), "ml-csv-movies")
+    assert movies.to_dict("list") == {
+        "item_id": ["1", "11", "29", "114335"],
+        "title": [
+            "Toy Story (1995)",
+            "American President, The (1995)",
+            "City of Lost Children, The (Cité des enfants perdus, La) (1995)",
+            "La cravate (1957)",
+        ],
+        "genres": [
+            "Adventure|Animation|Children|Comedy|Fantasy", "Comedy|Drama|Romance",
+            "Adventure|Drama", "",
+        ],
+    }  # fmt: skip
+    bad = write(tmp_path, "bad.csv", ML_LATEST_RATINGS + "1,6,four,964982224\r\n")
+    with pytest.raises(DataError, match=r"bad\.csv line 4: column 'rating' has non-numeric "
+                                        r"value 'four'$"):  # fmt: skip
+        read_interactions(bad)
+
+
+def test_hetrec_lastfm_play_counts_become_ratings(tmp_path: Path):
+    path = write(tmp_path, "user_artists.dat", USER_ARTISTS)
+    for fmt in ("hetrec-lastfm", "auto"):  # auto: a .dat with HetRec's header is not ml-dat
+        frame = read_interactions(path, format=fmt)
+        assert frame.to_dict("list") == {
+            "user_id": ["2", "2", "3"], "item_id": ["51", "52", "51"],
+            "rating": [13883.0, 11690.0, 7.0],
+        }  # fmt: skip
+        assert frame["rating"].dtype == np.float64
+    renamed = write(tmp_path, "ua.dat", USER_ARTISTS.replace("userID", "uid"))
+    frame = read_interactions(
+        renamed, format="hetrec-lastfm", columns={"user": "uid", "item": "artistID"}
+    )
+    assert list(frame.columns) == ["user_id", "item_id"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("2\t51\tmany\r\n", r"line 3: column 'weight' has non-numeric value 'many'"),
+        ("2\t51\t0\r\n", r"line 3: column 'weight' must be a positive whole number \(a play "
+         r"count\), got '0'"),
+        ("2\t51\t1.5\r\n", r"line 3: column 'weight' must be a positive whole number"),
+        ("2\t51\t-4\r\n", r"line 3: column 'weight' must be a positive whole number.*'-4'"),
+        ("2\t\t4\r\n", r"line 3: column 'artistID' is empty"),
+        ("2\t51\t4\t9\r\n", r"line 3: expected 3 fields separated by '\\t', found 4"),
+    ],
+)  # fmt: skip
+def test_hetrec_lastfm_bad_rows_name_file_and_line(tmp_path: Path, text: str, message: str):
+    lines = USER_ARTISTS.splitlines(keepends=True)
+    path = write(tmp_path, "user_artists.dat", lines[0] + lines[1] + text + lines[2])
+    with pytest.raises(DataError, match=r"user_artists\.dat " + message):
+        read_interactions(path, format="hetrec-lastfm")
+
+
+def test_hetrec_lastfm_without_weight_is_the_wrong_file(tmp_path: Path):
+    path = write(tmp_path, "user_friends.dat", "userID\tartistID\r\n2\t275\r\n")
+    with pytest.raises(DataError, match=r"user_friends\.dat: missing column\(s\) 'weight'"):
+        read_interactions(path, format="hetrec-lastfm")
+
+
+def test_hetrec_artists_keep_quotes_commas_and_unicode(tmp_path: Path):
+    frame = read_item_titles(write(tmp_path, "artists.dat", ARTISTS), "hetrec-lastfm-artists")
+    assert frame.to_dict("list") == {
+        "item_id": ["51", "1686", "2906", "5282", "374", "90"],
+        "title": [
+            "Duran Duran", '"Weird Al" Yankovic', "Royce da 5'9\"",
+            "Hopsin, Ak'sent & Donte \"Burger\" Winston", "宇多田ヒカル", "Sigur Rós",
+        ],
+        "genres": [""] * 6,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (ARTISTS + "7\tA\tB\tC\tD\n", r"artists\.dat line 8: expected 4 fields"),
+        (ARTISTS + "\tNameless\thttp://x\t\n", r"artists\.dat line 8: column 'id' is empty"),
+        ("id\turl\n1\thttp://x\n", r"artists\.dat: missing column\(s\) 'name'"),
+    ],
+)
+def test_hetrec_artists_errors(tmp_path: Path, text: str, message: str):
+    with pytest.raises(DataError, match=message):
+        read_item_titles(write(tmp_path, "artists.dat", text), "hetrec-lastfm-artists")
+
+
+def test_hetrec_artists_must_be_utf8(tmp_path: Path):
+    path = write(
+        tmp_path, "artists.dat", "id\tname\turl\tpictureURL\n90\tSigur Rós\tx\ty\n", "latin-1"
+    )
+    with pytest.raises(DataError, match=r"artists\.dat: not utf-8 text"):
+        read_item_titles(path, "hetrec-lastfm-artists")

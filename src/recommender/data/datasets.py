@@ -1,16 +1,25 @@
-"""Built-in MovieLens datasets (download, checksum, cache) and a synthetic generator.
+"""Built-in datasets (download, checksum, cache) and a synthetic generator.
+
+The built-in datasets are MovieLens (ml-100k, ml-1m, ml-20m, ml-25m, ml-latest-small: explicit
+ratings with timestamps) and Last.fm HetRec 2011 (hetrec2011-lastfm-2k: user-artist play counts,
+kept as the rating, and no timestamps, so it needs `data.split=random`).
 
 Archives come from GroupLens's official URLs and are verified against pinned sha256 sums before
 anything is extracted. The cache lives under `root/raw/`: the verified zip as `NAME.zip`, the
 members in `NAME/`, and `NAME/MANIFEST.json` recording their hashes and where they came from, so
-a later run re-verifies them and needs no network. A user without network can drop the official
-zip at `root/raw/NAME.zip`.
+a later run re-verifies them and needs no network.
+
+Without network, a copy the user already has is imported with `fetch(NAME, root, local=PATH)`
+(the CLI's `data fetch NAME --from PATH`): the official zip, verified against the pinned sha256,
+or a folder with the extracted files, which has no official checksum and is instead checked by
+parsing every row. Dropping the official zip at `root/raw/NAME.zip` works too.
 
 MovieLens 100K also ships inside the `recbole==1.2.1` wheel on PyPI; when GroupLens is unreachable
 (common behind proxies that only let package registries through) that copy is used instead.
 
 Example:
     >>> interactions, titles, source = load_builtin("ml-100k", root="data")
+    >>> files = fetch("ml-latest-small", "data", local="Downloads/ml-latest-small")
     >>> frame = synthetic_interactions(n_users=1000, n_items=500, n_interactions=50_000, seed=1)
 """
 
@@ -42,6 +51,7 @@ from recommender.utils import ConfigError, DataError, atomic_path
 log = logging.getLogger("recommender")
 
 _GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+_HETREC = "https://files.grouplens.org/datasets/hetrec2011"
 _MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
 
@@ -54,7 +64,7 @@ _WHEEL_INTER_SHA256 = "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One GroupLens archive and the members the package reads from it."""
+    """One official archive and the members the package reads from it (paths inside the zip)."""
 
     name: str
     url: str
@@ -65,9 +75,12 @@ class DatasetSpec:
     items_format: str
 
 
-# sha256 sums of the official archives, as pinned by tensorflow/datasets in
+# sha256 sums of the official archives. MovieLens: as pinned by tensorflow/datasets in
 # tensorflow_datasets/url_checksums/movielens.txt (ml-100k and ml-1m cross-checked against
-# several independent projects that pin the same values).
+# several independent projects that pin the same values). Last.fm: as pinned by the OmniRec
+# library (ISG-Siegen/OmniRec, src/omnirec/data_loaders/hetrec_lastfm.py, whose ml-1m pin
+# matches TFDS's) and by two unrelated projects that verify the same value. That archive keeps
+# its files at the top level, not in a folder.
 BUILTIN: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
@@ -96,6 +109,11 @@ BUILTIN: dict[str, DatasetSpec] = {
             "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436",
             "ml-latest-small/ratings.csv", "ml-csv",
             "ml-latest-small/movies.csv", "ml-csv-movies",
+        ),
+        DatasetSpec(
+            "hetrec2011-lastfm-2k", f"{_HETREC}/hetrec2011-lastfm-2k.zip",
+            "6738f48195667ff03caaab4d32ca9a3133d8cc026b7c3cdaf6ce1010e913c59c",
+            "user_artists.dat", "hetrec-lastfm", "artists.dat", "hetrec-lastfm-artists",
         ),
     )
 }  # fmt: skip
@@ -200,13 +218,53 @@ def _from_zip(spec: DatasetSpec, archive_path: Path, folder: Path, source: str) 
     if digest != spec.sha256:
         raise DataError(
             f"{archive_path}: sha256 {digest} does not match the official {spec.name} archive "
-            f"({spec.sha256}); delete it and fetch again"
+            f"({spec.sha256}); replace it with the official {spec.url}"
         )
     with zipfile.ZipFile(archive_path) as archive:
         ratings = _extract(archive, spec.ratings_member, folder / Path(spec.ratings_member).name)
         items = _extract(archive, spec.items_member, folder / Path(spec.items_member).name)
     files = DatasetFiles(ratings, spec.ratings_format, items, spec.items_format, source)
     return _write_manifest(folder, files)
+
+
+def _member(folder: Path, member: str) -> Path:
+    """A member of an extracted archive: at its path inside the zip, or directly in `folder`."""
+    for candidate in (folder / member, folder / Path(member).name):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{folder}: no {Path(member).name} (looked for {folder / member})")
+
+
+def _from_folder(spec: DatasetSpec, source: Path, folder: Path) -> DatasetFiles:
+    """Copy extracted files into the cache once every row of them has parsed.
+
+    GroupLens publishes sums for the archives only, so parsing is the check: a wrong, truncated
+    or edited file fails here with its path and line, not later in training.
+    """
+    ratings, items = _member(source, spec.ratings_member), _member(source, spec.items_member)
+    read_interactions(ratings, format=spec.ratings_format)
+    read_item_titles(items, spec.items_format)
+    (folder / _MANIFEST).unlink(missing_ok=True)
+    copies = []
+    for path in (ratings, items):
+        with atomic_path(folder / path.name) as tmp:
+            shutil.copyfile(path, tmp)
+        copies.append(folder / path.name)
+    note = f"local folder {source} (not checksum-verified: no official per-file sums; parsed)"
+    files = DatasetFiles(copies[0], spec.ratings_format, copies[1], spec.items_format, note)
+    return _write_manifest(folder, files)
+
+
+def _from_local(spec: DatasetSpec, path: Path, folder: Path) -> DatasetFiles:
+    """Import a copy the user has: the official zip (sha256 verified) or its extracted folder."""
+    if path.is_dir():
+        files = _from_folder(spec, path, folder)
+    elif path.is_file():
+        files = _from_zip(spec, path, folder, f"local archive {path} (sha256 verified)")
+    else:
+        raise DataError(f"{path}: not found (expected the {spec.name} zip or its extracted folder)")
+    log.info("%s: imported %s", spec.name, files.source)
+    return files
 
 
 def _from_grouplens(spec: DatasetSpec, raw: Path, timeout: float) -> DatasetFiles:
@@ -245,21 +303,35 @@ def _from_wheel(folder: Path) -> DatasetFiles:
     return _write_manifest(folder, DatasetFiles(inter, "recbole", items, "recbole-item", source))
 
 
-def fetch(name: str, root: str | Path = "data", *, timeout: float = 30.0) -> DatasetFiles:
+def fetch(
+    name: str,
+    root: str | Path = "data",
+    *,
+    timeout: float = 30.0,
+    local: str | Path | None = None,
+) -> DatasetFiles:
     """Return verified local files of a built-in dataset, downloading them only when needed.
 
     Order: cached files whose hashes still match; an official zip at `root/raw/NAME.zip`;
     GroupLens; for ml-100k only, the copy in the recbole wheel on PyPI.
 
+    Args:
+        local: a copy the user already has, imported into the cache instead (replacing what is
+            there): the official zip, checked against the pinned sha256, or a folder holding
+            the extracted files (the zip's folder itself or the one above it), checked by
+            parsing every row. Later calls without `local` use the cached import.
+
     Raises:
         ConfigError: unknown name.
-        DataError: a checksum mismatch, or no source reachable (the message says where to put
-            the files by hand).
+        DataError: a checksum mismatch, a local copy that is missing a file or has a bad row,
+            or no source reachable (the message says how to supply the files by hand).
     """
     spec = _spec(name)
     raw = Path(root) / "raw"
     folder = raw / name
     raw.mkdir(parents=True, exist_ok=True)
+    if local is not None:
+        return _from_local(spec, Path(local), folder)
     cached = _from_manifest(folder)
     if cached is not None:
         return cached
@@ -272,7 +344,11 @@ def fetch(name: str, root: str | Path = "data", *, timeout: float = 30.0) -> Dat
         return _from_grouplens(spec, raw, timeout)
     except (OSError, urllib.error.URLError) as exc:  # URLError, timeouts, DNS: all unreachable
         grouplens_error = f"GroupLens unreachable ({exc})"
-    by_hand = f"download {spec.url} elsewhere and place it at {archive_path}"
+    by_hand = (
+        f"download {spec.url} elsewhere and place it at {archive_path}, or import a copy you "
+        f"have (that zip or its extracted folder) with `recommender data fetch {name} "
+        f"--root {root} --from PATH`"
+    )
     if name != "ml-100k":
         raise DataError(f"cannot fetch {name}: {grouplens_error}; {by_hand}")
     log.info(

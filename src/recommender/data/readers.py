@@ -1,5 +1,10 @@
 """Readers that turn interaction and item files into one canonical pandas frame.
 
+Besides generic csv / tsv / parquet, the readers know the files of the built-in datasets: the
+MovieLens formats (u.data, ratings.dat, ratings.csv and their item files, LF or CRLF) and
+Last.fm HetRec 2011's `user_artists.dat` (`hetrec-lastfm`: the play count, `weight`, becomes the
+rating column) and `artists.dat` (`hetrec-lastfm-artists`: artist names as titles).
+
 The canonical interactions frame has columns `user_id` and `item_id` (raw ids, always strings, so
 "0012" keeps its zeros) and, when the file has them, `rating` (float64) and `timestamp` (int64).
 Every reader validates as it reads and raises `DataError` naming the file, the 1-based line (the
@@ -29,14 +34,18 @@ import pandas as pd
 
 from recommender.utils import ConfigError, DataError
 
-FORMATS = ("auto", "csv", "tsv", "parquet", "ml-100k", "ml-dat", "ml-csv", "recbole")
-ITEM_FORMATS = ("ml-100k-item", "ml-dat-movies", "ml-csv-movies", "recbole-item")
+FORMATS = ("auto", "csv", "tsv", "parquet", "ml-100k", "ml-dat", "ml-csv", "recbole",
+           "hetrec-lastfm")  # fmt: skip
+ITEM_FORMATS = ("ml-100k-item", "ml-dat-movies", "ml-csv-movies", "recbole-item",
+                "hetrec-lastfm-artists")  # fmt: skip
 
 CANONICAL = ("user_id", "item_id", "rating", "timestamp")
 _OPTIONAL = ("rating", "timestamp")
 _KEYS = {"user": "user_id", "item": "item_id", "rating": "rating", "timestamp": "timestamp"}
 _ML_CSV_COLUMNS = {"user_id": "userId", "item_id": "movieId", "rating": "rating",
                    "timestamp": "timestamp"}  # fmt: skip
+# user_artists.dat has no timestamps; its weight is a play count, kept as the rating.
+_HETREC_COLUMNS = {"user_id": "userID", "item_id": "artistID", "rating": "weight"}
 
 # Genre flags of u.item, in column order (MovieLens 100K README).
 ML100K_GENRES = (
@@ -66,6 +75,8 @@ class _Layout:
 _ML100K = _Layout("\t", header=False, names=CANONICAL, quoting=csv.QUOTE_NONE)
 _MLDAT = _Layout("::", header=False, names=CANONICAL, quoting=csv.QUOTE_NONE)
 _RECBOLE = _Layout("\t", header=True, quoting=csv.QUOTE_NONE)
+# HetRec quotes nothing: artist names such as `"Weird Al" Yankovic` keep their quote characters.
+_HETREC = _Layout("\t", header=True, quoting=csv.QUOTE_NONE)
 
 
 def _fail(path: Path, where: str | None, message: str) -> DataError:
@@ -236,6 +247,10 @@ def _resolve_format(path: Path, format: str) -> str:
     suffix = path.suffix.lower()
     by_suffix = {".data": "ml-100k", ".rating": "ml-100k", ".dat": "ml-dat", ".inter": "recbole",
                  ".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv"}  # fmt: skip
+    if suffix == ".dat":
+        # HetRec and MovieLens both use .dat; only HetRec's files have a tab-separated header.
+        header = _TextSource(path, _HETREC).header_columns()
+        return "hetrec-lastfm" if header[:2] == ["userID", "artistID"] else "ml-dat"
     if name == "u.data" or suffix in by_suffix:
         return by_suffix.get(suffix, "ml-100k")
     if suffix == ".csv":
@@ -273,32 +288,41 @@ def read_interactions(
         path: the file.
         format: one of FORMATS; `auto` decides from the file name (and a .csv file's header).
         columns: canonical key (user, item, rating, timestamp) -> column name in the file, for
-            csv, tsv, parquet, ml-csv and recbole. Without it the columns user_id, item_id and,
-            when present, rating and timestamp are used.
+            csv, tsv, parquet, ml-csv, hetrec-lastfm and recbole. Without it the columns
+            user_id, item_id and, when present, rating and timestamp are used (ml-csv:
+            userId, movieId, rating, timestamp; hetrec-lastfm: userID, artistID, weight).
         sep: separator override for csv and tsv.
 
     Returns:
         Frame with user_id, item_id (str) and, when available, rating (float64) and
-        timestamp (int64), in file order.
+        timestamp (int64), in file order. `hetrec-lastfm` gives the play count as the rating
+        and no timestamp.
 
     Raises:
         DataError: missing or empty file, missing column, empty id, non-numeric rating or
-            timestamp, wrong number of fields; the message names the file, line and column.
+            timestamp, a play count that is not a positive whole number, wrong number of fields;
+            the message names the file, line and column.
     """
     path = _existing(path)
     fmt = _resolve_format(path, format)
     if sep is not None and fmt not in ("csv", "tsv"):
         raise ConfigError(f"sep applies to csv and tsv only, not to format {fmt!r}")
-    # MovieLens formats fix their own column names; the generic default mapping means "as is".
-    if columns is not None and fmt in ("ml-100k", "ml-dat", "ml-csv"):
+    # Dataset formats fix their own column names; the generic default mapping means "as is".
+    if columns is not None and fmt in ("ml-100k", "ml-dat", "ml-csv", "hetrec-lastfm"):
         if all(_KEYS.get(key) == name for key, name in columns.items()):
             columns = None
-        elif fmt != "ml-csv":
+        elif fmt not in ("ml-csv", "hetrec-lastfm"):
             raise ConfigError(f"columns does not apply to the headerless format {fmt!r}")
 
-    default = _ML_CSV_COLUMNS if fmt == "ml-csv" else {c: c for c in CANONICAL}
+    default = {"ml-csv": _ML_CSV_COLUMNS, "hetrec-lastfm": _HETREC_COLUMNS}.get(
+        fmt, {c: c for c in CANONICAL}
+    )
     mapping = _column_mapping(columns, default)
     explicit = {c for c in _OPTIONAL if columns is not None and c in mapping}
+    counts = fmt == "hetrec-lastfm"
+    if counts:
+        # A user_artists.dat without its weight column is the wrong file: do not drop it quietly.
+        explicit |= {"rating"} & set(mapping)
     numeric = tuple(mapping[c] for c in _OPTIONAL if c in mapping)
 
     source: _TextSource | _ParquetSource
@@ -318,6 +342,7 @@ def read_interactions(
             "ml-100k": _ML100K,
             "ml-dat": _MLDAT,
             "recbole": _RECBOLE,
+            "hetrec-lastfm": _HETREC,
         }[fmt]
         source = _TextSource(path, layout)
         if fmt == "recbole":
@@ -328,7 +353,7 @@ def read_interactions(
             frame.columns = source.columns
         else:
             frame = source.read(numeric)
-    return _canonical(frame, mapping, explicit, source)
+    return _canonical(frame, mapping, explicit, source, counts=counts)
 
 
 def _canonical(
@@ -336,8 +361,13 @@ def _canonical(
     mapping: dict[str, str],
     explicit: set[str],
     source: _TextSource | _ParquetSource,
+    *,
+    counts: bool = False,
 ) -> pd.DataFrame:
-    """Select, validate and type the canonical columns; the first bad value raises."""
+    """Select, validate and type the canonical columns; the first bad value raises.
+
+    With `counts`, the rating is a play count and must be a positive whole number.
+    """
     found = [str(c) for c in frame.columns]
     wanted = [c for c in mapping if c not in _OPTIONAL or c in explicit or mapping[c] in found]
     missing = [mapping[c] for c in wanted if mapping[c] not in found]
@@ -363,6 +393,14 @@ def _canonical(
             raise source.bad_value(
                 frame.index[int(np.argmax(bad))], mapping[canonical], "has non-numeric value"
             )
+        if counts and canonical == "rating":
+            bad = (values <= 0) | (values != np.floor(values))
+            if bad.any():
+                raise source.bad_value(
+                    frame.index[int(np.argmax(bad))],
+                    mapping[canonical],
+                    "must be a positive whole number (a play count), got",
+                )
         out[canonical] = values if canonical == "rating" else values.astype(np.int64)
     # Series keep their string dtype; arrays align by position with the frame's index.
     return pd.DataFrame(out, index=frame.index).reset_index(drop=True)
@@ -438,7 +476,9 @@ def read_item_titles(path: str | Path, format: str) -> pd.DataFrame:
     """Read item metadata into item_id (str), title (str), genres (str, '|'-separated, may be "").
 
     Formats: `ml-100k-item` (u.item), `ml-dat-movies` (movies.dat), `ml-csv-movies`
-    (movies.csv) and `recbole-item` (RecBole's ml-100k.item).
+    (movies.csv), `recbole-item` (RecBole's ml-100k.item) and `hetrec-lastfm-artists`
+    (Last.fm's artists.dat: the artist name is the title; genres are empty, as HetRec's tags
+    live in separate files).
     """
     path = _existing(path)
     if format not in ITEM_FORMATS:
@@ -467,6 +507,11 @@ def read_item_titles(path: str | Path, format: str) -> pd.DataFrame:
         frame = source.read()
         _require(source, frame, ("movieId", "title", "genres"))
         genres, item, title = frame["genres"], "movieId", "title"
+    elif format == "hetrec-lastfm-artists":
+        source = _TextSource(path, _HETREC)
+        frame = source.read()
+        _require(source, frame, ("id", "name"))
+        genres, item, title = pd.Series("", index=frame.index), "id", "name"
     else:
         source = _TextSource(path, _RECBOLE)
         frame = source.read()
