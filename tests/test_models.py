@@ -8,6 +8,7 @@ import torch
 
 from recommender.config import ModelConfig
 from recommender.models import GMF, MF, MLP, NeuMF, Popularity, RecModel, base, build_model
+from recommender.models import mlp as mlp_module
 
 N_USERS, N_ITEMS = 9, 13
 MODELS = ["gmf", "mlp", "neumf", "mf", "popularity"]
@@ -73,6 +74,8 @@ def test_score_all_in_chunks_is_the_same(name: str, monkeypatch: pytest.MonkeyPa
     with torch.no_grad():
         whole = model.score_all(torch.arange(N_USERS))
         monkeypatch.setattr(base, "SCORE_BUDGET", 2 * N_ITEMS * model.pair_width)
+        # MLP towers also tile the catalog: 3 items per tile leaves a ragged last tile
+        monkeypatch.setattr(mlp_module, "SCORE_TILE", 2 * 3 * model.pair_width)
         chunked = model.score_all(torch.arange(N_USERS))
     torch.testing.assert_close(chunked, whole)
 

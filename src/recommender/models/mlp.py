@@ -11,7 +11,7 @@ import itertools
 import torch
 from torch import nn
 
-from recommender.models.base import RecModel, init_embedding
+from recommender.models.base import SCORE_TILE, RecModel, init_embedding
 
 
 class MLPTower(nn.Module):
@@ -52,11 +52,29 @@ class MLPTower(nn.Module):
         half = self.user_emb.embedding_dim
         return self.item_emb.weight @ self.first.weight[:, half:].T
 
-    def all_items(self, user_idx: torch.Tensor, item_half: torch.Tensor) -> torch.Tensor:
-        """(B,) users against every item -> (B, n_items, layers[-1])."""
+    def score_items(
+        self, user_idx: torch.Tensor, item_half: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """(B,) users against every item -> (B, n_items) = last hidden layer @ weight.
+
+        Inference only (no dropout). The catalog is walked in tiles of about SCORE_TILE
+        floats: each tile's hidden activations stay in the CPU cache through every layer,
+        bias and ReLU are fused into the matmul or done in place, so a large catalog runs at
+        matmul speed instead of streaming (B, n_items, width) temporaries through memory.
+        """
         half = self.user_emb.embedding_dim
         user_half = self.user_emb(user_idx) @ self.first.weight[:, :half].T + self.first.bias
-        return self._rest(user_half[:, None, :] + item_half[None, :, :])
+        n_users, n_items = len(user_idx), len(item_half)
+        block = max(1, SCORE_TILE // (n_users * self.width))
+        out = torch.empty(n_users, n_items, dtype=weight.dtype, device=weight.device)
+        for start in range(0, n_items, block):
+            tile = item_half[start : start + block]
+            h = (user_half[:, None, :] + tile[None, :, :]).relu_().flatten(0, 1)
+            for linear in self.linears:
+                assert isinstance(linear, nn.Linear)
+                h = torch.addmm(linear.bias, h, linear.weight.T).relu_()
+            out[:, start : start + block] = (h @ weight).view(n_users, len(tile))
+        return out
 
 
 class MLP(RecModel):
@@ -78,7 +96,7 @@ class MLP(RecModel):
     def _score_cached(
         self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        return self.out(self.tower.all_items(user_idx, cache[0])).squeeze(-1)
+        return self.tower.score_items(user_idx, cache[0], self.out.weight[0]) + self.out.bias
 
     def item_representation(self) -> torch.Tensor:
         return self.tower.item_half()

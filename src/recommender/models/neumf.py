@@ -55,7 +55,7 @@ class NeuMF(RecModel):
         items, item_half = cache
         w_gmf, w_mlp = self.out.weight[0, : self.dim], self.out.weight[0, self.dim :]
         gmf = (self.user_emb(user_idx) * w_gmf) @ items.T  # (B, n_items)
-        mlp = self.tower.all_items(user_idx, item_half) @ w_mlp  # (B, n_items)
+        mlp = self.tower.score_items(user_idx, item_half, w_mlp)  # (B, n_items)
         return gmf + mlp + self.out.bias
 
     def item_representation(self) -> torch.Tensor:
