@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import planted_frame, write_csv
+from conftest import planted_frame, write_csv, write_ncf_split
 from recommender.config import load_config
 from recommender.data import splits
 from recommender.data.interactions import Interactions
@@ -110,6 +110,30 @@ def test_random_per_user_keeps_single_interactions_in_train():
     train, test = splits.random_per_user(data, 0.9, np.random.default_rng(0))
     assert (0, 0) in pairs(train)
     assert len(test) == 1 and test.user_idx[0] == 1
+
+
+def test_random_leave_one_out_holds_out_one_random_item_per_user(rng: np.random.Generator):
+    data = random_interactions(rng)
+    train, held = splits.random_leave_one_out(data, np.random.default_rng(0))
+    assert_partition(data, train, held)
+    np.testing.assert_array_equal(held.user_counts(), (data.user_counts() >= 2).astype(int))
+    draws = [
+        pairs(splits.random_leave_one_out(data, np.random.default_rng(s))[1]) for s in (0, 0, 1)
+    ]
+    assert draws[0] == draws[1] == pairs(held) and draws[2] != draws[0]
+
+
+def test_ncf_files_without_timestamp_order_get_a_random_validation(tmp_path: Path):
+    """Timestamps all 0 (a random-LOO copy): "latest" would be the largest item id each time."""
+    frame = planted_frame(n_users=30, per_user=8, seed=3)
+    frame["timestamp"] = 0
+    train, test, _ = write_ncf_split(frame, tmp_path / "ncf", 5)
+    overrides = [f"data.train_path={train}", f"data.test_path={test}", "data.dataset=null"]
+    valid = [load_data(load_config(None, overrides).data, seed).valid for seed in (1, 1, 2)]
+    assert pairs(valid[0]) == pairs(valid[1]) != pairs(valid[2])
+    last = splits.leave_last_out(load_data(load_config(None, overrides).data, 1).train_full)[1]
+    assert pairs(valid[0]) != pairs(last)
+    assert "random leave-one-out" in load_data(load_config(None, overrides).data, 1).source
 
 
 def test_timestamp_splits_need_timestamps():

@@ -11,7 +11,7 @@ and several processes (DDP ranks) share them. Layout of `root/processed/<key>/`:
     {train,full}_csr_{indptr,items}.npy     per-user sorted histories
     test_negatives.npy, item_info.parquet   when the source has them
 
-The key hashes the data config (all but `cache` and `root`), the seed when the split is random,
+The key hashes the data config (all but `cache` and `root`), the seed when a split is seeded,
 the cache format version, and each input file's path, size and mtime: an edited file or a
 changed setting gets a new folder. A folder is written under a temporary name and renamed
 into place, so a crash or a concurrent writer never leaves a half-written cache that loads.
@@ -72,7 +72,8 @@ def cache_dir(cfg: DataConfig, seed: int) -> Path | None:
     blob = {
         "version": CACHE_VERSION,
         "data": settings,
-        "seed": seed if cfg.split == "random" and cfg.train_path is None else None,
+        # seeded splits: random ones, and NCF files' validation when timestamps give no order
+        "seed": seed if cfg.split == "random" or cfg.train_path is not None else None,
         "files": [
             [str(f.resolve()), s.st_size, s.st_mtime_ns] for f, s in zip(files, stats, strict=True)
         ],

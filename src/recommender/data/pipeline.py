@@ -129,7 +129,7 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     if cached is not None:
         log.info("data: processed cache %s", folder)
     else:
-        bundle = _load_presplit(cfg) if cfg.train_path is not None else _load_file(cfg, seed)
+        bundle = _load_presplit(cfg, seed) if cfg.train_path is not None else _load_file(cfg, seed)
         if folder is None:
             _log_sizes(bundle)
             return bundle
@@ -196,8 +196,13 @@ def _load_file(cfg: DataConfig, seed: int) -> DataBundle:
     return DataBundle(users, items, train, valid, test, None, item_info, source, full)
 
 
-def _load_presplit(cfg: DataConfig) -> DataBundle:
-    """NCF-format files used exactly as given; the catalog is every item in any of them."""
+def _load_presplit(cfg: DataConfig, seed: int) -> DataBundle:
+    """NCF-format files used exactly as given; the catalog is every item in any of them.
+
+    Validation mirrors the test file's leave-one-out: each user's latest training item, or a
+    random one (seeded) when the timestamps carry no order, as in random-LOO copies whose
+    timestamps are all 0: "latest" there would be the largest item id, a biased choice.
+    """
     assert cfg.train_path is not None and cfg.test_path is not None
     ncf = read_ncf_split(cfg.train_path, cfg.test_path, cfg.test_negatives_path)
     all_items = [ncf.train["item_id"], ncf.test["item_id"]]
@@ -210,9 +215,15 @@ def _load_presplit(cfg: DataConfig) -> DataBundle:
     negatives = None
     if ncf.negatives is not None and ncf.negative_items is not None:
         negatives = _align_negatives(ncf.negatives, ncf.negative_items, test, users, items, cfg)
-    train, valid = splits.leave_last_out(train_all)
-    source = f"NCF split files {cfg.train_path}, {cfg.test_path}"
-    _check_nonempty(source, "leave_last_out", valid, test)
+    ts = train_all.timestamp
+    if ts is not None and len(ts) and ts.min() < ts.max():
+        train, valid = splits.leave_last_out(train_all)
+        split = "leave_last_out"
+    else:
+        train, valid = splits.random_leave_one_out(train_all, np.random.default_rng(seed))
+        split = "random leave-one-out"
+    source = f"NCF split files {cfg.train_path}, {cfg.test_path} (validation: {split})"
+    _check_nonempty(source, split, valid, test)
     full = train.concat(valid, disjoint=True)
     return DataBundle(users, items, train, valid, test, negatives, None, source, full)
 

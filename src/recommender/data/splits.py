@@ -37,6 +37,20 @@ def leave_last_out(data: Interactions) -> tuple[Interactions, Interactions]:
     return data.subset(~test_mask), data.subset(test_mask)
 
 
+def random_leave_one_out(
+    data: Interactions, rng: np.random.Generator
+) -> tuple[Interactions, Interactions]:
+    """Hold out one random interaction of each user with two or more (NCF's random LOO)."""
+    order = np.lexsort((rng.random(len(data)), data.user_idx))
+    users = data.user_idx[order]
+    is_first = np.ones(len(order), dtype=bool)
+    is_first[1:] = users[1:] != users[:-1]
+    held = order[is_first & (data.user_counts()[users] >= 2)]
+    test_mask = np.zeros(len(data), dtype=bool)
+    test_mask[held] = True
+    return data.subset(~test_mask), data.subset(test_mask)
+
+
 def temporal(data: Interactions, ratio: float) -> tuple[Interactions, Interactions]:
     """Hold out the globally latest `ratio` of interactions."""
     ts = _require_timestamps(data, "temporal")
