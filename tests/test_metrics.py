@@ -42,11 +42,13 @@ def test_ranking_metrics_hand_computed():
         "precision@1": [1.0, 0.0],
         "ndcg@1": [1.0, 0.0],
         "map@1": [1.0, 0.0],
+        "map_all@1": [0.5, 0.0],
         "hr@3": [1.0, 0.0],
         "recall@3": [1.0, 0.0],
         "precision@3": [2 / 3, 0.0],
         "ndcg@3": [(1 + 1 / math.log2(4)) / idcg2, 0.0],
         "map@3": [(1 / 1 + 2 / 3) / 2, 0.0],
+        "map_all@3": [(1 / 1 + 2 / 3) / 2, 0.0],
     }
     assert set(m) == set(expected)
     for name, values in expected.items():
@@ -60,6 +62,7 @@ def test_ndcg_and_map_with_more_positives_than_k():
     )
     assert m["ndcg@2"].item() == pytest.approx(1.0)
     assert m["map@2"].item() == pytest.approx(1.0)
+    assert m["map_all@2"].item() == pytest.approx(2 / 3)
     assert m["recall@2"].item() == pytest.approx(2 / 3)
     assert m["precision@2"].item() == pytest.approx(1.0)
 
@@ -74,7 +77,7 @@ def test_a_miss_scores_zero_except_mrr():
 def brute_force(scores, history, targets, k):
     """Per-user metrics by definition, in plain Python, ties pessimistic."""
     out = {n: [] for n in ("auc", "mrr", f"hr@{k}", f"ndcg@{k}", f"recall@{k}",
-                           f"precision@{k}", f"map@{k}")}  # fmt: skip
+                           f"precision@{k}", f"map@{k}", f"map_all@{k}")}  # fmt: skip
     for u in sorted(targets):
         seen, pos = history.get(u, set()), targets[u]
         cands = [i for i in range(scores.shape[1]) if i not in seen]
@@ -93,6 +96,7 @@ def brute_force(scores, history, targets, k):
         out[f"precision@{k}"].append(len(hits) / k)
         ap = sum((j + 1) / (r + 1) for j, r in enumerate(hits))
         out[f"map@{k}"].append(ap / min(len(pos), k))
+        out[f"map_all@{k}"].append(ap / len(pos))
     return {name: float(np.mean(v)) for name, v in out.items()}
 
 

@@ -39,7 +39,8 @@ def ranking_metrics(
         neg_below: (U, P) number of negatives scored strictly below each positive.
         n_neg: (U,) number of negative candidates of each user.
     Returns:
-        name -> (U,) tensor: auc, mrr, and hr/ndcg/recall/precision/map at each k.
+        name -> (U,) tensor: auc, mrr, and hr/ndcg/recall/precision/map/map_all at each k;
+        map@k divides the precision at each hit by min(n_pos, k), map_all@k by n_pos.
     """
     valid = ranks != PAD
     n_pos = valid.sum(1).clamp(min=1)
@@ -61,8 +62,10 @@ def ranking_metrics(
         out[f"recall@{k}"] = hits / n_pos
         out[f"precision@{k}"] = hits / k
         out[f"ndcg@{k}"] = torch.where(hit, discount, 0.0).sum(1) / ideal[n_pos.clamp(max=k)]
-        precision_at_hit = torch.where(hit, position / (ranks_sorted + 1), 0.0)
-        out[f"map@{k}"] = precision_at_hit.sum(1) / n_pos.clamp(max=k)
+        precision_at_hit = torch.where(hit, position / (ranks_sorted + 1), 0.0).sum(1)
+        out[f"map@{k}"] = precision_at_hit / n_pos.clamp(max=k)
+        # normalised by every relevant item: Spark's and Microsoft Recommenders' "MAP"
+        out[f"map_all@{k}"] = precision_at_hit / n_pos
     return out
 
 
