@@ -1,12 +1,20 @@
-"""Quality on the NCF paper's ml-100k split files, mean of several seeds, both protocols.
+"""Quality under three published protocols, mean of several seeds, against the figures to beat.
 
-Each model is trained by the real `recommender train` command with the default config (only
-the model name and the seed change), tuned on the validation split only, then evaluated by
-`recommender evaluate`. The peers' figures come from the core issue's table, measured on the
-same files.
+Each model is trained by the real `recommender train` command (tuned on the validation split
+only, refit on train + validation) and scored by `recommender evaluate`; only the model name,
+the seed and the protocol's data settings change between runs, plus any `--set` overrides.
 
-    python benchmarks/bench_quality.py --data-dir ../shared/data/ml-100k-loo \
-        --models neumf mf --seeds 1 2 3 --out runs/bench-quality
+Protocols (`--protocol`):
+  ml-100k-loo  the NCF paper's ml-100k leave-last-out files (--data-dir), FULL and SAMPLED
+               HR/NDCG@10; bar: the best peer of the core issue's table, per column.
+  ml-1m-rloo   the NCF paper's ML-1M random leave-one-out files (--data-dir); reference: the
+               paper's NeuMF with pretraining on its own latest-item split (sampled 0.726 / 0.445).
+  ml-100k-ms   Microsoft Recommenders' benchmark: built-in ml-100k, every rating a positive,
+               per-user random 75/25 split (re-drawn per seed), top-10 over all unseen items;
+               bar: their best model, BiVAE (nDCG@10 0.475, P@10 0.412, R@10 0.219, MAP 0.146).
+
+    python benchmarks/bench_quality.py --protocol ml-100k-loo --data-dir ../shared/data/ml-100k-loo
+    python benchmarks/bench_quality.py --protocol ml-100k-ms --models mf neumf --jobs 2
 """
 
 from __future__ import annotations
@@ -17,11 +25,48 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-METRICS = [("sampled", "hr@10"), ("sampled", "ndcg@10"), ("full", "hr@10"), ("full", "ndcg@10")]
-BAR = {"sampled hr@10": 0.6002, "sampled ndcg@10": 0.3289, "full hr@10": 0.0905,
-       "full ndcg@10": 0.0437}  # fmt: skip
+
+@dataclass(frozen=True)
+class Protocol:
+    files: str | None  # NCF file prefix inside --data-dir, or None for the built-in dataset
+    data: tuple[str, ...]  # config overrides that define the data and split
+    metrics: tuple[tuple[str, str, str], ...]  # (protocol, metric, column title)
+    bar: dict[str, float]  # column title -> figure to beat
+    bar_name: str
+
+
+LOO_METRICS = (
+    ("sampled", "hr@10", "sampled HR@10"),
+    ("sampled", "ndcg@10", "sampled NDCG@10"),
+    ("full", "hr@10", "full HR@10"),
+    ("full", "ndcg@10", "full NDCG@10"),
+)
+PROTOCOLS = {
+    "ml-100k-loo": Protocol(
+        "ml-100k", (), LOO_METRICS,
+        {"sampled HR@10": 0.6002, "sampled NDCG@10": 0.3289, "full HR@10": 0.0905,
+         "full NDCG@10": 0.0437},
+        "best peer (core issue's table)",
+    ),
+    "ml-1m-rloo": Protocol(
+        "ml-1m", ("train.num_negatives=4", "train.batch_size=8192"), LOO_METRICS,
+        {"sampled HR@10": 0.726, "sampled NDCG@10": 0.445},
+        "NCF paper NeuMF+pretraining (its own latest-item split: a reference, not a bar)",
+    ),
+    "ml-100k-ms": Protocol(
+        None,
+        ("data.dataset=ml-100k", "data.split=random", "data.test_ratio=0.25"),
+        (("full", "ndcg@10", "nDCG@10"), ("full", "precision@10", "Precision@10"),
+         ("full", "recall@10", "Recall@10"), ("full", "map_all@10", "MAP")),
+        {"nDCG@10": 0.475, "Precision@10": 0.412, "Recall@10": 0.219, "MAP": 0.146},
+        "BiVAE (Microsoft Recommenders' best on ML-100K)",
+    ),
+}  # fmt: skip
+# Model variants beyond the five model names: (model, extra overrides)
+VARIANTS = {"neumf-scratch": ("neumf", ("train.pretrain.enabled=false",))}
 
 
 def run(cmd: list[str]) -> str:
@@ -32,35 +77,47 @@ def run(cmd: list[str]) -> str:
 
 
 def train_and_evaluate(
-    data_dir: Path, model: str, seed: int, out: Path, threads: int, overrides: list[str]
+    args: argparse.Namespace, protocol: Protocol, model: str, seed: int
 ) -> dict[str, float]:
-    run_dir = out / f"{model}-seed{seed}"
+    run_dir = args.out / f"{model}-seed{seed}"
+    model, extra = VARIANTS.get(model, (model, ()))
+    source: list[str] = []
+    if protocol.files is not None:
+        prefix = args.data_dir / protocol.files
+        source = ["--train", f"{prefix}.train.rating", "--test", f"{prefix}.test.rating",
+                  "--test-negatives", f"{prefix}.test.negative"]  # fmt: skip
+    overrides = [*protocol.data, *extra, f"seed={seed}", "train.progress=false",
+                 f"threads={args.threads}", *args.set]  # fmt: skip
     run(
-        [
-            sys.executable, "-m", "recommender", "train",
-            "--train", str(data_dir / "ml-100k.train.rating"),
-            "--test", str(data_dir / "ml-100k.test.rating"),
-            "--test-negatives", str(data_dir / "ml-100k.test.negative"),
-            "--model", model, "--set", f"seed={seed}", "--set", "train.progress=false",
-            "--set", f"threads={threads}", *(a for o in overrides for a in ("--set", o)),
-            "--out", str(run_dir), "--overwrite",
-        ]
+        [sys.executable, "-m", "recommender", "train", *source, "--model", model,
+         *(a for o in overrides for a in ("--set", o)), "--out", str(run_dir), "--overwrite"]
     )  # fmt: skip
-    report = json.loads(run([sys.executable, "-m", "recommender", "evaluate", "--run",
-                             str(run_dir), "--json"]))  # fmt: skip
+    report = json.loads(
+        run([sys.executable, "-m", "recommender", "evaluate", "--run", str(run_dir), "--json"])
+    )
     results = report["results"]
     return {
-        f"{protocol} {metric}": results[f"{model}/{protocol}"]["metrics"][metric]
-        for protocol, metric in METRICS
+        title: results[f"{model}/{where}"]["metrics"][metric]
+        for where, metric, title in protocol.metrics
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/ml-100k-loo"))
-    parser.add_argument("--models", nargs="+", default=["neumf", "mf", "popularity"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="ml-100k-loo")
+    parser.add_argument(
+        "--data-dir", type=Path, help="NCF files' folder (default ../shared/data/PROTOCOL)"
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["neumf", "mf", "popularity"],
+        help=f"model names or variants ({', '.join(VARIANTS)})",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    parser.add_argument("--out", type=Path, help="runs folder (default runs/bench-PROTOCOL)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument(
@@ -71,29 +128,29 @@ def main() -> None:
         help="config override for every run (the defaults are the benchmark)",
     )
     args = parser.parse_args()
+    protocol = PROTOCOLS[args.protocol]
+    args.data_dir = args.data_dir or Path("../shared/data") / args.protocol
+    args.out = args.out or Path("runs") / f"bench-{args.protocol}"
     table: dict[str, dict[str, float]] = {}
+    titles = [title for _, _, title in protocol.metrics]
     for model in args.models:
         with ThreadPoolExecutor(args.jobs) as pool:
             per_seed = list(
-                pool.map(
-                    lambda s, m=model: train_and_evaluate(
-                        args.data_dir, m, s, args.out, args.threads, args.set
-                    ),
-                    args.seeds,
-                )
+                pool.map(lambda s, m=model: train_and_evaluate(args, protocol, m, s), args.seeds)
             )
-        table[model] = {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
-        table[model] |= {f"{k} std": statistics.pstdev(r[k] for r in per_seed) for k in per_seed[0]}
+        table[model] = {k: statistics.mean(r[k] for r in per_seed) for k in titles}
+        table[model] |= {f"{k} std": statistics.pstdev(r[k] for r in per_seed) for k in titles}
         print(model, json.dumps({k: round(v, 4) for k, v in table[model].items()}), flush=True)
-    print("\n| model | sampled HR@10 | sampled NDCG@10 | full HR@10 | full NDCG@10 |")
-    print("|---|---|---|---|---|")
+    print(f"\n| model | {' | '.join(titles)} |")
+    print("|---|" + "---|" * len(titles))
     for model, row in table.items():
-        cells = " | ".join(f"{row[k]:.4f}" for k in BAR)
-        print(f"| {model} (mean of {len(args.seeds)} seeds) | {cells} |")
-    print("| bar (best peer) | " + " | ".join(f"{v:.4f}" for v in BAR.values()) + " |")
-    if "neumf" in table:
-        beats = all(table["neumf"][k] > v for k, v in BAR.items())
-        print(f"\nNeuMF beats every peer on all four: {beats}")
+        cells = " | ".join(f"{row[k]:.4f} ± {row[k + ' std']:.4f}" for k in titles)
+        print(f"| {model} (mean ± sd of {len(args.seeds)} seeds) | {cells} |")
+    bar = " | ".join(f"{protocol.bar[k]:.4f}" if k in protocol.bar else "" for k in titles)
+    print(f"| {protocol.bar_name} | {bar} |")
+    for model, row in table.items():
+        beats = all(row[k] > v for k, v in protocol.bar.items())
+        print(f"{model} above the bar on every column: {beats}")
 
 
 if __name__ == "__main__":
