@@ -202,3 +202,60 @@ def test_device_resolution():
     assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(ConfigError, match="device"):
         resolve_device("not-a-device")
+
+
+def space(spec: str) -> str:
+    return f"tune.space={{{spec}}}"
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("data.path: {type: categorical, choices: [a.csv]}", "tune.space.data.path: only model."),
+        ("seed: {type: int, low: 1, high: 3}", "tune.space.seed: only model.* and train.*"),
+        ("train.lrr: {type: float, low: 0.1, high: 1}", "unknown config key 'train.lrr'"),
+        ("train.lr.x: {type: float, low: 0.1, high: 1}", "'train.lr' has no sub-keys"),
+        ("train.pretrain: {type: float, low: 0.1, high: 1}", "a section, not a setting"),
+        ("train.monitor: {type: categorical, choices: [hr@10]}", "it is the objective"),
+        ("train.lr: {type: float, low: 0.1, high: 0.01}", "low (0.1) must be below high"),
+        ("train.lr: {type: float, low: 0, high: 0.1, log: true}", "log scale needs low > 0"),
+        ("train.lr: {type: float, low: -1, high: 0.1}", "-1.0 is not a valid value"),
+        ("train.lr: {type: float, low: 0.1, high: 1, choices: [1]}",
+         "unknown config key 'tune.space.train.lr.choices'"),
+        ("train.lr: {type: decimal, low: 0.1, high: 1}", "tune.space.train.lr: Input tag"),
+        ("train.epochs: {type: float, low: 1.5, high: 3}", "1.5 is not a valid value"),
+        ("train.epochs: {type: int, low: 1, high: 10, step: 4}", "multiple of step"),
+        ("model.mlp_layers: {type: categorical, choices: [[32, 16], [33, 16]]}",
+         "[33, 16] is not a valid value (mlp_layers[0] must be even"),
+        ("model.name: {type: categorical, choices: [gmf, popularity]}", "popularity has nothing"),
+        ("model.name: {type: categorical, choices: []}", "tune.space.model.name.choices"),
+        ("model.name: {type: categorical, choices: [gmf, gmf]}", "choices must be distinct"),
+    ],
+)  # fmt: skip
+def test_tune_space_is_checked_at_load_time(spec: str, fragment: str):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [space(spec)])
+    assert fragment in str(info.value)
+
+
+def test_tune_space_accepts_every_spec_type():
+    cfg = load_config(
+        None,
+        [space("train.lr: {type: float, low: 0.001, high: 0.1, log: true}, "
+               "train.epochs: {type: int, low: 2, high: 10, step: 4}, "
+               "model.mlp_layers: {type: categorical, choices: [[32, 16], [64, 32, 16]]}")],
+    )  # fmt: skip
+    assert set(cfg.tune.space) == {"train.lr", "train.epochs", "model.mlp_layers"}
+    assert cfg.tune.space["model.mlp_layers"].edge_values() == [[32, 16], [64, 32, 16]]
+
+
+def test_with_overrides_validates_like_a_file(tmp_path: Path):
+    cfg = load_config(None)
+    tuned = cfg.with_overrides({"train.lr": 0.01, "model.mlp_layers": [32, 16]})
+    assert (tuned.train.lr, tuned.model.mlp_layers, cfg.train.lr) == (0.01, [32, 16], 3e-3)
+    with pytest.raises(ConfigError, match=r"trial 3: train\.lr"):
+        cfg.with_overrides({"train.lr": -1.0}, source="trial 3")
+    path = tmp_path / "best.yaml"
+    tuned.save(path, header="# best trial\n")
+    assert path.read_text().startswith("# best trial\nseed: 42\n")
+    assert load_config(path) == tuned

@@ -238,3 +238,40 @@ def test_checkpoints_refuse_arbitrary_objects(tmp_path: Path):
         load_checkpoint(path)
     save_checkpoint(tmp_path / "ok.pt", {"format_version": 1, "w": torch.ones(1)})
     assert load_checkpoint(tmp_path / "ok.pt")["w"].item() == 1.0
+
+
+def test_epoch_callbacks_see_every_metrics_record(planted_csv: Path, tmp_path: Path):
+    cfg = load_config(
+        None, [*FAST, "data.dataset=null", f"data.path={planted_csv}", "model.name=gmf",
+               "train.epochs=3"],
+    )  # fmt: skip
+    seen: list[dict] = []
+    Trainer(
+        cfg, load_data(cfg.data, cfg.seed), tmp_path, torch.device("cpu"), callbacks=[seen.append]
+    ).fit()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert seen == [json.loads(line) for line in lines]
+    assert {r["stage"] for r in seen} == {"select/gmf", "refit/gmf"}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_callback_stops_training_after_a_checkpointed_epoch(planted_csv: Path, tmp_path: Path):
+    cfg = load_config(
+        None, [*FAST, "data.dataset=null", f"data.path={planted_csv}", "model.name=gmf",
+               "train.epochs=5"],
+    )  # fmt: skip
+
+    def stop_at_two(record: dict) -> None:
+        if record["epoch"] == 2:
+            raise Stop
+
+    trainer = Trainer(
+        cfg, load_data(cfg.data, cfg.seed), tmp_path, torch.device("cpu"), callbacks=[stop_at_two]
+    )
+    with pytest.raises(Stop):
+        trainer.fit()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2  # --resume would go on from here

@@ -11,10 +11,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -151,6 +153,126 @@ class EvalConfig(_Section):
         return self
 
 
+class FloatParam(_Section):
+    """A float drawn from [low, high], uniformly or, with `log`, log-uniformly."""
+
+    type: Literal["float"] = "float"
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> FloatParam:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log scale needs low > 0")
+        return self
+
+    def edge_values(self) -> list[Any]:
+        return [self.low, self.high]
+
+
+class IntParam(_Section):
+    """An integer from low, low + step, ..., high, or log-uniform in [low, high] with `log`."""
+
+    type: Literal["int"] = "int"
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> IntParam:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if (self.high - self.low) % self.step:
+            raise ValueError(f"high - low must be a multiple of step ({self.step})")
+        if self.log and (self.step != 1 or self.low < 1):
+            raise ValueError("a log scale needs step 1 and low >= 1")
+        return self
+
+    def edge_values(self) -> list[Any]:
+        return [self.low, self.high]
+
+
+class CategoricalParam(_Section):
+    """One of `choices`: scalars, or lists such as MLP layer widths."""
+
+    type: Literal["categorical"] = "categorical"
+    choices: list[Any] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _choices(self) -> CategoricalParam:
+        scalar = (str, int, float, bool, type(None))
+        for choice in self.choices:
+            items = choice if isinstance(choice, list) else [choice]
+            if not all(isinstance(x, scalar) for x in items):
+                raise ValueError(f"choice {choice!r} is neither a scalar nor a list of scalars")
+        labels = [json.dumps(c) for c in self.choices]
+        if len(set(labels)) != len(labels):
+            raise ValueError("choices must be distinct")
+        return self
+
+    def edge_values(self) -> list[Any]:
+        return list(self.choices)
+
+
+# Bounds are monotone, so a spec whose edge values are valid settings only draws valid ones.
+ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+PARAM_TYPES = ("float", "int", "categorical")
+
+
+def _default_space() -> dict[str, Any]:
+    """A space for every model: tune.py skips the keys a trial's model does not use (the
+    pretraining rates for a plain GMF, train.lr for a pretrained NeuMF, ...)."""
+    return {
+        "model.embedding_dim": CategoricalParam(choices=[16, 32, 64, 128]),
+        "model.mlp_layers": CategoricalParam(
+            choices=[[64, 32, 16, 8], [128, 64, 32, 16], [256, 128, 64, 32]]
+        ),
+        "model.dropout": FloatParam(low=0.0, high=0.5),
+        "train.lr": FloatParam(low=3e-4, high=3e-2, log=True),
+        # Adam adds it to every embedding row's gradient: 1e-4 collapsed GMF on ml-100k.
+        "train.weight_decay": CategoricalParam(choices=[0.0, 1e-7, 1e-6, 1e-5]),
+        "train.num_negatives": IntParam(low=4, high=16, step=4),
+        "train.batch_size": CategoricalParam(choices=[1024, 2048, 4096, 8192]),
+        "train.pretrain.gmf.lr": FloatParam(low=1e-3, high=3e-2, log=True),
+        "train.pretrain.mlp.lr": FloatParam(low=1e-3, high=3e-2, log=True),
+        "train.pretrain.finetune_lr": FloatParam(low=1e-5, high=1e-3, log=True),
+    }
+
+
+class TuneConfig(_Section):
+    """`recommender tune`: the search space and how Optuna searches it.
+
+    Not part of training: `training_digest` leaves it out, so editing it never blocks a resume.
+    """
+
+    space: dict[str, ParamSpec] = Field(
+        default_factory=_default_space,
+        description="Dotted model.* / train.* key -> float, int or categorical spec.",
+    )
+    sampler_seed: int = Field(0, description="Seed of the TPE sampler.")
+    n_startup_trials: int = Field(
+        5, ge=0, description="Random trials before TPE models the space, and before pruning."
+    )
+    pruner: Literal["median", "none"] = Field(
+        "median", description="median: stop a trial below the median of earlier ones."
+    )
+    warmup_epochs: int = Field(
+        3, ge=0, description="Final-stage epochs a trial runs before it can be pruned."
+    )
+
+
+# Settings a study holds fixed: what is optimised, and what trials never do.
+_NOT_TUNABLE = {
+    "train.monitor": "it is the objective of the study",
+    "train.refit": "trials select on validation and never refit; best.yaml keeps your setting",
+    "train.progress": "it does not change training",
+}
+
+
 class Config(_Section):
     seed: int = 42
     device: str = "auto"
@@ -159,19 +281,55 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _tune_space(self) -> Config:
+        """Every space key must be a model / train setting, and every value it can draw valid."""
+        tree = self.to_dict()
+        for key, spec in self.tune.space.items():
+            where = f"tune.space.{key}"
+            section = key.partition(".")[0]
+            if section not in ("model", "train"):
+                raise ValueError(
+                    f"{where}: only model.* and train.* settings can be tuned "
+                    "(a study loads its data once)"
+                )
+            if key in _NOT_TUNABLE:
+                raise ValueError(f"{where}: cannot be tuned: {_NOT_TUNABLE[key]}")
+            if key == "model.name" and "popularity" in spec.edge_values():
+                raise ValueError(f"{where}: popularity has nothing to tune")
+            try:
+                _set_dotted({}, key, None)
+            except ConfigError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            if isinstance(_get_dotted(tree, key), dict):
+                raise ValueError(f"{where}: a section, not a setting")
+            for value in spec.edge_values():
+                trial = {section: copy.deepcopy(tree[section])}
+                _set_dotted(trial, key, value)
+                try:
+                    type(getattr(self, section)).model_validate(trial[section])
+                except ValidationError as exc:
+                    raise ValueError(
+                        f"{where}: {value!r} is not a valid value ({_message(exc.errors()[0])})"
+                    ) from None
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
-        """Short hash of the resolved config, to tell runs and served models apart."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        """Short hash of the resolved config, to tell runs and served models apart. The tuning
+        section is left out: it does not change what a run trains."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"tune"}), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def training_digest(self) -> str:
         """Hash of what determines the trained weights; runtime knobs (device, threads,
-        progress bar, evaluation batching) are left out so a run can resume elsewhere."""
-        tree = self.to_dict()
+        progress bar, evaluation batching) and the tuning section are left out so a run can
+        resume elsewhere."""
+        tree = self.model_dump(mode="json", exclude={"tune"})
         for key in ("device", "threads", "eval"):
             tree.pop(key)
         tree["train"].pop("progress")
@@ -179,8 +337,23 @@ class Config(_Section):
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
-    def save(self, path: Path) -> None:
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def save(self, path: Path, header: str = "") -> None:
+        """Write the resolved config as YAML, after `header` (comment lines) if given."""
+        atomic_write_text(path, header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def with_overrides(self, values: Mapping[str, Any], source: str = "config") -> Config:
+        """A validated copy with dotted keys set, e.g. `{"train.lr": 0.01}` (a tuning trial)."""
+        tree = self.to_dict()
+        for key, value in values.items():
+            _set_dotted(tree, key, value)
+        return validate_config(tree, source)
+
+
+def _get_dotted(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for key in dotted.split("."):
+        node = node[key]
+    return node
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -242,7 +415,16 @@ def validate_config(tree: dict[str, Any], source: str = "config") -> Config:
         return Config.model_validate(tree)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = list(err["loc"])
+        if loc[:2] == ["tune", "space"] and len(loc) > 3 and loc[3] in PARAM_TYPES:
+            del loc[3]  # the spec's type tag, which pydantic puts into the path
+        where = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"{source}: unknown config key '{where}'") from None
-        raise ConfigError(f"{source}: {where}: {err['msg']}") from None
+        msg = _message(err)
+        raise ConfigError(f"{source}: {where}: {msg}" if where else f"{source}: {msg}") from None
+
+
+def _message(err: Any) -> str:
+    """Pydantic's message; our own checks read better without its "Value error, " prefix."""
+    return str(err["ctx"]["error"]) if err["type"] == "value_error" else str(err["msg"])

@@ -9,6 +9,9 @@ under leave-last-out) still reach the final model. The test split is never read 
 Checkpoints: `last.pt` (written after every epoch, everything needed to resume, RNG states
 included) and `best.pt` (the model for inference). Both are written atomically.
 
+Callbacks see every epoch's metrics.jsonl record once it is written (rank 0 only): `tune.py`
+reports to Optuna and prunes through one, `tracking.py` logs to MLflow through another.
+
 Under torchrun the same loop runs on every rank through DistributedDataParallel (see
 distributed.py): each rank trains on its slice of the epoch, rank 0 validates and broadcasts
 the result, and only rank 0 writes files. On CUDA the forward pass runs in bf16 autocast.
@@ -21,6 +24,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +52,12 @@ from recommender.utils import (
 log = logging.getLogger("recommender")
 
 CHECKPOINT_VERSION = 1
+
+# Called with each epoch's metrics.jsonl record (stage, epoch, loss, samples_per_second, and
+# valid in select stages) after it is written and checkpointed, on rank 0 only. In a single
+# process a callback may raise to stop training (tune.py prunes a trial so); under DDP it must
+# not, as the other ranks would wait for rank 0.
+EpochCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -179,9 +189,11 @@ class Trainer:
         out: Path,
         device: torch.device,
         dist: Dist | None = None,
+        callbacks: Sequence[EpochCallback] = (),
     ) -> None:
         self.cfg, self.data, self.out, self.device = cfg, data, Path(out), device
         self.dist = dist or Dist()
+        self.callbacks = list(callbacks)
         check_supported(self.dist, device, cfg.train.sparse)
         amp = cfg.train.amp
         self.amp = amp is True or (amp == "auto" and device.type == "cuda")
@@ -450,6 +462,8 @@ class Trainer:
                 if "valid" in record
                 else "",
             )
+            for callback in self.callbacks:
+                callback(record)
         assert best_state is not None
         model.load_state_dict(best_state)
         self.completed[stage.name] = {
