@@ -346,6 +346,19 @@ def test_ml_latest_small_from_a_local_folder(tmp_path: Path, layout: str):
     }
 
 
+def test_data_fetch_from_a_local_copy_on_the_command_line(tmp_path: Path, capsys):
+    from recommender.cli import main
+
+    members = {"ml-latest-small/ratings.csv": ML_RATINGS, "ml-latest-small/movies.csv": ML_MOVIES}
+    local = write_tree(tmp_path / "download", members) / "ml-latest-small"
+    root = tmp_path / "data"
+    assert (
+        main(["data", "fetch", "ml-latest-small", "--root", str(root), "--from", str(local)]) == 0
+    )
+    assert "not checksum-verified" in capsys.readouterr().out
+    assert (root / "raw/ml-latest-small/ratings.csv").is_file()
+
+
 def test_local_folder_is_parsed_before_anything_is_imported(tmp_path: Path):
     local = write_tree(tmp_path / "copy", {"ratings.csv": ML_RATINGS})
     with pytest.raises(DataError, match=r"copy: no movies\.csv"):

@@ -1,4 +1,4 @@
-"""The `recommender` command: data, train, evaluate, recommend, score, serve.
+"""The `recommender` command: data, train, tune, evaluate, recommend, score, serve.
 
 Errors a user can fix print one line and exit with code 2; nothing else prints a traceback.
 """
@@ -10,6 +10,8 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from recommender.config import Config, load_config
+from recommender.report import add_report_parser
 from recommender.utils import (
     DataError,
     RecommenderError,
@@ -58,7 +61,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 def cmd_data_fetch(args: argparse.Namespace) -> None:
     from recommender.data.datasets import fetch
 
-    files = fetch(args.name, args.root)
+    files = fetch(args.name, args.root, local=args.local)
     print(f"{args.name}: {files.ratings} ({files.source})")
 
 
@@ -66,6 +69,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Train; under torchrun (RANK / WORLD_SIZE set) every rank runs this, see distributed.py."""
     from recommender.data.pipeline import load_data
     from recommender.distributed import Dist
+    from recommender.tracking import import_mlflow, mlflow_run
     from recommender.train import Trainer, check_run_dir, prepare_run_dir
 
     dist = Dist.from_env()
@@ -73,6 +77,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         log.setLevel(logging.WARNING)  # one rank speaks
     cfg = _config_from_args(args)
     out = Path(args.out)
+    track = args.mlflow and dist.is_main
+    if track:
+        import_mlflow()  # a missing package fails before any data is read
     check_run_dir(out, overwrite=args.overwrite, resume=args.resume)
     set_threads(cfg.threads)
     device = dist.device(resolve_device(cfg.device))
@@ -88,8 +95,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         if dist.is_main:
             prepare_run_dir(out, overwrite=args.overwrite, resume=args.resume)
         dist.barrier()
+        tracking = (
+            mlflow_run(out.name, cfg.model_dump(mode="json", exclude={"tune"}), out)
+            if track
+            else nullcontext(None)
+        )
         try:
-            trainer.fit(resume=args.resume)
+            with tracking as run:
+                if run is not None:
+                    trainer.callbacks.append(run)
+                trainer.fit(resume=args.resume)
         except RecommenderError:
             # A new run that fails on bad input leaves no half-written directory behind; a
             # resumed one keeps its checkpoints.
@@ -100,6 +115,40 @@ def cmd_train(args: argparse.Namespace) -> None:
         dist.close()
     if dist.is_main:
         print(f"trained {cfg.model.name}: {out / 'best.pt'}")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """Search `tune.space` with Optuna on validation data; see tune.py."""
+    from recommender.data.pipeline import load_data
+    from recommender.distributed import Dist
+    from recommender.tracking import import_mlflow
+    from recommender.tune import check_study_dir, leaderboard, run_study
+
+    if Dist.from_env().enabled:
+        raise RecommenderError("tune runs in one process; start it without torchrun")
+    cfg = _config_from_args(args)
+    out = Path(args.out)
+    if args.mlflow:
+        import_mlflow()
+    check_study_dir(out, cfg)  # before the data is read
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.data, cfg.seed)
+    try:
+        run_study(
+            cfg,
+            data,
+            out,
+            n_trials=args.trials,
+            timeout=args.timeout,
+            device=device,
+            mlflow=args.mlflow,
+        )
+    finally:
+        board = leaderboard(out, cfg.train.monitor)  # also after Ctrl-C: the finished trials
+        if board:
+            print(board)
+    print(f"best config: {out / 'best.yaml'}")
 
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
@@ -256,6 +305,37 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.run, host=args.host, port=args.port, workers=args.workers)
 
 
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that make a config (train and tune), and --mlflow."""
+    parser.add_argument("--config", help="YAML config (defaults: configs/config.yaml values)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset", help="built-in dataset, e.g. ml-100k")
+    source.add_argument("--data", help="one interactions file (CSV/TSV/Parquet/MovieLens)")
+    source.add_argument("--train", help="pre-split train file (NCF .train.rating)")
+    parser.add_argument("--test", help="pre-split test file (NCF .test.rating)")
+    parser.add_argument("--test-negatives", help="NCF .test.negative file")
+    parser.add_argument("--model", choices=["neumf", "gmf", "mlp", "mf", "popularity"])
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    parser.add_argument(
+        "--mlflow", action="store_true", help="log to MLflow (MLFLOW_TRACKING_URI, or ./mlflow.db)"
+    )
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: `kind(text)`, which must be above zero."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recommender", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -266,22 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data_sub.add_parser("fetch", help="download and verify a built-in dataset")
     fetch.add_argument("name")
     fetch.add_argument("--root", default="data")
+    fetch.add_argument(
+        "--from",
+        dest="local",
+        metavar="PATH",
+        help="import a copy you already have: the official zip (sha256-verified) "
+        "or its extracted folder (every row parsed)",
+    )
     fetch.set_defaults(func=cmd_data_fetch)
 
     train = sub.add_parser("train", help="train a model into a run directory")
-    train.add_argument("--config", help="YAML config (defaults: configs/config.yaml values)")
-    source = train.add_mutually_exclusive_group()
-    source.add_argument("--dataset", help="built-in dataset, e.g. ml-100k")
-    source.add_argument("--data", help="one interactions file (CSV/TSV/Parquet/MovieLens)")
-    source.add_argument("--train", help="pre-split train file (NCF .train.rating)")
-    train.add_argument("--test", help="pre-split test file (NCF .test.rating)")
-    train.add_argument("--test-negatives", help="NCF .test.negative file")
-    train.add_argument("--model", choices=["neumf", "gmf", "mlp", "mf", "popularity"])
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    _add_config_args(train)
     train.add_argument("--out", required=True, help="run directory, e.g. runs/NAME")
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     train.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser("tune", help="search tune.space with Optuna on validation data")
+    _add_config_args(tune)
+    tune.add_argument("--trials", type=_positive(int), required=True, help="trials to add")
+    tune.add_argument(
+        "--timeout", type=_positive(float), metavar="S", help="start no trial after S seconds"
+    )
+    tune.add_argument(
+        "--out", default="runs/tune", help="study directory; rerun with it to add trials"
+    )
+    tune.set_defaults(func=cmd_tune)
 
     evaluate = sub.add_parser("evaluate", help="test metrics (FULL and SAMPLED) vs popularity")
     evaluate.add_argument("--run", required=True)
@@ -310,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="processes, each with the model")
     serve.set_defaults(func=cmd_serve)
+
+    add_report_parser(sub)
     return parser
 
 
