@@ -7,7 +7,7 @@ the seed and the protocol's data settings change between runs, plus any `--set` 
 Protocols (`--protocol`):
   ml-100k-loo  the NCF paper's ml-100k leave-last-out files (--data-dir), FULL and SAMPLED
                HR/NDCG@10; bar: the best peer of the core issue's table, per column.
-  ml-1m-rloo   the NCF paper's ML-1M random leave-one-out files (--data-dir); reference: the
+  ml-1m-rloo   ML-1M random leave-one-out in NCF format (--data-dir); reference: the
                paper's NeuMF with pretraining on its own latest-item split (sampled 0.726 / 0.445).
   ml-100k-ms   Microsoft Recommenders' benchmark: built-in ml-100k, every rating a positive,
                per-user random 75/25 split (re-drawn per seed), top-10 over all unseen items;

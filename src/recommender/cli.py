@@ -1,4 +1,4 @@
-"""The `recommender` command: data, train, tune, evaluate, recommend, score, serve.
+"""The `recommender` command: data, train, tune, evaluate, recommend, score, serve, report.
 
 Errors a user can fix print one line and exit with code 2; nothing else prints a traceback.
 """
@@ -198,7 +198,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
             model, history, data.test, negatives, ks, fallback=popularity
         )
     shown = ["auc", "mrr"] + [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
-    shown += [f"{m}@{max(ks)}" for m in ("recall", "precision", "map", "coverage")]
+    shown += [f"{m}@{max(ks)}" for m in ("recall", "precision", "map", "map_all", "coverage")]
     notes = sorted({n for r in results.values() for n in r.notes})
     notes.append("FULL: ranked against every item outside the user's training history")
     notes.append(f"SAMPLED: test item against {negatives_note}")

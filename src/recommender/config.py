@@ -125,7 +125,7 @@ class TrainConfig(_Section):
     patience: int = Field(10, ge=1, description="Epochs without validation gain before stopping.")
     monitor: str = Field(
         "ndcg@10",
-        pattern=r"^(ndcg|hr|recall|precision|map)@[1-9][0-9]*$",
+        pattern=r"^(ndcg|hr|recall|precision|map|map_all)@[1-9][0-9]*$",
         description="Validation metric for early stopping, e.g. ndcg@10.",
     )
     refit: bool = Field(

@@ -1,6 +1,7 @@
 """`recommender report`: one self-contained HTML report of a run, with its figures as PNGs.
 
-    recommender report --run runs/NAME [--mf runs/MF | --no-mf] [--out DIR]
+    recommender report --run runs/NAME [--mf runs/MF | --no-mf] [--mf-set KEY=VALUE]
+        [--out DIR] [--k 10] [--users 6]
 
 The report (RUN/report/report.html, figures beside it, numbers in insights.json) holds: a
 summary, the training curves from metrics.jsonl, test metrics of the model, MF and Popularity
