@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recommender.inference import Explanation, Recommender
+from recommender.inference import ATTRIBUTION, Explanation, Recommender
+from recommender.models import Popularity
 from recommender.utils import RecommenderError
 
 
@@ -91,6 +92,8 @@ def test_unknown_item_is_a_clear_error(rec: Recommender):
         rec.similar_items("no-such-item")
     with pytest.raises(RecommenderError, match="unknown item"):
         rec.explain("u10", "no-such-item")
+    with pytest.raises(RecommenderError, match="unknown item 'nope'"):
+        rec.explain_many("nobody", ["15", "nope"])
 
 
 def test_score_keeps_the_order_and_matches_recommend(rec: Recommender):
@@ -130,19 +133,48 @@ def test_explain_returns_history_items_with_weights(rec: Recommender):
     for item in items:
         why = rec.explain("u10", item, n=3)
         assert isinstance(why, Explanation)
-        assert why.item_id == item and why.method == "item-embedding similarity"
+        assert why.item_id == item and why.method == ATTRIBUTION
         assert 1 <= len(why.supporting_items) <= 3
         assert set(why.supporting_items) <= seen
         assert len(why.weights) == len(why.supporting_items)
-        assert all(0 < w <= 1 + 1e-6 for w in why.weights)  # cosine similarities
+        assert all(w > 0 for w in why.weights)  # the largest positive attributions
         assert why.weights == sorted(why.weights, reverse=True)
+        assert why.score is not None and why.baseline_score is not None
+        assert why.fidelity is not None and why.fidelity > 0.8
         assert why.one_line().startswith("because you liked ")
+
+
+def test_explain_many_folds_in_once_and_agrees_with_explain(rec: Recommender):
+    items, _ = rec.recommend("u10", k=4)
+    many = rec.explain_many("u10", items, n=2)
+    assert [why.item_id for why in many] == items.tolist()
+    for item, why in zip(items, many, strict=True):
+        assert why == rec.explain("u10", item, n=2)
+        assert len(why.supporting_items) <= 2
+    assert rec.explain_many("u10", []) == []
+    with pytest.raises(RecommenderError, match="n must be >= 1"):
+        rec.explain_many("u10", items, n=0)
+
+
+def test_one_line_wording():
+    why = Explanation("9", ["1", "2"], [0.1234, 0.05], ATTRIBUTION, 0.8, 0.3, 0.97)
+    assert why.one_line({"1": "Alien"}) == "because you liked Alien (+0.123), 2 (+0.050)"
+    nothing = Explanation("9", [], [], ATTRIBUTION, 0.2, 0.3, 0.97)
+    assert nothing.one_line() == "no item in your history raises its score"
 
 
 def test_explain_for_an_unknown_user_falls_back(rec: Recommender):
     why = rec.explain("nobody", "15")
     assert why.supporting_items == [] and why.method == "popularity"
+    assert why.score is None and why.fidelity is None
     assert why.one_line() == "popular with all users"
+
+
+def test_the_popularity_model_explains_by_popularity(rec: Recommender):
+    model = Popularity(len(rec.users), len(rec.items)).fit(rec.item_counts)
+    popular = Recommender(model, rec.users, rec.items, rec.indptr, rec.history, rec.item_counts, {})
+    whys = popular.explain_many("u10", ["15", "25"])
+    assert [why.method for why in whys] == ["popularity", "popularity"]
 
 
 def test_from_run_rejects_what_is_not_a_run(tmp_path: Path):

@@ -131,8 +131,9 @@ def test_exclude_seen_and_explanations(client: TestClient, rec: Recommender):
     explained = client.get(f"/v1/users/{USER}/recommendations?k=3&explain=true").json()
     for item in explained["items"]:
         why = item["explanation"]
-        assert why["method"] == "item-embedding similarity"
-        assert set(why["supporting_items"]) <= seen and why["text"].startswith("because")
+        assert why["method"] == "fold-in integrated gradients"
+        assert set(why["supporting_items"]) <= seen and why["text"]
+        assert 0 < why["fidelity"] <= 1 and 0 < why["score"] < 1
 
 
 def test_unknown_user_gets_the_popularity_fallback(client: TestClient, rec: Recommender):

@@ -243,12 +243,12 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     items, scores = rec.recommend(args.user, k=args.k)
     fallback = not rec.known_users(args.user)[0]
     print(f"top-{args.k} for user {args.user}" + (" (popularity fallback)" if fallback else ""))
-    for rank, (item, score) in enumerate(zip(items, scores, strict=True), 1):
-        if item is None:
-            break
+    shown = [item for item in items if item is not None]
+    whys = rec.explain_many(args.user, shown) if args.explain else []
+    for rank, (item, score) in enumerate(zip(shown, scores, strict=False), 1):
         line = f"{rank:>3}. {item:>8}  {score:.4f}  {rec.title(item)}"
         if args.explain:
-            line += f"\n       {rec.explain(args.user, item).one_line(rec.titles)}"
+            line += f"\n       {whys[rank - 1].one_line(rec.titles)}"
         print(line)
 
 

@@ -3,18 +3,21 @@
 The `Recommender` speaks raw ids only; it maps them through the vocabularies saved with the
 model. Item-side tensors are computed once at load, so scoring a user against the whole catalog
 is a single batched pass. Unknown users get the popularity fallback (and are reported as such by
-`known_users`); unknown items are an error.
+`known_users`); unknown items are an error. Explanations attribute the model's score to the
+user's history items (explain.py).
 
 Example:
     >>> rec = Recommender.from_run("runs/demo")                    # doctest: +SKIP
     >>> items, scores = rec.recommend("196", k=10)                 # (10,), (10,)
     >>> items, scores = rec.recommend(["196", "186"], k=10)        # (2, 10), (2, 10)
+    >>> whys = rec.explain_many("196", items, n=3)                 # one Explanation per item
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +27,45 @@ import torch.nn.functional as F
 
 from recommender.config import ModelConfig
 from recommender.data.interactions import Vocabulary, csr_rows
+from recommender.explain import FoldIn, supports
 from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError, load_checkpoint
 
 UserIds = str | int | Sequence[str | int] | np.ndarray
 
 
+# Explanation.method of an attribution; "popularity" marks the fallback.
+ATTRIBUTION = "fold-in integrated gradients"
+
+
 @dataclass(frozen=True)
 class Explanation:
-    """History items that support a recommendation, strongest first, with their weights."""
+    """The history items that raise a recommendation's score most, strongest first.
+
+    The weights are integrated-gradients attributions (explain.py), in probability: how much
+    each history item raises the item's score for the user refitted to the history ("fold-in"),
+    against a user with no history. All history items' weights, negative ones included, sum to
+    `score - baseline_score`; only the top positive ones are listed. `fidelity` is the Spearman
+    correlation over the catalog between the refitted user's scores and the trained user's, so
+    a reader can tell how closely the refit stands in for the model. The last three fields are
+    None for the popularity fallback.
+    """
 
     item_id: str
     supporting_items: list[str]
     weights: list[float]
     method: str
+    score: float | None = None
+    baseline_score: float | None = None
+    fidelity: float | None = None
 
     def one_line(self, titles: dict[str, str] | None = None) -> str:
         if self.method == "popularity":
             return "popular with all users"
         if not self.supporting_items:
-            return "no item in your history is similar to it"
+            return "no item in your history raises its score"
         named = [
-            f"{titles.get(i, i) if titles else i} ({w:.2f})"
+            f"{titles.get(i, i) if titles else i} (+{w:.3f})"
             for i, w in zip(self.supporting_items, self.weights, strict=True)
         ]
         return "because you liked " + ", ".join(named)
@@ -232,32 +252,62 @@ class Recommender:
         top = torch.topk(sims, min(k, len(self.items) - len(torch.unique(idx))))
         return self.items.to_ids(top.indices), top.values.cpu().numpy()
 
-    @torch.no_grad()
-    def explain(self, user_id: str | int, item_id: str | int, n: int = 3) -> Explanation:
-        """The user's history items most similar to `item_id` in the model's item space.
+    @cached_property
+    def _fold_in(self) -> FoldIn | None:
+        """The explainer, built on first use; None for a model without user vectors."""
+        if not supports(self.model):
+            return None
+        train = (self.meta.get("config") or {}).get("train", {})
+        odds = None
+        if train.get("sampling") == "popularity":
+            counts = torch.as_tensor(self.item_counts, dtype=torch.float32, device=self.device)
+            odds = counts ** float(train.get("popularity_power", 0.75))
+        return FoldIn(self.model, int(train.get("num_negatives", 16)), odds)
 
-        Weights are the cosine similarities (0 to 1] of each supporting item to `item_id`:
-        readable on their own, where a share of the whole history's similarity mass would be
-        a few hundredths for any user with a long history.
+    def explain(self, user_id: str | int, item_id: str | int, n: int = 3) -> Explanation:
+        """The user's history items that raise `item_id`'s score most; see `explain_many`."""
+        return self.explain_many(user_id, [item_id], n)[0]
+
+    @torch.no_grad()
+    def explain_many(
+        self, user_id: str | int, item_ids: Sequence[str | int] | np.ndarray, n: int = 3
+    ) -> list[Explanation]:
+        """One Explanation per item, in order, from a single fold-in of the user's history.
+
+        Explaining a whole recommendation list costs about as much as explaining one item
+        (tens of milliseconds on a CPU for MovieLens-100K). Unknown users, users without a
+        history and the Popularity model get the popularity fallback; unknown items are an error.
         """
-        item_idx = int(self.items.index([item_id])[0])
+        if n < 1:
+            raise RecommenderError(f"n must be >= 1, got {n}")
+        items = [str(x) for x in item_ids]
+        item_idx = self.items.index(items)
         user_idx = int(self.users.lookup([user_id])[0])
-        if user_idx < 0 or self._item_rep is None:
-            return Explanation(str(item_id), [], [], "popularity")
-        history = self.history_of(user_idx)
-        if not len(history):
-            return Explanation(str(item_id), [], [], "popularity")
-        sims = (self._item_rep[torch.from_numpy(history)] @ self._item_rep[item_idx]).clamp(min=0)
-        top = torch.topk(sims, min(n, len(history)))
-        keep = top.values > 0
-        weights = top.values[keep].cpu().numpy()
-        supporting = self.items.to_ids(history[top.indices[keep].cpu().numpy()])
-        return Explanation(
-            str(item_id),
-            [str(x) for x in supporting],
-            [round(float(w), 4) for w in weights],
-            "item-embedding similarity",
-        )
+        history = self.history_of(user_idx) if user_idx >= 0 else self.history[:0]
+        fold_in = self._fold_in
+        if fold_in is None or not len(history) or not items:
+            return [Explanation(item, [], [], "popularity") for item in items]
+        targets = torch.from_numpy(item_idx).to(self.device)
+        why = fold_in.user(user_idx, history).attribute(targets)
+        top = torch.topk(why.weights, min(n, len(history)), dim=1)
+        weights = top.values.cpu().numpy()  # (T, n)
+        supporting = history[top.indices.cpu().numpy()]  # (T, n) item indices
+        scores, baselines = why.score.tolist(), why.baseline.tolist()
+        explanations = []
+        for row, item in enumerate(items):
+            positive = weights[row] > 0
+            explanations.append(
+                Explanation(
+                    item,
+                    [str(x) for x in self.items.to_ids(supporting[row][positive])],
+                    [round(float(w), 4) for w in weights[row][positive]],
+                    ATTRIBUTION,
+                    round(scores[row], 4),
+                    round(baselines[row], 4),
+                    round(why.fidelity, 4),
+                )
+            )
+        return explanations
 
     def title(self, item_id: str) -> str:
         return self.titles.get(item_id, item_id) if self.titles else item_id

@@ -140,11 +140,17 @@ class ServedModel:
     def score(self, user_ids: list[str], item_ids: list[str]) -> list[float]:
         return [float(s) for s in self.rec.score(user_ids, item_ids)]
 
-    def explain(self, user_id: str, item_id: str) -> dict[str, Any]:
-        exp = self.rec.explain(user_id, item_id)
-        return {
-            "supporting_items": exp.supporting_items,
-            "weights": exp.weights,
-            "method": exp.method,
-            "text": exp.one_line(self.rec.titles),
-        }
+    def explain_many(self, user_id: str, item_ids: list[str]) -> list[dict[str, Any]]:
+        """One fold-in of the user explains the whole list (see explain.py)."""
+        return [
+            {
+                "supporting_items": e.supporting_items,
+                "weights": e.weights,
+                "method": e.method,
+                "text": e.one_line(self.rec.titles),
+                "score": e.score,
+                "baseline_score": e.baseline_score,
+                "fidelity": e.fidelity,
+            }
+            for e in self.rec.explain_many(user_id, item_ids)
+        ]

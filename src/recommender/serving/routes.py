@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import PlainTextResponse
@@ -94,16 +94,17 @@ def _check_items(served: ServedModel, item_ids: list[str], field: str, status: i
 
 
 def _as_list(served: ServedModel, ranked: Ranked, explain: bool) -> RecommendationList:
+    whys: list[dict[str, Any] | None] = [None] * len(ranked.item_ids)
+    if explain and ranked.user_id is not None:
+        whys = list(served.explain_many(ranked.user_id, list(ranked.item_ids)))
     items = [
         RecommendedItem(
             item_id=item,
             score=score,
             title=served.title(item),
-            explanation=Explanation(**served.explain(ranked.user_id, item))
-            if explain and ranked.user_id is not None
-            else None,
+            explanation=Explanation(**why) if why is not None else None,
         )
-        for item, score in zip(ranked.item_ids, ranked.scores, strict=True)
+        for item, score, why in zip(ranked.item_ids, ranked.scores, whys, strict=True)
     ]
     return RecommendationList(
         user_id=ranked.user_id,

@@ -25,6 +25,11 @@ class Explanation(BaseModel):
     weights: list[float]
     method: str
     text: str = Field(description="One line for display, e.g. 'because you liked ...'.")
+    score: float | None = Field(None, description="The explained probability (fold-in user).")
+    baseline_score: float | None = Field(None, description="Its probability with no history.")
+    fidelity: float | None = Field(
+        None, description="Rank correlation of the fold-in user's scores with the trained user's."
+    )
 
 
 class RecommendedItem(BaseModel):
