@@ -16,7 +16,7 @@ is their own):
   sparse   a 5,000,000-user table: dense fused Adam vs SparseAdam, step time and peak RSS.
   eval     FULL-protocol evaluation of every test user, chunked: seconds and peak RSS.
 
-Without --data, a ML-20M-shaped synthetic file is written first (about 80 s, 3 GiB peak).
+Without --data, a ML-20M-shaped synthetic file is written first (about 15 s, 0.5 GiB peak).
 Children run --threads intra-op threads (default 1: on a 2-core machine shared with other
 work, 2 OpenMP threads measured 20x slower than 1, as each waits for the descheduled other).
 """

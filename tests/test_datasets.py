@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from recommender.config import DataConfig
@@ -240,20 +241,27 @@ def test_unknown_dataset():
         fetch("ml-2m")
 
 
-def test_synthetic_shape_invariants_and_determinism():
-    frame = synthetic_interactions(300, 200, 9_000, seed=3)
-    assert len(frame) == 9_000
+def assert_synthetic_guarantees(frame: pd.DataFrame, n_users: int, cap: int) -> None:
+    """The documented guarantees: 5..cap distinct items per user, time increasing per user."""
     assert list(frame.columns) == ["user_id", "item_id", "rating", "timestamp"]
     assert frame["timestamp"].dtype == np.int64 and frame["rating"].dtype == np.float64
     assert not frame.duplicated(["user_id", "item_id"]).any()
     per_user = frame.groupby("user_id").size()
-    assert len(per_user) == 300 and per_user.min() >= 5 and per_user.max() <= 100
+    assert len(per_user) == n_users and per_user.min() >= 5 and per_user.max() <= cap
+    assert frame["rating"].between(1, 5).all()
+    users = frame["user_id"].astype(int).to_numpy()
+    assert (np.diff(users) >= 0).all()  # sorted by user
+    same_user = np.diff(users) == 0
+    assert (np.diff(frame["timestamp"].to_numpy())[same_user] > 0).all()
+
+
+def test_synthetic_shape_invariants_and_determinism():
+    frame = synthetic_interactions(300, 200, 9_000, seed=3)
+    assert len(frame) == 9_000
+    assert_synthetic_guarantees(frame, 300, 100)
+    per_user = frame.groupby("user_id").size()
     assert per_user.max() > 3 * per_user.median()  # long-tailed activity
-    assert frame["rating"].between(1, 5).all() and frame["rating"].nunique() == 5
-    increasing = frame.groupby("user_id", sort=False)["timestamp"].apply(
-        lambda t: bool((np.diff(t.to_numpy()) > 0).all())
-    )
-    assert increasing.all()
+    assert frame["rating"].nunique() == 5
     pd.testing.assert_frame_equal(frame, synthetic_interactions(300, 200, 9_000, seed=3))
     assert not frame.equals(synthetic_interactions(300, 200, 9_000, seed=4))
 
@@ -293,11 +301,16 @@ def test_synthetic_structure_rewards_collaborative_models():
     assert hr_knn > 1.2 * hr_pop
 
 
-def test_synthetic_argument_checks():
+def test_synthetic_argument_checks(tmp_path: Path):
     with pytest.raises(ConfigError, match="n_interactions"):
         synthetic_interactions(100, 50, 100)
     with pytest.raises(ConfigError, match="n_items >= 10"):
         synthetic_interactions(10, 5, 50)
+    with pytest.raises(ConfigError, match="seed must be a non-negative integer, got -1"):
+        synthetic_interactions(seed=-1)
+    with pytest.raises(ConfigError, match="n_interactions"):
+        write_synthetic(tmp_path / "s.parquet", n_users=100, n_items=50, n_interactions=100)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_synthetic(tmp_path: Path):
@@ -308,6 +321,34 @@ def test_write_synthetic(tmp_path: Path):
         pd.testing.assert_frame_equal(read_interactions(path), expected, check_dtype=False)
     with pytest.raises(ConfigError, match=r"parquet or \.csv"):
         write_synthetic(tmp_path / "s.json", **kwargs)
+
+
+def test_synthetic_blocks_are_streamed_and_independent_of_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    kwargs = {"n_users": 60, "n_items": 60, "n_interactions": 1_500, "seed": 2}
+    default_blocks = synthetic_interactions(**kwargs)  # one block at this size
+    monkeypatch.setattr(datasets, "_BLOCK_ROWS", 100)
+    frame = synthetic_interactions(**kwargs)
+    assert len(frame) == 1_500
+    assert_synthetic_guarantees(frame, 60, 30)
+    # Activity is drawn globally, the items per block: same counts, different rows.
+    pd.testing.assert_series_equal(
+        frame.groupby("user_id").size(), default_blocks.groupby("user_id").size()
+    )
+    assert not frame.equals(default_blocks)
+
+    # The files hold exactly the frame's rows, written block by block without building it.
+    monkeypatch.setattr(datasets, "synthetic_interactions", None)
+    parquet = pq.ParquetFile(write_synthetic(tmp_path / "s.parquet", **kwargs))
+    groups = [parquet.read_row_group(g).to_pandas() for g in range(parquet.num_row_groups)]
+    assert 10 <= len(groups) <= 15  # 1,500 rows cut near every 100th row
+    assert all(len(g) < 100 + 30 for g in groups)
+    owners = [set(g["user_id"]) for g in groups]
+    assert sum(map(len, owners)) == 60  # every user's rows lie in one block
+    pd.testing.assert_frame_equal(pd.concat(groups, ignore_index=True), frame)
+    csv = read_interactions(write_synthetic(tmp_path / "s.csv", **kwargs))
+    pd.testing.assert_frame_equal(csv, frame, check_dtype=False)
 
 
 def write_tree(root: Path, members: dict[str, str]) -> Path:
@@ -428,3 +469,14 @@ def test_lastfm_needs_a_random_split_and_thresholds_on_play_counts(tmp_path: Pat
     assert sorted(data.items.ids.tolist()) == [str(a) for a in range(3, 10)]
     assert len(data.train_full) + len(data.test) == 6 * 7
     assert data.train_full.rating is not None and data.train_full.rating.min() == 40
+
+
+def test_data_synthetic_command_writes_the_generator_s_rows(tmp_path: Path, capsys):
+    from recommender.cli import main
+
+    out = tmp_path / "s.parquet"
+    args = ["--users", "30", "--items", "20", "--interactions", "200", "--seed", "3"]
+    assert main(["data", "synthetic", *args, "--out", str(out)]) == 0
+    assert "200 interactions, 30 users, 20 items" in capsys.readouterr().out
+    expected = synthetic_interactions(30, 20, 200, seed=3)
+    pd.testing.assert_frame_equal(read_interactions(out), expected, check_dtype=False)

@@ -65,6 +65,19 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
     print(f"{args.name}: {files.ratings} ({files.source})")
 
 
+def cmd_data_synthetic(args: argparse.Namespace) -> None:
+    from recommender.data.datasets import write_synthetic
+
+    path = write_synthetic(
+        args.out,
+        n_users=args.users,
+        n_items=args.items,
+        n_interactions=args.interactions,
+        seed=args.seed,
+    )
+    print(f"{path}: {args.interactions:,} interactions, {args.users:,} users, {args.items:,} items")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train; under torchrun (RANK / WORLD_SIZE set) every rank runs this, see distributed.py."""
     from recommender.data.pipeline import load_data
@@ -354,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         "or its extracted folder (every row parsed)",
     )
     fetch.set_defaults(func=cmd_data_fetch)
+    synthetic = data_sub.add_parser(
+        "synthetic", help="write planted synthetic interactions to .parquet or .csv (streamed)"
+    )
+    synthetic.add_argument("--users", type=int, default=138_493, help="default: ML-20M's 138,493")
+    synthetic.add_argument("--items", type=int, default=26_744, help="default: ML-20M's 26,744")
+    synthetic.add_argument("--interactions", type=int, default=20_000_263, help="default: ML-20M's")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--out", required=True, help="output file: .parquet or .csv")
+    synthetic.set_defaults(func=cmd_data_synthetic)
 
     train = sub.add_parser("train", help="train a model into a run directory")
     _add_config_args(train)

@@ -21,6 +21,7 @@ Example:
     >>> interactions, titles, source = load_builtin("ml-100k", root="data")
     >>> files = fetch("ml-latest-small", "data", local="Downloads/ml-latest-small")
     >>> frame = synthetic_interactions(n_users=1000, n_items=500, n_interactions=50_000, seed=1)
+    >>> write_synthetic("ml20m.parquet", n_users=138_493, n_items=26_744, n_interactions=20_000_263)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from recommender.data.readers import read_interactions, read_item_titles
 from recommender.utils import ConfigError, DataError, atomic_path
@@ -377,6 +382,31 @@ def load_builtin(
     return interactions, titles, files.source
 
 
+# Rows per generated block of users. Each block draws from its own stream, keyed by (seed, block
+# index), so the data depends on this constant but not on where it goes (a frame, Parquet, CSV);
+# changing it changes every synthetic data set.
+_BLOCK_ROWS = 1 << 20
+
+_SYNTHETIC_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("rating", pa.float64()),
+        ("timestamp", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    """The global, item-side part of a synthetic data set: O(n_factors * n_items)."""
+
+    taste_items: np.ndarray  # (K, I) each taste's distribution over items
+    item_cdf: np.ndarray  # (K, I) its running sum, for inverse-cdf draws
+    fit: np.ndarray  # (I, K) how well item i fits taste k, in standard deviations over items
+    labels: pa.Array  # item ids "1".."I"
+
+
 def synthetic_interactions(
     n_users: int = 500,
     n_items: int = 300,
@@ -400,10 +430,45 @@ def synthetic_interactions(
     distribution as successive sampling without replacement), topped up in rounds, with an exact
     Gumbel-top-k pass for the few heavy users still short; all vectorized over users.
 
+    This builds the whole frame; `write_synthetic` streams the same rows to a file in blocks,
+    with memory bounded by one block, for data sets of any size.
+
     Returns:
         Canonical frame sorted by user and time: user_id and item_id (str, "1".."n"), rating
         (float64, 1..5, higher where the item fits the taste it was drawn from) and timestamp
         (int64 seconds, strictly increasing per user).
+    """
+    tables = synthetic_tables(
+        n_users,
+        n_items,
+        n_interactions,
+        seed=seed,
+        n_factors=n_factors,
+        popularity_exponent=popularity_exponent,
+        affinity=affinity,
+    )
+    return pa.concat_tables(tables).to_pandas()
+
+
+def synthetic_tables(
+    n_users: int = 500,
+    n_items: int = 300,
+    n_interactions: int = 20_000,
+    *,
+    seed: int = 0,
+    n_factors: int = 8,
+    popularity_exponent: float = 1.0,
+    affinity: float = 4.0,
+) -> Iterator[pa.Table]:
+    """The rows of `synthetic_interactions` as Arrow tables, one per block of whole users.
+
+    The global part (item vectors and popularity, per-user activity: O(n_users + n_items)) is
+    computed here, so bad arguments fail before the first block; each block of consecutive users
+    (about `_BLOCK_ROWS` rows) is generated only when the iterator reaches it, from its own
+    random stream. Concatenated, the tables are `synthetic_interactions`' frame.
+
+    Raises:
+        ConfigError: sizes that cannot hold the guarantees, or a negative seed.
     """
     cap = n_items // 2
     if n_users < 1 or n_factors < 1 or cap < 5:
@@ -413,7 +478,9 @@ def synthetic_interactions(
             f"n_interactions must lie in [5 * n_users, n_items // 2 * n_users] = "
             f"[{5 * n_users}, {cap * n_users}], got {n_interactions}"
         )
-    rng = np.random.default_rng(seed)
+    if seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed}")
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     # Each item leans towards one taste (its cluster) with some mixing, so tastes overlap a little.
     vectors = rng.normal(scale=0.15, size=(n_items, n_factors))
     vectors[np.arange(n_items), rng.integers(n_factors, size=n_items)] += 1.0
@@ -423,11 +490,61 @@ def synthetic_interactions(
     logits = affinity * np.sqrt(n_factors) * vectors.T + log_pop  # (K, I)
     taste_items = np.exp(logits - logits.max(axis=1, keepdims=True))
     taste_items /= taste_items.sum(axis=1, keepdims=True)
-    item_cdf = np.cumsum(taste_items, axis=1)
-    user_tastes = rng.dirichlet(np.full(n_factors, 0.2), size=n_users)  # (U, K)
-    taste_cdf = np.cumsum(user_tastes, axis=1)
+    catalog = _Catalog(
+        taste_items=taste_items,
+        item_cdf=np.cumsum(taste_items, axis=1),
+        fit=(vectors - vectors.mean(axis=0)) / vectors.std(axis=0),
+        labels=_id_strings(1, n_items + 1),
+    )
     counts = _activity(rng, n_users, n_interactions, cap)
+    # Blocks of whole users, cut where the running row count crosses a multiple of _BLOCK_ROWS:
+    # at most _BLOCK_ROWS + cap rows each, however active the users are.
+    block = (np.cumsum(counts) - counts) // _BLOCK_ROWS
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(block)) + 1, [n_users]])
+    return (
+        _block(
+            np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, b))),
+            int(edges[b]),
+            counts[edges[b] : edges[b + 1]],
+            catalog,
+        )
+        for b in range(edges.size - 1)
+    )
 
+
+def _block(rng: np.random.Generator, first: int, counts: np.ndarray, catalog: _Catalog) -> pa.Table:
+    """Interactions of users first .. first + len(counts) - 1, with counts[u] items each."""
+    n_factors = catalog.taste_items.shape[0]
+    user_tastes = rng.dirichlet(np.full(n_factors, 0.2), size=counts.size)  # (U, K)
+    users, items, tastes = _draw_items(rng, counts, user_tastes, catalog)
+    noise = rng.normal(size=users.size)
+    ratings = np.clip(np.rint(2.5 + 0.6 * catalog.fit[items, tastes] + noise), 1.0, 5.0)
+    gaps = 1 + rng.exponential(86_400.0, size=users.size).astype(np.int64)
+    elapsed = np.cumsum(gaps)
+    starts = np.cumsum(counts) - counts
+    before = np.repeat(elapsed[starts] - gaps[starts], counts)
+    start_time = rng.integers(946_684_800, 1_420_070_400, size=counts.size)  # 2000..2015
+    return pa.Table.from_arrays(
+        [
+            _id_strings(first + 1, first + counts.size + 1).take(pa.array(users)),
+            catalog.labels.take(pa.array(items)),
+            pa.array(ratings),
+            pa.array(start_time[users] + elapsed - before),
+        ],
+        schema=_SYNTHETIC_SCHEMA,
+    )
+
+
+def _draw_items(
+    rng: np.random.Generator, counts: np.ndarray, user_tastes: np.ndarray, catalog: _Catalog
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, item, taste) per interaction, counts[u] distinct items for user u, by user.
+
+    Within a user the rows keep their draw order, which the caller turns into time.
+    """
+    n_users, n_factors = user_tastes.shape
+    n_items = catalog.taste_items.shape[1]
+    taste_cdf = np.cumsum(user_tastes, axis=1)
     need = counts.copy()
     seen = np.empty(0, dtype=np.int64)  # sorted user * n_items + item of kept pairs
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -437,7 +554,7 @@ def synthetic_interactions(
             break
         # Users still short after a round are the ones whose draws keep repeating: oversample more.
         factor = 1.25 * 2**attempt
-        # Narrow dtypes: at 20M rows every array is memory-bandwidth bound.
+        # Narrow dtypes: every array here is memory-bandwidth bound.
         users = np.repeat(
             active.astype(np.int32), np.ceil(need[active] * factor).astype(np.int64) + 2
         )
@@ -448,7 +565,8 @@ def synthetic_interactions(
         items = np.empty(users.size, dtype=np.int32)
         for k in range(n_factors):
             rows = np.flatnonzero(tastes == k)
-            items[rows] = np.searchsorted(item_cdf[k], rng.random(rows.size) * item_cdf[k, -1])
+            cdf = catalog.item_cdf[k]
+            items[rows] = np.searchsorted(cdf, rng.random(rows.size) * cdf[-1])
         np.minimum(items, n_items - 1, out=items)  # guards float rounding at the cdf's end
         keys = users.astype(np.int64) * n_items + items
         _, first = np.unique(keys, return_index=True)
@@ -464,30 +582,10 @@ def synthetic_interactions(
         seen = np.sort(np.concatenate([seen, keys[first]]), kind="stable")
     active = np.flatnonzero(need)
     if active.size:
-        parts.append(_gumbel_top_up(rng, active, need, seen, user_tastes, taste_items))
-
+        parts.append(_gumbel_top_up(rng, active, need, seen, user_tastes, catalog.taste_items))
     users, items, tastes = (np.concatenate(p) for p in zip(*parts, strict=True))
-    order = np.argsort(users, kind="stable")  # keeps each user's draw order: that is time
-    users, items, tastes = users[order], items[order], tastes[order]
-
-    # How well the item fits the taste it came from, in standard deviations over all items.
-    mean, std = vectors.mean(axis=0), vectors.std(axis=0)
-    fit = (vectors[items, tastes] - mean[tastes]) / std[tastes]
-    ratings = np.clip(np.rint(2.5 + 0.6 * fit + rng.normal(size=users.size)), 1.0, 5.0)
-    gaps = 1 + rng.exponential(86_400.0, size=users.size).astype(np.int64)
-    elapsed = np.cumsum(gaps)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    before = np.repeat(elapsed[starts] - gaps[starts], counts)
-    start_time = rng.integers(946_684_800, 1_420_070_400, size=n_users)  # 2000..2015
-    timestamps = start_time[users] + elapsed - before
-    return pd.DataFrame(
-        {
-            "user_id": _id_strings(users, n_users),
-            "item_id": _id_strings(items, n_items),
-            "rating": ratings,
-            "timestamp": timestamps.astype(np.int64),
-        }
-    )
+    order = np.argsort(users, kind="stable")  # keeps each user's draw order
+    return users[order], items[order], tastes[order]
 
 
 def _activity(rng: np.random.Generator, n_users: int, total: int, cap: int) -> np.ndarray:
@@ -542,22 +640,35 @@ def _gumbel_top_up(
     return np.concatenate(users_out), np.concatenate(items_out), np.concatenate(tastes_out)
 
 
-def _id_strings(codes: np.ndarray, n: int) -> pd.Series:
-    """0-based codes -> ids "1".."n"; pyarrow's take builds 20M strings in well under a second."""
-    labels = pa.array(np.arange(1, n + 1).astype(str))
-    return pd.Series(pd.array(labels.take(pa.array(codes)), dtype="str"))
+def _id_strings(low: int, high: int) -> pa.Array:
+    """Ids low .. high - 1 as Arrow strings, built in C++: no Python str per row or per id."""
+    return pc.cast(pa.array(np.arange(low, high, dtype=np.int64)), pa.string())
 
 
 def write_synthetic(path: str | Path, **kwargs: Any) -> Path:
-    """Write `synthetic_interactions(**kwargs)` to .parquet or .csv (by extension), atomically."""
+    """Write `synthetic_interactions(**kwargs)` to .parquet or .csv (by extension), atomically.
+
+    The rows are streamed block by block (one Parquet row group per block, about `_BLOCK_ROWS`
+    rows), so peak memory is bounded by one block whatever the total; the file holds exactly
+    `synthetic_interactions(**kwargs)`.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise ConfigError(f"{path}: write_synthetic writes .parquet or .csv, not {suffix!r}")
-    frame = synthetic_interactions(**kwargs)
+    tables = synthetic_tables(**kwargs)  # bad arguments fail here, before a file is created
+    rows = 0
     with atomic_path(path) as tmp:
         if suffix == ".parquet":
-            frame.to_parquet(tmp, index=False)
+            with pq.ParquetWriter(tmp, _SYNTHETIC_SCHEMA) as parquet:
+                for table in tables:
+                    parquet.write_table(table, row_group_size=table.num_rows)
+                    rows += table.num_rows
         else:
-            frame.to_csv(tmp, index=False)
+            options = pacsv.WriteOptions(quoting_style="none")  # ids are digits
+            with pacsv.CSVWriter(tmp, _SYNTHETIC_SCHEMA, write_options=options) as text:
+                for table in tables:
+                    text.write_table(table)
+                    rows += table.num_rows
+    log.info("wrote %d synthetic interactions to %s", rows, path)
     return path
