@@ -58,6 +58,9 @@ def flat_keys(tree: dict, prefix: str = "") -> set[str]:
         ("data.columns.timestamp=null", lambda c: c.data.columns.timestamp, None),
         ("data.rating_threshold=4", lambda c: c.data.rating_threshold, 4.0),
         ("threads=2", lambda c: c.threads, 2),
+        ("train.confidence=log", lambda c: c.train.confidence, "log"),
+        ("train.confidence_alpha=0.01", lambda c: c.train.confidence_alpha, 0.01),
+        ("train.confidence_epsilon=10", lambda c: c.train.confidence_epsilon, 10.0),
     ],
 )
 def test_dotted_overrides(override, getter, expected):
@@ -108,6 +111,10 @@ def test_unknown_key_in_file_names_the_file_and_key(tmp_path: Path):
         ("train.sampling=hard", "train.sampling"),
         ("model.dropout=1.0", "model.dropout"),
         ("train.pretrain.alpha=1.5", "train.pretrain.alpha"),
+        ("train.confidence=sqrt", "train.confidence"),
+        ("train.confidence=true", "train.confidence"),
+        ("train.confidence_alpha=0", "train.confidence_alpha"),
+        ("train.confidence_epsilon=-1", "train.confidence_epsilon"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):
@@ -144,8 +151,10 @@ def test_parse_override_values():
 
 def test_saved_yaml_round_trips(tmp_path: Path):
     cfg = load_config(
-        None, ["train.epochs=3", "model.mlp_layers=[16,8]", "data.path=x.csv", "eval.ks=[3]"]
-    )
+        None,
+        ["train.epochs=3", "model.mlp_layers=[16,8]", "data.path=x.csv", "eval.ks=[3]",
+         "train.confidence=linear", "train.confidence_alpha=0.05"],
+    )  # fmt: skip
     path = tmp_path / "run" / "config.yaml"
     cfg.save(path)
     again = load_config(path)
@@ -157,6 +166,18 @@ def test_saved_yaml_round_trips(tmp_path: Path):
 def test_digest_tells_configs_apart():
     assert load_config(None).digest() == load_config(None).digest()
     assert load_config(None).digest() != load_config(None, ["seed=1"]).digest()
+
+
+@pytest.mark.parametrize("override", ["train.confidence_alpha=2", "train.confidence_epsilon=5"])
+def test_confidence_changes_what_a_run_trains(override: str):
+    # --resume compares training digests: a run must not resume under another confidence.
+    on = load_config(None, ["train.confidence=log"])
+    assert on.training_digest() != load_config(None).training_digest()
+    assert load_config(None, ["train.confidence=log", override]).training_digest() != (
+        on.training_digest()
+    )
+    # With confidence off the keys are inert, so runs from before they existed still resume.
+    assert load_config(None, [override]).training_digest() == load_config(None).training_digest()
 
 
 @pytest.mark.parametrize(

@@ -244,3 +244,44 @@ def test_sampling_and_batches_on_cuda():
         (a, b) for a, b, c in zip(u.tolist(), i.tolist(), y.tolist(), strict=True) if not c
     }
     assert not negatives & positive_set(data)
+
+
+def weighted_epoch(data: Interactions, weights: torch.Tensor, seed: int, **kw):
+    """The same epoch with and without per-positive weights (chunked, so tails carry over)."""
+    args = (torch.from_numpy(data.user_idx), torch.from_numpy(data.item_idx), NegativeSampler(data))
+    common = {"num_negatives": 3, "batch_size": 13, "chunk": 17, **kw}
+    plain = list(epoch_batches(*args, generator=torch.Generator().manual_seed(seed), **common))
+    weighted = list(
+        epoch_batches(
+            *args, generator=torch.Generator().manual_seed(seed), weights=weights, **common
+        )
+    )
+    return plain, weighted
+
+
+@pytest.mark.parametrize(("rank", "world_size"), [(0, 1), (0, 3), (2, 3)])
+def test_weights_follow_their_positives_and_negatives_weigh_one(rank: int, world_size: int):
+    rng = np.random.default_rng(rank + world_size)
+    keys = rng.choice(25 * 30, size=160, replace=False)
+    data = Interactions(keys // 30, keys % 30, 25, 30)
+    # Distinct weights, so a positive given another positive's weight would be caught.
+    weights = torch.from_numpy(rng.permutation(len(data)).astype(np.float32) + 2.0)
+    lookup = dict(zip(data.keys.tolist(), weights.tolist(), strict=True))
+    plain, weighted = weighted_epoch(data, weights, seed=5, rank=rank, world_size=world_size)
+    assert all(len(b) == 3 for b in plain) and all(len(b) == 4 for b in weighted)
+    # Weights draw no random numbers: the batches are those of the unweighted epoch.
+    for a, b in zip(plain, weighted, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b[:3], strict=False))
+    u, i, y, w = (torch.cat(t) for t in zip(*weighted, strict=True))
+    assert w.dtype == torch.float32
+    pos = y == 1
+    expected = [lookup[k] for k in (u[pos] * data.n_items + i[pos]).tolist()]
+    assert w[pos].tolist() == expected
+    assert len(expected) == len(data) // world_size
+    assert torch.all(w[~pos] == 1.0)
+
+
+def test_weights_must_match_the_positives():
+    data = Interactions(np.array([0, 1]), np.array([0, 1]), 2, 3)
+    with pytest.raises(DataError, match="weights has shape"):
+        weighted_epoch(data, torch.ones(3), seed=0)

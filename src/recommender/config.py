@@ -122,6 +122,18 @@ class TrainConfig(_Section):
     num_negatives: int = Field(16, ge=1, description="Negatives drawn per positive each epoch.")
     sampling: Literal["uniform", "popularity"] = "uniform"
     popularity_power: float = Field(0.75, ge=0, description="Exponent for popularity sampling.")
+    confidence: Literal["none", "log", "linear"] = Field(
+        "none",
+        description="Weight each positive's BCE term by a confidence from its rating (a play "
+        "count): log: 1 + alpha * log(1 + r / epsilon), linear: 1 + alpha * r (Hu, Koren & "
+        "Volinsky 2008); negatives weigh 1. none: every positive weighs 1.",
+    )
+    confidence_alpha: float = Field(
+        1.0, gt=0, description="Confidence scale; for linear, about 1 / the typical rating."
+    )
+    confidence_epsilon: float = Field(
+        1.0, gt=0, description="Count unit of the log confidence: r / epsilon is what is logged."
+    )
     patience: int = Field(10, ge=1, description="Epochs without validation gain before stopping.")
     monitor: str = Field(
         "ndcg@10",
@@ -334,6 +346,9 @@ class Config(_Section):
             tree.pop(key)
         tree["train"].pop("progress")
         tree["data"].pop("cache")
+        if tree["train"]["confidence"] == "none":  # inert: runs from before the keys resume
+            for key in ("confidence", "confidence_alpha", "confidence_epsilon"):
+                tree["train"].pop(key)
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -9,13 +9,14 @@ Python anywhere.
 
 Batches are contiguous slices of the epoch after one permutation: no Dataset, no DataLoader,
 no per-sample `__getitem__` (the approach of NVIDIA's NCF example). Large epochs are built a
-chunk of positives at a time, so memory stays bounded at 100M samples.
+chunk of positives at a time, so memory stays bounded at 100M samples. Per-positive weights
+(confidences from play counts) are optional and ride along with the same permutations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -152,6 +153,7 @@ class NegativeSampler:
         return items.view(len(users), k)
 
 
+@overload
 def epoch_batches(
     users: torch.Tensor,
     items: torch.Tensor,
@@ -160,21 +162,63 @@ def epoch_batches(
     num_negatives: int,
     batch_size: int,
     generator: torch.Generator,
+    weights: None = None,
     rank: int = 0,
     world_size: int = 1,
     chunk: int = EPOCH_CHUNK,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (user_idx, item_idx, label) batches for one epoch: positives plus fresh negatives.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+@overload
+def epoch_batches(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    sampler: NegativeSampler,
+    *,
+    num_negatives: int,
+    batch_size: int,
+    generator: torch.Generator,
+    weights: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    chunk: int = EPOCH_CHUNK,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+def epoch_batches(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    sampler: NegativeSampler,
+    *,
+    num_negatives: int,
+    batch_size: int,
+    generator: torch.Generator,
+    weights: torch.Tensor | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    chunk: int = EPOCH_CHUNK,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield (user_idx, item_idx, label[, weight]) batches: one epoch's positives, new negatives.
 
     One permutation orders the positives; each chunk of `chunk` positives gets its negatives
     and is shuffled with them, so a batch mixes positives and negatives of many users while
     only one chunk's samples are in memory. Every batch but the last has `batch_size` rows.
 
+    With `weights` ((P,) float, one per positive, aligned with `users` and `items`: a
+    confidence) each batch carries a 4th tensor, the row weights: the positive's own, 1 for a
+    negative. The weights follow the same permutations and draw no random numbers, so the
+    first three tensors are those of the same epoch without weights; without them nothing
+    extra is built.
+
     With `world_size > 1` each rank takes a disjoint, equal-sized share of the positives (the
     same permutation on every rank, as the generator is seeded identically), so ranks step in
     lockstep for DistributedDataParallel; negatives then come from a generator offset by the
     rank, so no two ranks draw the same stream.
+
+    Example:
+        >>> for u, i, y in epoch_batches(users, items, sampler, num_negatives=4,
+        ...                              batch_size=4096, generator=g): ...  # doctest: +SKIP
     """
+    if weights is not None and weights.shape != users.shape:
+        raise DataError(
+            f"weights has shape {tuple(weights.shape)}; it must match the {len(users)} positives"
+        )
     device = sampler.device
     perm = torch.randperm(len(users), generator=generator, device=device)
     if world_size > 1:
@@ -197,11 +241,14 @@ def epoch_batches(
         )
         order = torch.randperm(len(all_users), generator=generator, device=device)
         block = [all_users[order], all_items[order], labels[order]]
+        if weights is not None:
+            ones = torch.ones(negatives.numel(), dtype=weights.dtype, device=device)
+            block.append(torch.cat([weights[part], ones])[order])
         if carry:  # the previous chunk's tail, too short for a batch of its own
             block = [torch.cat([a, b]) for a, b in zip(carry, block, strict=True)]
         last = lo + chunk >= len(perm)
         full = len(block[0]) if last else len(block[0]) - len(block[0]) % batch_size
         for start in range(0, full, batch_size):
             end = min(start + batch_size, full)
-            yield block[0][start:end], block[1][start:end], block[2][start:end]
+            yield tuple(t[start:end] for t in block)
         carry = [t[full:] for t in block]
