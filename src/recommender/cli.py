@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,10 @@ from recommender.utils import (
     set_threads,
     setup_logging,
 )
+
+if TYPE_CHECKING:
+    from recommender.data.pipeline import DataBundle
+    from recommender.inference import Recommender
 
 log = logging.getLogger("recommender")
 
@@ -164,14 +168,40 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"best config: {out / 'best.yaml'}")
 
 
-def evaluate_run(run_dir: Path) -> dict[str, Any]:
-    """Test metrics of a run's model and of Popularity, under both protocols.
+def run_config(run_dir: Path) -> Config:
+    """The saved config of a run directory, with a clear error when it is not one."""
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "best.pt").is_file():
+        raise RecommenderError(f"{run_dir}: not a run directory (needs config.yaml and best.pt)")
+    return load_config(run_dir / "config.yaml")
 
-    The data is rebuilt from the run's saved config (the split is deterministic) and checked
-    against the vocabularies in the checkpoint, so a changed data file cannot pass silently.
-    The report is written to `run_dir/eval.json` and returned.
+
+def load_run(run_dir: Path) -> tuple[Config, Recommender, DataBundle]:
+    """The run's config, its Recommender and its data, rebuilt from the saved config.
+
+    The split is deterministic, and the data is checked against the vocabularies in the
+    checkpoint, so a changed data file cannot pass silently.
     """
     from recommender.data.pipeline import load_data
+    from recommender.inference import Recommender
+
+    cfg = run_config(run_dir)
+    rec = Recommender.from_run(run_dir)
+    data = load_data(cfg.data, cfg.seed)
+    if rec.users.to_list() != data.users.to_list() or rec.items.to_list() != data.items.to_list():
+        raise RecommenderError(
+            f"{run_dir}: the data no longer matches the vocabularies the model was trained on"
+        )
+    return cfg, rec, data
+
+
+def evaluate_run(
+    run_dir: Path, loaded: tuple[Config, Recommender, DataBundle] | None = None
+) -> dict[str, Any]:
+    """Test metrics of a run's model and of Popularity, under both protocols.
+
+    The run is rebuilt by `load_run` unless the caller already has it (`loaded`). The report
+    is written to `run_dir/eval.json` and returned.
+    """
     from recommender.evaluate import (
         EvalResult,
         evaluate_full,
@@ -179,18 +209,9 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
         format_table,
         sample_negatives,
     )
-    from recommender.inference import Recommender
     from recommender.models import Popularity, RecModel
 
-    if not (run_dir / "config.yaml").is_file():
-        raise RecommenderError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    rec = Recommender.from_run(run_dir)
-    data = load_data(cfg.data, cfg.seed)
-    if rec.users.to_list() != data.users.to_list() or rec.items.to_list() != data.items.to_list():
-        raise RecommenderError(
-            f"{run_dir}: the data no longer matches the vocabularies the model was trained on"
-        )
+    cfg, rec, data = loaded if loaded is not None else load_run(run_dir)
     history = data.train_full
     popularity = Popularity(len(data.users), len(data.items)).fit(history.item_counts())
     negatives = data.test_negatives

@@ -72,32 +72,6 @@ MAX_GENRES = 9  # genres coloured on the item map; the rest are drawn as "other"
 # -- loading ---------------------------------------------------------------------------------
 
 
-def run_config(run_dir: Path) -> Config:
-    """The saved config of a run directory, with a clear error when it is not one."""
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "best.pt").is_file():
-        raise RecommenderError(f"{run_dir}: not a run directory (needs config.yaml and best.pt)")
-    return load_config(run_dir / "config.yaml")
-
-
-def load_run(run_dir: Path) -> tuple[Config, Recommender, DataBundle]:
-    """The run's config, its Recommender and its data, rebuilt from the saved config.
-
-    The same rebuild as `recommender evaluate`: the split is deterministic, and the data is
-    checked against the vocabularies in the checkpoint, so a changed data file cannot pass.
-    """
-    from recommender.data.pipeline import load_data
-    from recommender.inference import Recommender
-
-    cfg = run_config(run_dir)
-    rec = Recommender.from_run(run_dir)
-    data = load_data(cfg.data, cfg.seed)
-    if rec.users.to_list() != data.users.to_list() or rec.items.to_list() != data.items.to_list():
-        raise RecommenderError(
-            f"{run_dir}: the data no longer matches the vocabularies the model was trained on"
-        )
-    return cfg, rec, data
-
-
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The per-epoch records of metrics.jsonl ([] when the run trained nothing).
 
@@ -751,6 +725,8 @@ def _mf_comparison(
         when = "trained for this report" if trained else "reused from an earlier build"
         extra = f", overrides {' '.join(overrides)}" if overrides else ""
         return mf_dir, f"{mf_dir}: {when}; the run's data, default MF settings{extra}"
+    from recommender.cli import run_config
+
     mf_dir = Path(mf_run)
     mf_cfg = run_config(mf_dir)
     if mf_cfg.model.name != "mf":
@@ -788,7 +764,7 @@ def build_report(
     Returns:
         The path of report.html.
     """
-    from recommender.cli import evaluate_run
+    from recommender.cli import evaluate_run, load_run
     from recommender.inference import Recommender
     from recommender.insights import (
         branch_share,
@@ -812,7 +788,7 @@ def build_report(
     popularity = Popularity(len(data.users), len(data.items)).fit(counts)
     mf_dir, mf_note = _mf_comparison(run_dir, cfg, data, name, mf_run, skip_mf, mf_overrides)
 
-    evaluation = evaluate_run(run_dir)
+    evaluation = evaluate_run(run_dir, (cfg, rec, data))
     results: dict[str, dict[str, Any]] = dict(evaluation["results"])
     models: dict[str, RecModel] = {name: rec.model}
     if mf_dir is not None:
@@ -912,6 +888,8 @@ def add_report_parser(subparsers: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Build the report with the run's own thread setting, as training used."""
+    from recommender.cli import run_config
+
     run_dir = Path(args.run)
     set_threads(run_config(run_dir).threads)
     path = build_report(
