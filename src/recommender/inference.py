@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recommender.config import ModelConfig
+from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.explain import FoldIn, supports
 from recommender.models import Popularity, RecModel, build_model
@@ -257,12 +257,13 @@ class Recommender:
         """The explainer, built on first use; None for a model without user vectors."""
         if not supports(self.model):
             return None
-        train = (self.meta.get("config") or {}).get("train", {})
+        # the negatives as training drew them (the saved config, else the defaults)
+        train = TrainConfig.model_validate((self.meta.get("config") or {}).get("train", {}))
         odds = None
-        if train.get("sampling") == "popularity":
+        if train.sampling == "popularity":
             counts = torch.as_tensor(self.item_counts, dtype=torch.float32, device=self.device)
-            odds = counts ** float(train.get("popularity_power", 0.75))
-        return FoldIn(self.model, int(train.get("num_negatives", 16)), odds)
+            odds = counts**train.popularity_power
+        return FoldIn(self.model, train.num_negatives, odds)
 
     def explain(self, user_id: str | int, item_id: str | int, n: int = 3) -> Explanation:
         """The user's history items that raise `item_id`'s score most; see `explain_many`."""
