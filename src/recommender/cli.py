@@ -187,11 +187,16 @@ def load_run(run_dir: Path) -> tuple[Config, Recommender, DataBundle]:
     cfg = run_config(run_dir)
     rec = Recommender.from_run(run_dir)
     data = load_data(cfg.data, cfg.seed)
+    check_vocabularies(run_dir, rec, data)
+    return cfg, rec, data
+
+
+def check_vocabularies(run_dir: Path, rec: Recommender, data: DataBundle) -> None:
+    """Refuse data whose user or item vocabulary differs from the one the model learned."""
     if rec.users.to_list() != data.users.to_list() or rec.items.to_list() != data.items.to_list():
         raise RecommenderError(
             f"{run_dir}: the data no longer matches the vocabularies the model was trained on"
         )
-    return cfg, rec, data
 
 
 def evaluate_run(

@@ -764,7 +764,7 @@ def build_report(
     Returns:
         The path of report.html.
     """
-    from recommender.cli import evaluate_run, load_run
+    from recommender.cli import check_vocabularies, evaluate_run, load_run, run_config
     from recommender.inference import Recommender
     from recommender.insights import (
         branch_share,
@@ -792,9 +792,12 @@ def build_report(
     results: dict[str, dict[str, Any]] = dict(evaluation["results"])
     models: dict[str, RecModel] = {name: rec.model}
     if mf_dir is not None:
-        mf_results = evaluate_run(mf_dir)["results"]
+        # same data config and seed as the run (checked), so its data is this run's data
+        mf_rec = Recommender.from_run(mf_dir)
+        check_vocabularies(mf_dir, mf_rec, data)
+        mf_results = evaluate_run(mf_dir, (run_config(mf_dir), mf_rec, data))["results"]
         results.update({key: v for key, v in mf_results.items() if key.startswith("mf/")})
-        models["mf"] = Recommender.from_run(mf_dir).model
+        models["mf"] = mf_rec.model
     models.setdefault("popularity", popularity)
     order = [m for m in dict.fromkeys([name, "mf", "popularity"]) if f"{m}/full" in results]
 
