@@ -114,13 +114,10 @@ def neumf_item_parts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) users against every item -> GMF part and MLP part, each (B, n_items).
 
-    `cache` is `model.item_cache()`. The GMF part is a matrix product; the MLP part is the rest
-    of `score_all` less the bias, so the split stays exact however the MLP tower is evaluated.
+    `cache` is `model.item_cache()`; the parts are the ones `score_all` adds up.
     """
-    w_gmf = model.out.weight[0, : model.dim]
-    gmf = (model.user_emb(user_idx) * w_gmf) @ model.item_emb.weight.T  # (B, n_items)
-    mlp = model.score_all(user_idx, cache).float() - gmf - model.out.bias
-    return gmf, mlp
+    gmf, mlp = model.branch_scores(user_idx, cache)
+    return gmf.float(), mlp.float()
 
 
 def _gmf_share(gmf: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:

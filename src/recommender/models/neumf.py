@@ -49,13 +49,20 @@ class NeuMF(RecModel):
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         return self.item_emb.weight, self.tower.item_half()
 
+    def branch_scores(
+        self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) users against every item -> the GMF and the MLP part of the logit, each
+        (B, n_items); logit = GMF + MLP + bias exactly, as the output layer is linear."""
+        items, item_half = cache
+        w_gmf, w_mlp = self.out.weight[0, : self.dim], self.out.weight[0, self.dim :]
+        gmf = (self.user_emb(user_idx) * w_gmf) @ items.T
+        return gmf, self.tower.score_items(user_idx, item_half, w_mlp)
+
     def _score_cached(
         self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        items, item_half = cache
-        w_gmf, w_mlp = self.out.weight[0, : self.dim], self.out.weight[0, self.dim :]
-        gmf = (self.user_emb(user_idx) * w_gmf) @ items.T  # (B, n_items)
-        mlp = self.tower.score_items(user_idx, item_half, w_mlp)  # (B, n_items)
+        gmf, mlp = self.branch_scores(user_idx, cache)
         return gmf + mlp + self.out.bias
 
     def item_representation(self) -> torch.Tensor:
