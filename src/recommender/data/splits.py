@@ -23,32 +23,29 @@ def _require_timestamps(data: Interactions, split: str) -> np.ndarray:
     return data.timestamp
 
 
-def leave_last_out(data: Interactions) -> tuple[Interactions, Interactions]:
-    """Hold out each user's latest interaction; users with a single interaction keep it."""
-    ts = _require_timestamps(data, "leave_last_out")
-    order = np.lexsort((data.item_idx, ts, data.user_idx))
+def _hold_out_last(data: Interactions, *keys: np.ndarray) -> tuple[Interactions, Interactions]:
+    """Hold out each user's last interaction in the order of `keys` (the last key sorts
+    first, as in np.lexsort); users with a single interaction keep it."""
+    order = np.lexsort((*keys, data.user_idx))
     users = data.user_idx[order]
     is_last = np.ones(len(order), dtype=bool)
     is_last[:-1] = users[1:] != users[:-1]
-    counts = data.user_counts()
-    held = order[is_last & (counts[users] >= 2)]
+    held = order[is_last & (data.user_counts()[users] >= 2)]
     test_mask = np.zeros(len(data), dtype=bool)
     test_mask[held] = True
     return data.subset(~test_mask), data.subset(test_mask)
+
+
+def leave_last_out(data: Interactions) -> tuple[Interactions, Interactions]:
+    """Hold out each user's latest interaction (ties: the larger item index is later)."""
+    return _hold_out_last(data, data.item_idx, _require_timestamps(data, "leave_last_out"))
 
 
 def random_leave_one_out(
     data: Interactions, rng: np.random.Generator
 ) -> tuple[Interactions, Interactions]:
     """Hold out one random interaction of each user with two or more (NCF's random LOO)."""
-    order = np.lexsort((rng.random(len(data)), data.user_idx))
-    users = data.user_idx[order]
-    is_first = np.ones(len(order), dtype=bool)
-    is_first[1:] = users[1:] != users[:-1]
-    held = order[is_first & (data.user_counts()[users] >= 2)]
-    test_mask = np.zeros(len(data), dtype=bool)
-    test_mask[held] = True
-    return data.subset(~test_mask), data.subset(test_mask)
+    return _hold_out_last(data, -rng.random(len(data)))  # last by -u: first by u
 
 
 def temporal(data: Interactions, ratio: float) -> tuple[Interactions, Interactions]:
