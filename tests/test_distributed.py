@@ -83,10 +83,11 @@ def _hr10(run: Path, capsys) -> tuple[float, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loss", ["bce", "softmax"])
 def test_two_process_ddp_matches_single_process_and_loads_alone(
-    planted_csv: Path, tmp_path: Path, capsys
+    planted_csv: Path, tmp_path: Path, capsys, loss: str
 ):
-    sets = [f"--set={s}" for s in [*FAST, "train.epochs=8"]]
+    sets = [f"--set={s}" for s in [*FAST, "train.epochs=8", f"train.loss={loss}"]]
     common = ["train", "--data", str(planted_csv), "--model", "gmf", *sets]
     single = tmp_path / "single"
     code, _, err = run_cli([*common, "--out", str(single)], capsys)

@@ -417,3 +417,50 @@ def test_play_count_confidence_finds_the_taste_under_the_noise(tmp_path: Path, s
     # Over seeds 0-11: NDCG@10 0.09-0.14 -> 0.17-0.25 (ratio >= 1.63), HR@10 gain >= 0.145.
     assert on["ndcg@10"] > 1.4 * off["ndcg@10"], (on, off)
     assert on["hr@10"] > off["hr@10"] + 0.1, (on, off)
+
+
+def test_softmax_train_step_is_the_catalog_cross_entropy():
+    u, i = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 3])
+    w = torch.tensor([5.0, 1.0, 2.0, 1.0])
+    for weight in (None, w):
+        torch.manual_seed(0)
+        model = MF(3, 4, 4)
+        with torch.no_grad():
+            catalog = model.score_all(u)  # (4 rows, 4 items)
+        loss = train_step(
+            model, [torch.optim.Adam(model.parameters())], u, i, i.float(), weight,
+            loss_kind="softmax",
+        )  # fmt: skip
+        rows = F.cross_entropy(catalog, i, reduction="none")
+        expected = rows.mean() if weight is None else (w * rows).sum() / w.sum()
+        torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("model_name", ["mf", "gmf"])
+def test_softmax_loss_learns_the_planted_structure(
+    planted_csv: Path, tmp_path: Path, model_name: str
+):
+    cfg = load_config(
+        None,
+        [*FAST, "data.dataset=null", f"data.path={planted_csv}", f"model.name={model_name}",
+         "train.loss=softmax", "train.batch_size=128", "train.epochs=6", "train.lr=0.01"],
+    )  # fmt: skip
+    data = load_data(cfg.data, cfg.seed)
+    model = Trainer(cfg, data, tmp_path, torch.device("cpu")).fit()
+    rows = records(tmp_path)
+    # positives only: the catalog is each row's negatives, nothing is sampled
+    assert all(r["train_samples"] == len(data.train if r["stage"].startswith("select") else
+                                          data.train_full) for r in rows)  # fmt: skip
+    select = [r for r in rows if r["stage"].startswith("select")]
+    assert select[-1]["loss"] < select[0]["loss"]
+    history = data.train_full
+    popularity = Popularity(len(data.users), len(data.items)).fit(history.item_counts())
+    ours = evaluate_full(model, history, data.test, [10]).metrics["hr@10"]
+    baseline = evaluate_full(popularity, history, data.test, [10]).metrics["hr@10"]
+    assert ours > baseline + 0.25, (ours, baseline)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "neumf"])
+def test_softmax_loss_is_refused_for_the_mlp_towers(model_name: str):
+    with pytest.raises(ConfigError, match=f"train.loss=softmax .* model.name={model_name}"):
+        load_config(None, ["train.loss=softmax", f"model.name={model_name}"])

@@ -116,10 +116,22 @@ class PretrainConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(4096, ge=1)
+    batch_size: int = Field(
+        4096, ge=1, description="Rows per step: pairs for bce, positives for softmax."
+    )
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    num_negatives: int = Field(16, ge=1, description="Negatives drawn per positive each epoch.")
+    loss: Literal["bce", "softmax"] = Field(
+        "bce",
+        description="bce: pointwise binary cross-entropy on each positive and its num_negatives "
+        "sampled negatives (the NCF paper; the sigmoid output is an interaction probability). "
+        "softmax: cross-entropy of each positive against the whole catalog (every other item a "
+        "negative, no sampling); a ranking objective whose sigmoid output is a score, not a "
+        "calibrated probability. Costs a batch x catalog score matrix per step.",
+    )
+    num_negatives: int = Field(
+        16, ge=1, description="Negatives drawn per positive each epoch (loss=bce)."
+    )
     sampling: Literal["uniform", "popularity"] = "uniform"
     popularity_power: float = Field(0.75, ge=0, description="Exponent for popularity sampling.")
     confidence: Literal["none", "log", "linear"] = Field(
@@ -294,6 +306,16 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _loss_fits_model(self) -> Config:
+        if self.train.loss == "softmax" and self.model.name in ("mlp", "neumf"):
+            raise ValueError(
+                f"train.loss=softmax scores the whole catalog at every step, one matmul for the "
+                f"dot-product models (mf, gmf) but a pass of the MLP tower per item for "
+                f"model.name={self.model.name}; use train.loss=bce for it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tune_space(self) -> Config:

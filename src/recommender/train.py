@@ -196,22 +196,22 @@ def train_step(
     y: torch.Tensor,
     weight: torch.Tensor | None = None,
     amp: bool = False,
+    loss_kind: Literal["bce", "softmax"] = "bce",
 ) -> torch.Tensor:
-    """One optimisation step on a (B,) batch of BCE targets; returns the detached mean loss.
+    """One optimisation step on a batch; returns the detached mean loss.
 
-    With `weight` ((B,) row weights), the loss is sum(w * l) / sum(w): a weighted mean, so
-    confidences change the balance between rows, not the step size. The benchmarks time this
-    same function on ready-made batches for the compute bound.
+    bce: (B,) pairs with their 0/1 targets `y`. softmax: (B,) positives, each the target class
+    among the whole catalog's logits (`y` unused). With `weight` ((B,) row weights), the loss
+    is sum(w * l) / sum(w): a weighted mean, so confidences change the balance between rows,
+    not the step size. The benchmarks time this same function on ready-made batches.
     """
     with torch.autocast(u.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = net(u, i)
-    if weight is None:
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        logits = net(u, i) if loss_kind == "bce" else net(u)
+    if loss_kind == "bce":
+        rows = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none")
     else:
-        loss = (
-            F.binary_cross_entropy_with_logits(logits.float(), y, weight=weight, reduction="sum")
-            / weight.sum()
-        )
+        rows = F.cross_entropy(logits.float(), i, reduction="none")
+    loss = rows.mean() if weight is None else (weight * rows).sum() / weight.sum()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -349,6 +349,8 @@ class Trainer:
         around `model` when distributed). Returns (mean loss, samples, seconds) of this rank."""
         users, items, weights, sampler = self._epoch_source(stage.data)
         t = self.cfg.train
+        # softmax batches are positives only: the whole catalog is every row's negatives
+        negatives = t.num_negatives if t.loss == "bce" else 0
         net = model if net is None else net
         model.train()
         start = time.perf_counter()
@@ -356,7 +358,7 @@ class Trainer:
             users,
             items,
             sampler,
-            num_negatives=t.num_negatives,
+            num_negatives=negatives,
             batch_size=t.batch_size,
             generator=generator,
             weights=weights,
@@ -364,7 +366,7 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         share = len(users) // self.dist.world_size
-        n_batches = math.ceil(share * (1 + t.num_negatives) / t.batch_size)
+        n_batches = math.ceil(share * (1 + negatives) / t.batch_size)
         total_loss = torch.zeros((), device=self.device)
         total_weight = torch.zeros((), device=self.device)  # with confidences only
         seen = 0
@@ -372,7 +374,7 @@ class Trainer:
         bar = tqdm(total=n_batches, desc=desc, leave=False, disable=quiet, unit="batch")
         for step, (u, i, y, *w) in enumerate(batches):
             weight = w[0] if w else None
-            loss = train_step(net, optimizers, u, i, y, weight, amp=self.amp)
+            loss = train_step(net, optimizers, u, i, y, weight, amp=self.amp, loss_kind=t.loss)
             if weight is None:
                 total_loss += loss * len(y)
             else:  # the epoch's loss is the weighted mean its steps minimised

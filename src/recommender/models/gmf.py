@@ -24,7 +24,11 @@ class GMF(RecModel):
         """(B,), (B,) -> (B, d): the vector the output layer weighs."""
         return self.user_emb(user_idx) * self.item_emb(item_idx)
 
-    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) logits of the pairs, or with no `item_idx` (B, n_items): the whole catalog
+        (train.loss=softmax, called through DDP's wrapper so gradients are synchronised)."""
+        if item_idx is None:
+            return self._score_cached(user_idx, self.item_cache())
         return self.out(self.interaction(user_idx, item_idx)).squeeze(-1)
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:

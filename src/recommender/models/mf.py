@@ -24,7 +24,11 @@ class MF(RecModel):
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
 
-    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) logits of the pairs, or with no `item_idx` (B, n_items): the whole catalog
+        (train.loss=softmax, called through DDP's wrapper so gradients are synchronised)."""
+        if item_idx is None:
+            return self._score_cached(user_idx, self.item_cache())
         p, q = self.user_emb(user_idx), self.item_emb(item_idx)  # (B, d)
         bias = self.user_bias(user_idx) + self.item_bias(item_idx)  # (B, 1)
         return (p * q).sum(-1) + bias.squeeze(-1) + self.bias
