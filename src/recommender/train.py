@@ -206,12 +206,19 @@ def train_step(
     not the step size. The benchmarks time this same function on ready-made batches.
     """
     with torch.autocast(u.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = net(u, i) if loss_kind == "bce" else net(u)
+        logits = (net(u, i) if loss_kind == "bce" else net(u)).float()
     if loss_kind == "bce":
-        rows = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none")
+        if weight is None:
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+        else:
+            loss = (
+                F.binary_cross_entropy_with_logits(logits, y, weight=weight, reduction="sum")
+                / weight.sum()
+            )
+    elif weight is None:
+        loss = F.cross_entropy(logits, i)
     else:
-        rows = F.cross_entropy(logits.float(), i, reduction="none")
-    loss = rows.mean() if weight is None else (weight * rows).sum() / weight.sum()
+        loss = (weight * F.cross_entropy(logits, i, reduction="none")).sum() / weight.sum()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
