@@ -6,13 +6,15 @@ To ask which history items make a score high, the user vector is re-derived from
 
 1. Fold-in. With the item side, the MLP and the output layer frozen, the user vector theta (all
    of the model's user parameters: p_u for GMF; p_u and b_u for MF; the GMF and the MLP
-   embedding for NeuMF) is the MAP fit of the model's own BCE to the history: history item j
-   is a positive with weight alpha_j in [0, 1]; every other item is a negative, weighted as
-   the training sampler draws them (num_negatives per unit of positive weight, uniform or by
-   popularity), so there is no sample to draw and the explained item is never over-weighted
-   by landing in one. The prior is a Gaussian fitted to the trained users' vectors (their
-   mean and covariance): training's L2 penalty, centred and scaled where trained users live.
-   Solved by Newton's method with a line search, all weightings of one user in one batch.
+   embedding for NeuMF) is the MAP fit to the history of the loss the model was trained with
+   (train.loss), history item j a positive with weight alpha_j in [0, 1]. BCE: every other
+   item is a negative, weighted as the training sampler draws them (num_negatives per unit of
+   positive weight, uniform or by popularity), so there is no sample to draw and the explained
+   item is never over-weighted by landing in one. Softmax: item j's term is its cross-entropy
+   against the whole catalog, history included, as the full softmax trains it. The prior is a
+   Gaussian fitted to the trained users' vectors (their mean and covariance): training's L2
+   penalty, centred and scaled where trained users live. Solved by Newton's method with a line
+   search, all weightings of one user in one batch.
 2. Integrated gradients over alpha from 0 (no history: the mean user) to 1 (the history):
    weight_j = integral over t of d score / d alpha_j at alpha = t * 1, by Gauss-Legendre
    quadrature. The derivative comes from the implicit function theorem at the optimum,
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -170,9 +172,10 @@ class FoldIn:
     Args:
         model: the trained model. Its item side is computed here: build a new FoldIn after
             training it further.
-        num_negatives: negatives per positive in training (train.num_negatives).
+        num_negatives: negatives per positive in training (train.num_negatives); BCE only.
         negative_weights: (N,) relative odds of drawing each item as a negative in training
             (ones for uniform sampling, count ** power for popularity sampling); None: uniform.
+            BCE only: the full softmax draws no negatives.
         prior_strength: scale of the prior's precision; 1 is the trained users' own spread.
         path_points: Gauss-Legendre points on the alpha path (folded users per explanation);
             12 keep the completeness error under 0.01 on MovieLens-100K, 8 did not.
@@ -180,6 +183,7 @@ class FoldIn:
             `tolerance` (about 10 are taken on MovieLens-100K).
         refit_steps: Gauss-Newton steps of the MLP / NeuMF refit with the real model; ReLU
             kinks keep it from converging, and fidelity gains little after 6.
+        loss: the model's training loss (train.loss), which the fold-in fits the history with.
     """
 
     def __init__(
@@ -192,6 +196,7 @@ class FoldIn:
         max_steps: int = 40,
         refit_steps: int = 6,
         tolerance: float = 1e-4,
+        loss: Literal["bce", "softmax"] = "bce",
     ) -> None:
         counts = {"num_negatives": num_negatives, "path_points": path_points}
         counts |= {"max_steps": max_steps, "refit_steps": refit_steps}
@@ -200,6 +205,8 @@ class FoldIn:
                 raise RecommenderError(f"FoldIn: {name} must be >= 1, got {value}")
         if prior_strength <= 0 or tolerance <= 0:
             raise RecommenderError("FoldIn: prior_strength and tolerance must be > 0")
+        if loss not in ("bce", "softmax"):
+            raise RecommenderError(f"FoldIn: loss must be 'bce' or 'softmax', got {loss!r}")
         self.side = _UserSide(model)
         users = self.side.trained
         cov = torch.cov(users.T, correction=0)
@@ -219,6 +226,7 @@ class FoldIn:
         self.max_steps = max_steps
         self.refit_steps = refit_steps
         self.tolerance = tolerance
+        self.loss = loss
 
     @torch.no_grad()
     def user(self, user_idx: int, history: torch.Tensor | np.ndarray) -> UserFold:
@@ -238,10 +246,11 @@ class UserFold:
 
     def __init__(self, fold_in: FoldIn, user_idx: int, history: torch.Tensor) -> None:
         self.fold_in, self.user_idx, self.history = fold_in, user_idx, history
+        self.softmax = fold_in.loss == "softmax"
         side = fold_in.side
         self.labels = torch.zeros(side.n_items, device=history.device)
         self.labels[history] = 1.0
-        # Each negative's share of the training sampler's draws for this user.
+        # Each negative's share of the training sampler's draws for this user (BCE).
         share = fold_in.negative_weights * (1 - self.labels)
         self.negative_share = share / share.sum().clamp(min=1e-12)  # (N,)
         whole = self._weights(self.labels.new_ones(1, len(history)))
@@ -255,7 +264,7 @@ class UserFold:
             self.jacobian = side.features
             self.offset = side.offset
         self.full = self._newton(start, whole, local=True)  # (1, D): the whole history's fold-in
-        prob = torch.sigmoid(self.logits(self.full))
+        prob = self._prob(self.logits(self.full))
         # The history's curvature at the full fold-in, without the prior: other weightings
         # scale it by their mean weight as a fixed Newton matrix (a chord method), which spares
         # a Hessian over every item at every step and converges to the same optimum.
@@ -288,17 +297,15 @@ class UserFold:
         alpha = nodes[:, None].expand(-1, len(history))  # (m, H): the path's points
         theta = self.fold(alpha)
         weights, jac = self._weights(alpha), self.jacobian
-        prob = torch.sigmoid(self.logits(theta))  # (m, N)
+        prob = self._prob(self.logits(theta))  # (m, N)
         hessian = self._hessian(weights, prob, jac)  # (m, D, D)
         # One exact Newton step finishes the chord method's linear convergence; the implicit
         # gradients below need the optimum, and the Hessian barely moves in that step.
         theta = theta - torch.linalg.solve(hessian, self._gradient(theta, weights, prob, jac))
-        prob = torch.sigmoid(self.logits(theta))
-        # g_j = d/d alpha_j of the objective's gradient: item j's own BCE gradient, plus the
-        # num_negatives draws per unit of its weight, spread over the negatives.
-        negatives = fold_in.num_negatives * ((self.negative_share * prob) @ jac)  # (m, D)
-        g = (prob[:, history] - 1)[..., None] * jac[history] + negatives[:, None, :]  # (m, H, D)
-        p_t = prob[:, targets]
+        logits = self.logits(theta)
+        g = self._item_gradients(self._prob(logits))  # (m, H, D)
+        # The score is the sigmoid whichever loss trained the model: what serving shows.
+        p_t = torch.sigmoid(logits[:, targets])
         dscore = (p_t * (1 - p_t))[..., None] * jac[targets]  # (m, T, D)
         solved = torch.linalg.solve(hessian, dscore.transpose(1, 2))  # (m, D, T)
         grads = -(g @ solved)  # (m, H, T): d score_t / d alpha_j at each path point
@@ -310,13 +317,14 @@ class UserFold:
     def _path(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Gauss-Legendre nodes and weights for t in (0, 1), spaced geometrically.
 
-        The fold-in's data term grows like t * H * (1 + num_negatives) against a fixed prior,
-        so scores move mostly at small t; t = (e^(k u) - 1) / (e^k - 1) with
-        k = ln(1 + H (1 + num_negatives)) spreads that change evenly over u.
+        The fold-in's data term grows like t * W against a fixed prior, W the total weight of
+        its terms at t = 1: H (1 + num_negatives) for BCE, H for softmax (whose negatives sit
+        inside each positive's term). So scores move mostly at small t;
+        t = (e^(k u) - 1) / (e^k - 1) with k = ln(1 + W) spreads that change evenly over u.
         """
         u, w = np.polynomial.legendre.leggauss(self.fold_in.path_points)
         u = (u + 1) / 2
-        k = math.log1p(len(self.history) * (1 + self.fold_in.num_negatives))
+        k = math.log1p(float(self._weights(self.labels.new_ones(1, len(self.history))).sum()))
         t = np.expm1(k * u) / math.expm1(k)
         dt = w / 2 * k * np.exp(k * u) / math.expm1(k)
         device = self.history.device
@@ -325,37 +333,71 @@ class UserFold:
             torch.as_tensor(dt, dtype=torch.float32, device=device),
         )
 
+    def _prob(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, N) logits -> the training loss's probabilities: each item's sigmoid (BCE), or
+        the softmax over the catalog."""
+        return logits.softmax(1) if self.softmax else torch.sigmoid(logits)
+
     def _weights(self, alpha: torch.Tensor) -> torch.Tensor:
-        """(B, H) history weights -> (B, N) BCE weights: alpha on the history, negatives
-        num_negatives per unit of total history weight, shared as the sampler draws them."""
-        total = self.fold_in.num_negatives * alpha.sum(1, keepdim=True)
-        weights = total * self.negative_share
+        """(B, H) history weights -> (B, N) weights of the items' loss terms: alpha on the
+        history. BCE adds the negatives, num_negatives per unit of total history weight, shared
+        as the sampler draws them; softmax has none, each positive's term spans the catalog."""
+        if self.softmax:
+            weights = alpha.new_zeros(len(alpha), len(self.labels))
+        else:
+            weights = self.fold_in.num_negatives * alpha.sum(1, keepdim=True) * self.negative_share
         weights[:, self.history] = alpha
         return weights
 
     def _objective(self, theta: torch.Tensor, weights: torch.Tensor, local: bool) -> torch.Tensor:
-        """(B, D), (B, N) -> (B,): weighted BCE plus the Gaussian prior."""
+        """(B, D), (B, N) -> (B,): the weighted training loss plus the Gaussian prior."""
         logits = self.logits(theta) if local else self.fold_in.side.logits(theta)
-        bce = F.binary_cross_entropy_with_logits(
-            logits, self.labels.expand_as(logits), reduction="none"
-        )
+        if self.softmax:
+            loss = -logits.log_softmax(1)  # item i's cross-entropy as the positive
+        else:
+            loss = F.binary_cross_entropy_with_logits(
+                logits, self.labels.expand_as(logits), reduction="none"
+            )
         centred = theta - self.fold_in.mean
         prior = 0.5 * ((centred @ self.fold_in.precision) * centred).sum(1)
-        return (weights * bce).sum(1) + prior
+        return (weights * loss).sum(1) + prior
 
     def _gradient(
         self, theta: torch.Tensor, weights: torch.Tensor, prob: torch.Tensor, jac: torch.Tensor
     ) -> torch.Tensor:
-        """The objective's gradient (B, D) from the probabilities (B, N) at theta (B, D)."""
-        residual = (weights * (prob - self.labels))[:, None, :]  # (B, 1, N)
-        return (residual @ jac)[:, 0] + (theta - self.fold_in.mean) @ self.fold_in.precision
+        """The objective's gradient (B, D) from the probabilities (B, N) at theta (B, D):
+        J^T r plus the prior's, r = w (p - labels) for BCE, A p - w for softmax (A = sum w)."""
+        if self.softmax:
+            residual = weights.sum(1, keepdim=True) * prob - weights
+        else:
+            residual = weights * (prob - self.labels)
+        grad = (residual[:, None, :] @ jac)[:, 0]  # (B, D)
+        return grad + (theta - self.fold_in.mean) @ self.fold_in.precision
 
     def _hessian(
         self, weights: torch.Tensor, prob: torch.Tensor, jac: torch.Tensor
     ) -> torch.Tensor:
-        """Gauss-Newton Hessian J^T diag(w p (1 - p)) J + prior precision, (B, D, D)."""
-        curvature = (weights * prob * (1 - prob))[:, None, :]  # (B, 1, N)
-        return (jac.transpose(-1, -2) * curvature) @ jac + self.fold_in.precision
+        """Gauss-Newton Hessian plus the prior precision, (B, D, D): J^T diag(w p (1 - p)) J
+        for BCE, A J^T (diag(p) - p p^T) J for softmax (A = sum w)."""
+        if self.softmax:
+            # As A Jc^T diag(p) Jc with Jc = J - p^T J (the same, since p sums to 1): no
+            # difference of two near-equal matrices, as for MF's user bias, which no softmax
+            # can see (its derivative is 1 for every item) and whose curvature must be 0.
+            jac = jac - prob[:, None, :] @ jac  # (B, N, D)
+            curvature = weights.sum(1, keepdim=True) * prob
+        else:
+            curvature = weights * prob * (1 - prob)
+        return (jac.transpose(-1, -2) * curvature[:, None, :]) @ jac + self.fold_in.precision
+
+    def _item_gradients(self, prob: torch.Tensor) -> torch.Tensor:
+        """(B, N) probabilities of the local model -> (B, H, D): g_j = d/d alpha_j of the
+        objective's gradient. BCE: item j's own gradient, plus the num_negatives draws per unit
+        of its weight, spread over the negatives. Softmax: J^T (p - e_j)."""
+        jac, history = self.jacobian, self.history
+        if self.softmax:
+            return (prob @ jac)[:, None, :] - jac[history]
+        negatives = self.fold_in.num_negatives * ((self.negative_share * prob) @ jac)  # (B, D)
+        return (prob[:, history] - 1)[..., None] * jac[history] + negatives[:, None, :]
 
     def _newton(
         self,
@@ -376,7 +418,7 @@ class UserFold:
                 logits, jac = self.logits(theta), self.jacobian
             else:
                 logits, jac = fold_in.side.jacobian(theta)
-            prob = torch.sigmoid(logits)
+            prob = self._prob(logits)
             grad = self._gradient(theta, weights, prob, jac)
             if factor is None:
                 step = torch.linalg.solve(self._hessian(weights, prob, jac), grad)  # (B, D)

@@ -257,13 +257,13 @@ class Recommender:
         """The explainer, built on first use; None for a model without user vectors."""
         if not supports(self.model):
             return None
-        # the negatives as training drew them (the saved config, else the defaults)
+        # the loss and negatives as training used them (the saved config, else the defaults)
         train = TrainConfig.model_validate((self.meta.get("config") or {}).get("train", {}))
         odds = None
         if train.sampling == "popularity":
             counts = torch.as_tensor(self.item_counts, dtype=torch.float32, device=self.device)
             odds = counts**train.popularity_power
-        return FoldIn(self.model, train.num_negatives, odds)
+        return FoldIn(self.model, train.num_negatives, odds, loss=train.loss)
 
     def explain(self, user_id: str | int, item_id: str | int, n: int = 3) -> Explanation:
         """The user's history items that raise `item_id`'s score most; see `explain_many`."""
