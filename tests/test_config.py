@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recommender.config import Config, load_config, parse_override
+from recommender.config import Config, load_config, parse_override, validate_config
 from recommender.utils import ConfigError, resolve_device
 
 
@@ -178,6 +178,16 @@ def test_confidence_changes_what_a_run_trains(override: str):
     )
     # With confidence off the keys are inert, so runs from before they existed still resume.
     assert load_config(None, [override]).training_digest() == load_config(None).training_digest()
+
+
+def test_the_loss_changes_what_a_run_trains():
+    bce = load_config(None, ["model.name=mf"])
+    softmax = load_config(None, ["model.name=mf", "train.loss=softmax"])
+    assert softmax.training_digest() != bce.training_digest()
+    # The default is left out of the digest: runs from before the key existed still resume.
+    tree = bce.model_dump(mode="json")
+    del tree["train"]["loss"]
+    assert validate_config(tree, "old run").training_digest() == bce.training_digest()
 
 
 @pytest.mark.parametrize(

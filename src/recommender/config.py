@@ -368,9 +368,12 @@ class Config(_Section):
             tree.pop(key)
         tree["train"].pop("progress")
         tree["data"].pop("cache")
-        if tree["train"]["confidence"] == "none":  # inert: runs from before the keys resume
+        # Defaults of keys added later are left out, so runs from before them still resume.
+        if tree["train"]["confidence"] == "none":
             for key in ("confidence", "confidence_alpha", "confidence_epsilon"):
                 tree["train"].pop(key)
+        if tree["train"]["loss"] == "bce":
+            tree["train"].pop("loss")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
