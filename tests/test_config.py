@@ -290,3 +290,15 @@ def test_with_overrides_validates_like_a_file(tmp_path: Path):
     tuned.save(path, header="# best trial\n")
     assert path.read_text().startswith("# best trial\nseed: 42\n")
     assert load_config(path) == tuned
+
+
+def test_a_partly_given_pretraining_stage_keeps_its_own_defaults(tmp_path: Path):
+    default = load_config(None).train.pretrain
+    by_flag = load_config(None, ["train.pretrain.gmf.lr=1e-3", "train.pretrain.mlp.epochs=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  pretrain:\n    gmf: {lr: 0.001}\n    mlp: {epochs: 3}\n")
+    for pretrain in (by_flag.train.pretrain, load_config(path).train.pretrain):
+        assert pretrain.gmf.lr == 1e-3 and pretrain.mlp.epochs == 3
+        # the rest is the stage's default, not StageConfig's (weight decay 0, lr 1e-3)
+        assert pretrain.gmf.weight_decay == default.gmf.weight_decay == 1e-5
+        assert pretrain.mlp.lr == default.mlp.lr == 3e-3

@@ -102,16 +102,36 @@ class StageConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
 
 
+# Each pretraining stage's own defaults, where they differ from StageConfig's.
+_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gmf": {"lr": 5e-3, "weight_decay": 1e-5},
+    "mlp": {"lr": 3e-3},
+}
+
+
 class PretrainConfig(_Section):
     """NeuMF initialised from separately trained GMF and MLP (He et al. 2017, section 3.4.1)."""
 
     enabled: bool = True
-    gmf: StageConfig = Field(default_factory=lambda: StageConfig(lr=5e-3, weight_decay=1e-5))
-    mlp: StageConfig = Field(default_factory=lambda: StageConfig(lr=3e-3))
+    gmf: StageConfig = Field(default_factory=lambda: StageConfig(**_STAGE_DEFAULTS["gmf"]))
+    mlp: StageConfig = Field(default_factory=lambda: StageConfig(**_STAGE_DEFAULTS["mlp"]))
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of GMF in the fused output layer.")
     finetune_lr: float = Field(
         1e-4, gt=0, description="NeuMF's rate after pretraining (train.lr when not pretrained)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_stages(cls, data: Any) -> Any:
+        """A stage given in part (`--set train.pretrain.gmf.lr=1e-3`) keeps that stage's own
+        defaults for the rest, not StageConfig's: its weight decay stays 1e-5, not 0."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, defaults in _STAGE_DEFAULTS.items():
+            if isinstance(merged.get(name), dict):
+                merged[name] = {**defaults, **merged[name]}
+        return merged
 
 
 class TrainConfig(_Section):
