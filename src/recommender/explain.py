@@ -67,9 +67,10 @@ COVARIANCE_RIDGE = 1e-3
 class Attribution:
     """Integrated-gradients attribution of T folded scores to a user's H history items.
 
-    weights: (T, H) signed, in probability; row t sums to score[t] - baseline[t] up to the
-    quadrature error. score: (T,) probability of the user folded in from the whole history.
-    baseline: (T,) probability with no history (the mean trained user). fidelity: Spearman
+    weights: (T, H) signed, in units of the score; row t sums to score[t] - baseline[t] up to
+    the quadrature error. score: (T,) sigmoid of the logit of the user folded in from the whole
+    history (a probability under BCE, a ranking score under softmax). baseline: (T,) the same
+    with no history (the mean trained user). fidelity: Spearman
     correlation over the catalog between the folded user's scores and the trained user's.
     """
 

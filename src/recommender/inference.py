@@ -42,9 +42,10 @@ ATTRIBUTION = "fold-in integrated gradients"
 class Explanation:
     """The history items that raise a recommendation's score most, strongest first.
 
-    The weights are integrated-gradients attributions (explain.py), in probability: how much
-    each history item raises the item's score for the user refitted to the history ("fold-in"),
-    against a user with no history. All history items' weights, negative ones included, sum to
+    The weights are integrated-gradients attributions (explain.py), in units of the score (a
+    probability under train.loss=bce, a ranking score under softmax): how much each history
+    item raises the item's score for the user refitted to the history ("fold-in"), against a
+    user with no history. All history items' weights, negative ones included, sum to
     `score - baseline_score`; only the top positive ones are listed. `fidelity` is the Spearman
     correlation over the catalog between the refitted user's scores and the trained user's, so
     a reader can tell how closely the refit stands in for the model. The last three fields are
