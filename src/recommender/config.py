@@ -329,11 +329,17 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _loss_fits_model(self) -> Config:
-        if self.train.loss == "softmax" and self.model.name in ("mlp", "neumf"):
+        """Softmax only for the dot-product models, here and in every trial a study can draw."""
+        space = self.tune.space
+        losses = space["train.loss"].edge_values() if "train.loss" in space else [self.train.loss]
+        names = space["model.name"].edge_values() if "model.name" in space else [self.model.name]
+        towers = [n for n in names if n in ("mlp", "neumf")]
+        if "softmax" in losses and towers:
+            where = "tune.space can draw " if len(losses) > 1 or len(names) > 1 else ""
             raise ValueError(
-                f"train.loss=softmax scores the whole catalog at every step, one matmul for the "
-                f"dot-product models (mf, gmf) but a pass of the MLP tower per item for "
-                f"model.name={self.model.name}; use train.loss=bce for it"
+                f"{where}train.loss=softmax with model.name={towers[0]}: softmax scores the "
+                f"whole catalog at every step, one matmul for the dot-product models (mf, gmf) "
+                f"but a pass of the MLP tower per item for {towers[0]}; use train.loss=bce for it"
             )
         return self
 
