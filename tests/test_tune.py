@@ -122,6 +122,34 @@ def test_neumf_trials_report_the_final_stage_only(
     assert trial.value == max(trial.intermediate_values.values())
 
 
+def test_repeats_average_the_seeds_and_best_yaml_retrains_the_first(
+    planted_csv: Path, data: DataBundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    cfg = study_config(planted_csv, "tune.repeats=3", "train.lr=0.01")
+    out = tmp_path / "study"
+    trial = run_study(cfg, data, out, n_trials=1).trials[0]
+    folders = [out / "trials" / "0000", *(out / "trials" / "0000" / f"seed-{cfg.seed + r}"
+                                          for r in (1, 2))]  # fmt: skip
+    bests = []
+    for folder in folders:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        bests.append(max(r["valid"]["ndcg@10"] for r in records))
+        assert not list(folder.glob("*.pt"))
+    assert len({round(b, 6) for b in bests}) > 1  # three initialisations, three results
+    assert trial.value == pytest.approx(sum(bests) / 3, abs=1e-9)
+    assert trial.user_attrs["seed_values"] == pytest.approx(bests)
+    # Pruning follows the first seed alone: its curve is the trial's intermediate values.
+    first = [json.loads(line) for line in (folders[0] / "metrics.jsonl").read_text().splitlines()]
+    assert list(trial.intermediate_values.values()) == [r["valid"]["ndcg@10"] for r in first]
+    assert "mean of seeds" in (out / "best.yaml").read_text()
+
+    run = tmp_path / "best"
+    code, _, err = run_cli(["train", "--config", str(out / "best.yaml"), "--out", str(run)], capsys)
+    assert code == 0, err
+    retrained = load_checkpoint(run / "best.pt")["valid_metrics"]["ndcg@10"]
+    assert retrained == pytest.approx(bests[0], abs=1e-6)
+
+
 def test_rerunning_adds_trials_to_the_same_study(
     planted_csv: Path, data: DataBundle, tmp_path: Path
 ):

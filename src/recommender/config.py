@@ -307,6 +307,13 @@ class TuneConfig(_Section):
     warmup_epochs: int = Field(
         3, ge=0, description="Final-stage epochs a trial runs before it can be pruned."
     )
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="Trainings per trial, at seeds seed, seed + 1, ... (same data and split): "
+        "the trial's value is the mean of their best validation metrics, so a setting is not "
+        "chosen for one lucky initialisation. Pruning watches the first seed's curve.",
+    )
 
 
 # Settings a study holds fixed: what is optimised, and what trials never do.
