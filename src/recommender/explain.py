@@ -255,6 +255,7 @@ class UserFold:
         share = fold_in.negative_weights * (1 - self.labels)
         self.negative_share = share / share.sum().clamp(min=1e-12)  # (N,)
         whole = self._weights(self.labels.new_ones(1, len(history)))
+        self.whole_weight = float(whole.sum())  # the data term's total weight at alpha = 1
         start = fold_in.mean[None]
         if side.nonlinear:
             start = self._newton(start, whole, local=False)  # refit with the real model
@@ -325,7 +326,7 @@ class UserFold:
         """
         u, w = np.polynomial.legendre.leggauss(self.fold_in.path_points)
         u = (u + 1) / 2
-        k = math.log1p(float(self._weights(self.labels.new_ones(1, len(self.history))).sum()))
+        k = math.log1p(self.whole_weight)
         t = np.expm1(k * u) / math.expm1(k)
         dt = w / 2 * k * np.exp(k * u) / math.expm1(k)
         device = self.history.device

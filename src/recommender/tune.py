@@ -236,22 +236,17 @@ class _Objective:
         try:
             with tracking as run:
                 for repeat in range(cfg.tune.repeats):
-                    # The first seed is the config's (best.yaml retrains it); it alone reports
-                    # epochs, to MLflow first so the epoch that gets a trial pruned is logged.
-                    callbacks: list[EpochCallback] = [] if repeat else [report]
-                    if run is not None and not repeat:
-                        callbacks.insert(0, run)
-                    seed = select_only.seed + repeat
-                    where = folder / f"seed-{seed}" if repeat else folder
-                    if repeat:
+                    callbacks: list[EpochCallback] = []
+                    if repeat == 0:
+                        # The config's own seed (best.yaml retrains it) alone reports epochs,
+                        # to MLflow first so the epoch that gets a trial pruned is logged.
+                        run_cfg, where = select_only, folder
+                        callbacks = [report] if run is None else [run, report]
+                    else:
+                        run_cfg = select_only.with_overrides({"seed": select_only.seed + repeat})
+                        where = folder / f"seed-{run_cfg.seed}"
                         prepare_run_dir(where, overwrite=True, resume=False)
-                    trainer = Trainer(
-                        select_only.with_overrides({"seed": seed}) if repeat else select_only,
-                        self.data,
-                        where,
-                        self.device,
-                        callbacks=callbacks,
-                    )
+                    trainer = Trainer(run_cfg, self.data, where, self.device, callbacks=callbacks)
                     trainer.fit()
                     bests.append(trainer.completed[final])
                 value = statistics.fmean(float(b["best_metric"]) for b in bests)
