@@ -90,6 +90,28 @@ def planted_frame(
     )
 
 
+def sequential_frame(
+    n_users: int = N_USERS, n_items: int = N_ITEMS, per_user: int = PER_USER, seed: int = 0
+) -> pd.DataFrame:
+    """Interactions where order is the whole signal: every user walks one fixed cycle through
+    the catalog (item i is followed by successor[i]) from a random start, so a user's next
+    item follows from the latest one, while which items a user has is random. A model of the
+    order predicts the held-out latest item; one of the item set alone cannot."""
+    rng = np.random.default_rng(seed)
+    cycle = rng.permutation(n_items)
+    start = rng.integers(n_items, size=n_users)
+    steps = (start[:, None] + np.arange(per_user)[None, :]) % n_items  # (U, per_user)
+    users = np.repeat(np.arange(n_users), per_user)
+    return pd.DataFrame(
+        {
+            "user_id": user_id(users),
+            "item_id": item_id(cycle[steps].ravel()),
+            "rating": np.ones(len(users)),
+            "timestamp": 1_000_000 + np.tile(np.arange(per_user), n_users) * 60 + users,
+        }
+    )
+
+
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)

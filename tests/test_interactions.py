@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from recommender.data.interactions import Interactions, Vocabulary
+from recommender.data.splits import leave_last_out
 from recommender.utils import DataError, RecommenderError
 
 
@@ -144,3 +145,26 @@ def test_subset_and_concat_keep_every_column():
     assert both.n_users == 3 and both.n_items == 4
     no_ts = make([0], [3])
     assert a.concat(no_ts).timestamp is None
+
+
+def test_previous_and_latest_items_match_a_python_reading(rng: np.random.Generator):
+    keys = rng.choice(12 * 9, size=60, replace=False)
+    data = make(keys // 9, keys % 9, 12, 9, timestamp=rng.integers(0, 6, size=60))  # ties
+    k, pad = 3, data.n_items
+    previous, latest = data.previous_items(k), data.latest_items(k)
+    for u in range(data.n_users):
+        rows = np.flatnonzero(data.user_idx == u)
+        # by time, ties by item index: the order leave_last_out holds out by
+        ordered = rows[np.lexsort((data.item_idx[rows], data.timestamp[rows]))]
+        for pos, row in enumerate(ordered):
+            before = data.item_idx[ordered[:pos]][::-1][:k]
+            assert previous[row].tolist() == [*before, *[pad] * (k - len(before))]
+        last = data.item_idx[ordered][::-1][:k]
+        assert latest[u].tolist() == [*last, *[pad] * (k - len(last))]
+    _, held_out = leave_last_out(data)
+    assert np.array_equal(latest[held_out.user_idx, 0], held_out.item_idx)
+
+
+def test_item_order_needs_timestamps():
+    with pytest.raises(DataError, match=r"model\.context needs timestamps"):
+        make([0, 0], [1, 2]).previous_items(2)

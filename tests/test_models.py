@@ -11,11 +11,16 @@ from recommender.models import GMF, MF, MLP, NeuMF, Popularity, RecModel, base, 
 from recommender.models import mlp as mlp_module
 
 N_USERS, N_ITEMS = 9, 13
-MODELS = ["gmf", "mlp", "neumf", "mf", "popularity"]
+MODELS = ["gmf", "mlp", "neumf", "mf", "mf-context", "popularity"]
+# Each user's latest items for "mf-context" (MF with model.context=2); N_ITEMS pads a slot.
+LATEST = np.array([[u % N_ITEMS, (3 * u + 1) % N_ITEMS] for u in range(N_USERS)])
+LATEST[0, 1] = LATEST[5] = N_ITEMS  # one user with a single latest item, one with none
 
 
 def make(name: str, seed: int = 0, **kw) -> RecModel:
     torch.manual_seed(seed)
+    if name == "mf-context":
+        name, kw = "mf", {"context": 2, **kw}
     cfg = ModelConfig(name=name, embedding_dim=6, mlp_layers=[8, 6, 4], **kw)
     model = build_model(cfg, N_USERS, N_ITEMS)
     if isinstance(model, Popularity):
@@ -25,6 +30,8 @@ def make(name: str, seed: int = 0, **kw) -> RecModel:
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.5)
+        if isinstance(model, MF) and model.context:
+            model.set_latest(LATEST)
     return model.eval()
 
 
@@ -80,7 +87,7 @@ def test_score_all_in_chunks_is_the_same(name: str, monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(chunked, whole)
 
 
-@pytest.mark.parametrize("name", ["gmf", "mlp", "neumf", "mf"])
+@pytest.mark.parametrize("name", ["gmf", "mlp", "neumf", "mf", "mf-context"])
 def test_every_parameter_gets_a_gradient(name: str):
     model = make(name).train()
     users, items = all_pairs()
@@ -109,7 +116,7 @@ def test_item_representation_shape(name: str):
     assert make("popularity").item_representation() is None
 
 
-@pytest.mark.parametrize("name", ["gmf", "mf"])
+@pytest.mark.parametrize("name", ["gmf", "mf", "mf-context"])
 def test_retrieval_vectors_rank_like_the_model(name: str):
     # For GMF and MF the dot product differs from the score by a per-user constant only.
     model = make(name)
@@ -175,3 +182,38 @@ def test_sparse_embeddings_give_sparse_gradients():
     model = build_model(ModelConfig(name="gmf", embedding_dim=4), N_USERS, N_ITEMS, sparse=True)
     model(torch.tensor([0, 1]), torch.tensor([2, 3])).sum().backward()
     assert model.user_emb.weight.grad.is_sparse
+
+
+def test_context_term_is_the_mean_over_the_latest_items():
+    model = make("mf-context")
+    assert isinstance(model, MF)
+    plain = MF(N_USERS, N_ITEMS, 6)
+    plain.load_state_dict(
+        {
+            k: v
+            for k, v in model.state_dict().items()
+            if not k.startswith(("context", "target", "latest"))
+        }
+    )
+    with torch.no_grad():
+        markov = model.score_all(torch.arange(N_USERS)) - plain.score_all(torch.arange(N_USERS))
+        c, t = model.context_emb.weight, model.target_emb.weight
+    torch.testing.assert_close(markov[1], (c[LATEST[1]].mean(0)) @ t.T)
+    torch.testing.assert_close(markov[0], c[LATEST[0, 0]] @ t.T)  # the pad is not averaged in
+    assert torch.equal(markov[5], torch.zeros(N_ITEMS))  # no latest item: the plain MF score
+
+
+def test_context_given_replaces_the_latest_items_and_is_saved():
+    model = make("mf-context")
+    users, items = torch.tensor([1, 2]), torch.tensor([4, 7])
+    given = torch.tensor(LATEST[[1, 2]])
+    with torch.no_grad():
+        assert torch.equal(model(users, items, given), model(users, items))
+        other = model(users, items, torch.tensor([[3, N_ITEMS], [3, N_ITEMS]]))
+        assert not torch.allclose(other, model(users, items))
+        catalog = model(users, None, given)  # softmax's whole-catalog logits
+        torch.testing.assert_close(catalog, model.score_all(users))
+    rebuilt = build_model(ModelConfig(name="mf", embedding_dim=6, context=2), N_USERS, N_ITEMS)
+    rebuilt.load_state_dict(model.state_dict())  # the latest items travel with the weights
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval().score_all(users), model.score_all(users))

@@ -285,3 +285,35 @@ def test_weights_must_match_the_positives():
     data = Interactions(np.array([0, 1]), np.array([0, 1]), 2, 3)
     with pytest.raises(DataError, match="weights has shape"):
         weighted_epoch(data, torch.ones(3), seed=0)
+
+
+def test_context_rows_follow_their_positives_and_negatives_share_them():
+    rng = np.random.default_rng(3)
+    keys = rng.choice(25 * 30, size=160, replace=False)
+    data = Interactions(keys // 30, keys % 30, 25, 30)
+    # A distinct context row per positive (its own key twice), so a mix-up would be caught.
+    context = torch.from_numpy(np.stack([data.keys, -data.keys], 1))
+    weights = torch.ones(len(data))
+    plain, both = weighted_epoch(data, weights, seed=7, context=context)
+    assert all(len(b) == 5 for b in both)  # users, items, labels, weights, then context
+    for a, b in zip(plain, both, strict=True):  # context draws no random numbers either
+        assert all(torch.equal(x, y) for x, y in zip(a, b[:3], strict=False))
+    u, i, y, _, ctx = (torch.cat(t) for t in zip(*both, strict=True))
+    pos = y == 1
+    assert torch.equal(ctx[pos, 0], u[pos] * data.n_items + i[pos])
+    assert torch.equal(ctx[:, 1], -ctx[:, 0])
+    # a negative carries the context of a positive of the same user
+    assert torch.equal(ctx[~pos, 0] // data.n_items, u[~pos])
+    assert set(ctx[~pos, 0].tolist()) <= set(ctx[pos, 0].tolist())
+
+
+def test_context_must_match_the_positives():
+    data = Interactions(np.array([0, 1]), np.array([0, 1]), 2, 3)
+    users, items = torch.from_numpy(data.user_idx), torch.from_numpy(data.item_idx)
+    with pytest.raises(DataError, match="context has 3 rows"):
+        next(
+            epoch_batches(
+                users, items, NegativeSampler(data), num_negatives=1, batch_size=4,
+                generator=torch.Generator(), context=torch.zeros(3, 2, dtype=torch.long),
+            )
+        )  # fmt: skip

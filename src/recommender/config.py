@@ -84,6 +84,12 @@ class ModelConfig(_Section):
         "(NCF paper convention), so each MLP embedding has mlp_layers[0] / 2 dimensions.",
     )
     dropout: float = Field(0.1, ge=0, lt=1, description="After each hidden MLP layer.")
+    context: int = Field(
+        0,
+        ge=0,
+        description="mf only: also score how well an item follows the user's `context` latest "
+        "items (a factorised Markov term, FPMC); needs timestamps. 0: off, the plain model.",
+    )
 
     @model_validator(mode="after")
     def _layers(self) -> ModelConfig:
@@ -91,6 +97,11 @@ class ModelConfig(_Section):
             raise ValueError("mlp_layers needs at least two positive widths")
         if self.mlp_layers[0] % 2:
             raise ValueError("mlp_layers[0] must be even (user and item halves)")
+        if self.context and self.name != "mf":
+            raise ValueError(
+                f"context={self.context} with name={self.name}: the Markov term over the "
+                "latest items is built for mf only; set model.context=0 or model.name=mf"
+            )
         return self
 
 
@@ -407,6 +418,8 @@ class Config(_Section):
                 tree["train"].pop(key)
         if tree["train"]["loss"] == "bce":
             tree["train"].pop("loss")
+        if not tree["model"]["context"]:
+            tree["model"].pop("context")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -46,7 +46,7 @@ from recommender.data.pipeline import DataBundle
 from recommender.data.sampling import NegativeSampler, epoch_batches, to_device
 from recommender.distributed import Dist, check_supported
 from recommender.evaluate import evaluate_full
-from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, build_model
+from recommender.models import GMF, MF, MLP, NeuMF, Popularity, RecModel, build_model
 from recommender.utils import (
     ConfigError,
     DataError,
@@ -67,8 +67,11 @@ CHECKPOINT_VERSION = 1
 EpochCallback = Callable[[dict[str, Any]], None]
 
 # A split's training positives on the device: users, items, confidences (None when
-# train.confidence is none), and the negative sampler that knows them.
-EpochSource = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, NegativeSampler]
+# train.confidence is none), the items that preceded each positive (None when model.context
+# is 0), and the negative sampler that knows them.
+EpochSource = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, NegativeSampler
+]
 
 
 @dataclass(frozen=True)
@@ -197,16 +200,19 @@ def train_step(
     weight: torch.Tensor | None = None,
     amp: bool = False,
     loss_kind: Literal["bce", "softmax"] = "bce",
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One optimisation step on a batch; returns the detached mean loss.
 
     bce: (B,) pairs with their 0/1 targets `y`. softmax: (B,) positives, each the target class
     among the whole catalog's logits (`y` unused). With `weight` ((B,) row weights), the loss
     is sum(w * l) / sum(w): a weighted mean, so confidences change the balance between rows,
-    not the step size. The benchmarks time this same function on ready-made batches.
+    not the step size. `context` ((B, k) items before each row's positive) goes to a model with
+    model.context. The benchmarks time this same function on ready-made batches.
     """
+    extra = {} if context is None else {"context": context}
     with torch.autocast(u.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = (net(u, i) if loss_kind == "bce" else net(u)).float()
+        logits = (net(u, i, **extra) if loss_kind == "bce" else net(u, **extra)).float()
     if loss_kind == "bce":
         if weight is None:
             loss = F.binary_cross_entropy_with_logits(logits, y)
@@ -262,6 +268,12 @@ class Trainer:
                         "data.columns.rating, or set train.confidence=none)"
                     )
                 _check_ratings(rating)
+        if cfg.model.context and data.train.timestamp is None:
+            raise ConfigError(
+                f"model.context={cfg.model.context} orders each user's interactions by time, "
+                f"but {data.source} has no timestamp column (map one with "
+                "data.columns.timestamp, or set model.context=0)"
+            )
         self.monitor = cfg.train.monitor
         self.valid_ks = sorted({int(self.monitor.partition("@")[2]), *cfg.eval.ks})
         self.run_data = run_data(data)
@@ -274,7 +286,7 @@ class Trainer:
         return self.data.train if which == "train" else self.data.train_full
 
     def _epoch_source(self, which: str) -> EpochSource:
-        """(users, items, confidences or None, sampler) of a split, on the device."""
+        """(users, items, confidences, contexts, sampler) of a split, on the device."""
         if which not in self._tensors:
             self._tensors.clear()  # stages run all on "train", then all on "full": keep one
             inter = self._split(which)
@@ -291,7 +303,9 @@ class Trainer:
                     inter.rating, t.confidence, t.confidence_alpha, t.confidence_epsilon
                 )
                 weights = to_device(conf, self.device)
-            self._tensors[which] = (users, items, weights, sampler)
+            k = self.cfg.model.context
+            context = to_device(inter.previous_items(k), self.device) if k else None
+            self._tensors[which] = (users, items, weights, context, sampler)
         return self._tensors[which]
 
     # -- models and optimisers ---------------------------------------------------------------
@@ -312,6 +326,8 @@ class Trainer:
             gmf, mlp = (self._completed_model(name) for name in stage.init_from)
             assert isinstance(gmf, GMF) and isinstance(mlp, MLP)
             model.load_pretrained(gmf, mlp, self.cfg.train.pretrain.alpha)
+        if isinstance(model, MF) and model.context:  # scores after this stage use its data
+            model.set_latest(self._split(stage.data).latest_items(model.context))
         return model
 
     def _completed_model(self, stage_name: str) -> RecModel:
@@ -354,7 +370,7 @@ class Trainer:
     ) -> tuple[float, int, float]:
         """One epoch of this rank's share; `net` is the module to step through (DDP's wrapper
         around `model` when distributed). Returns (mean loss, samples, seconds) of this rank."""
-        users, items, weights, sampler = self._epoch_source(stage.data)
+        users, items, weights, context, sampler = self._epoch_source(stage.data)
         t = self.cfg.train
         # softmax batches are positives only: the whole catalog is every row's negatives
         negatives = t.num_negatives if t.loss == "bce" else 0
@@ -369,6 +385,7 @@ class Trainer:
             batch_size=t.batch_size,
             generator=generator,
             weights=weights,
+            context=context,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
@@ -379,9 +396,12 @@ class Trainer:
         seen = 0
         quiet = not t.progress or not self.dist.is_main
         bar = tqdm(total=n_batches, desc=desc, leave=False, disable=quiet, unit="batch")
-        for step, (u, i, y, *w) in enumerate(batches):
-            weight = w[0] if w else None
-            loss = train_step(net, optimizers, u, i, y, weight, amp=self.amp, loss_kind=t.loss)
+        for step, (u, i, y, *rest) in enumerate(batches):
+            weight = rest[0] if weights is not None else None
+            ctx = rest[-1] if context is not None else None
+            loss = train_step(
+                net, optimizers, u, i, y, weight, amp=self.amp, loss_kind=t.loss, context=ctx
+            )
             if weight is None:
                 total_loss += loss * len(y)
             else:  # the epoch's loss is the weighted mean its steps minimised

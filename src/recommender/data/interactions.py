@@ -208,6 +208,48 @@ class Interactions:
         """(row, item) coordinates of the seen items of `users`, row indexing into `users`."""
         return csr_rows(*self.csr(), users)
 
+    def _time_order(self) -> np.ndarray:
+        """Row order by user, then time (ties: the larger item index is later, as in
+        splits.leave_last_out, so a user's latest row here is the one that split holds out)."""
+        if self.timestamp is None:
+            raise DataError(
+                "model.context needs timestamps to order each user's interactions; this data "
+                "has none (map data.columns.timestamp, or set model.context=0)"
+            )
+        return np.lexsort((self.item_idx, self.timestamp, self.user_idx))
+
+    def previous_items(self, k: int) -> np.ndarray:
+        """(len(self), k) for each row, the same user's k items just before it, latest first;
+        n_items pads where the user has fewer. Training context: what preceded each positive.
+
+        Example:
+            >>> inter = Interactions(np.array([0, 0, 0]), np.array([2, 0, 1]), 1, 3,
+            ...                      timestamp=np.array([30, 10, 20]))
+            >>> inter.previous_items(2).tolist()
+            [[1, 0], [3, 3], [0, 3]]
+        """
+        order = self._time_order()
+        users, items = self.user_idx[order], self.item_idx[order]
+        out = np.full((len(self), k), self.n_items, dtype=np.int64)
+        for lag in range(1, min(k, len(self) - 1) + 1):  # k iterations, each vectorized
+            rows = np.flatnonzero(users[lag:] == users[:-lag]) + lag
+            out[order[rows], lag - 1] = items[rows - lag]
+        return out
+
+    def latest_items(self, k: int) -> np.ndarray:
+        """(n_users, k) each user's k latest items, latest first, n_items padding: the
+        context a model scores with after training on these interactions."""
+        order = self._time_order()
+        users, items = self.user_idx[order], self.item_idx[order]
+        out = np.full((self.n_users, k), self.n_items, dtype=np.int64)
+        ends = np.flatnonzero(np.r_[users[1:] != users[:-1], True]) if len(self) else order
+        for lag in range(min(k, len(self))):
+            rows = ends - lag
+            ok = rows >= 0
+            ok[ok] = users[rows[ok]] == users[ends[ok]]
+            out[users[ends[ok]], lag] = items[rows[ok]]
+        return out
+
 
 def csr_rows(
     indptr: np.ndarray, items: np.ndarray, users: np.ndarray

@@ -163,6 +163,7 @@ def epoch_batches(
     batch_size: int,
     generator: torch.Generator,
     weights: None = None,
+    context: None = None,
     rank: int = 0,
     world_size: int = 1,
     chunk: int = EPOCH_CHUNK,
@@ -176,11 +177,12 @@ def epoch_batches(
     num_negatives: int,
     batch_size: int,
     generator: torch.Generator,
-    weights: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
     rank: int = 0,
     world_size: int = 1,
     chunk: int = EPOCH_CHUNK,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+) -> Iterator[tuple[torch.Tensor, ...]]: ...
 def epoch_batches(
     users: torch.Tensor,
     items: torch.Tensor,
@@ -190,11 +192,13 @@ def epoch_batches(
     batch_size: int,
     generator: torch.Generator,
     weights: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
     rank: int = 0,
     world_size: int = 1,
     chunk: int = EPOCH_CHUNK,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Yield (user_idx, item_idx, label[, weight]) batches: one epoch's positives, new negatives.
+    """Yield (user_idx, item_idx, label[, weight][, context]) batches: one epoch's positives,
+    new negatives.
 
     One permutation orders the positives; each chunk of `chunk` positives gets its negatives
     and is shuffled with them, so a batch mixes positives and negatives of many users while
@@ -204,7 +208,9 @@ def epoch_batches(
     confidence) each batch carries a 4th tensor, the row weights: the positive's own, 1 for a
     negative. The weights follow the same permutations and draw no random numbers, so the
     first three tensors are those of the same epoch without weights; without them nothing
-    extra is built.
+    extra is built. `context` ((P, k) items, the ones that preceded each positive) works the
+    same way and comes last: a negative gets its positive's context, as it is scored in the
+    same situation.
 
     With `world_size > 1` each rank takes a disjoint, equal-sized share of the positives (the
     same permutation on every rank, as the generator is seeded identically), so ranks step in
@@ -218,6 +224,10 @@ def epoch_batches(
     if weights is not None and weights.shape != users.shape:
         raise DataError(
             f"weights has shape {tuple(weights.shape)}; it must match the {len(users)} positives"
+        )
+    if context is not None and context.shape[0] != len(users):
+        raise DataError(
+            f"context has {context.shape[0]} rows; it must match the {len(users)} positives"
         )
     device = sampler.device
     perm = torch.randperm(len(users), generator=generator, device=device)
@@ -244,6 +254,10 @@ def epoch_batches(
         if weights is not None:
             ones = torch.ones(negatives.numel(), dtype=weights.dtype, device=device)
             block.append(torch.cat([weights[part], ones])[order])
+        if context is not None:
+            pos_context = context[part]
+            repeated = pos_context.repeat_interleave(num_negatives, dim=0)
+            block.append(torch.cat([pos_context, repeated])[order])
         if carry:  # the previous chunk's tail, too short for a batch of its own
             block = [torch.cat([a, b]) for a, b in zip(carry, block, strict=True)]
         last = lo + chunk >= len(perm)

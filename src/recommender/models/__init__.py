@@ -18,7 +18,7 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, sparse: bool = Fal
     if cfg.name == "gmf":
         return GMF(n_users, n_items, cfg.embedding_dim, sparse)
     if cfg.name == "mf":
-        return MF(n_users, n_items, cfg.embedding_dim, sparse)
+        return MF(n_users, n_items, cfg.embedding_dim, sparse, cfg.context)
     if cfg.name == "mlp":
         return MLP(n_users, n_items, cfg.mlp_layers, cfg.dropout, sparse)
     if cfg.name == "neumf":

@@ -1,7 +1,16 @@
-"""Dot-product matrix factorisation with biases (the baseline of Rendle et al. 2020)."""
+"""Dot-product matrix factorisation with biases (the baseline of Rendle et al. 2020), and, with
+`context` > 0, a factorised Markov term over the user's latest items (FPMC, Rendle et al. 2010).
+
+The Markov term scores item i by how well it follows what the user did last: c_u · t_i, where
+c_u is the mean context embedding of the user's k latest items. It is one more block of the
+dot product, so the catalog is still scored by one matmul and ANN retrieval still applies.
+During training each positive sees the k items that preceded it (passed as `context`); after
+training every user's k latest items are kept in the `latest` buffer, saved with the weights.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -9,11 +18,15 @@ from recommender.models.base import RecModel, init_embedding
 
 
 class MF(RecModel):
-    """logit(u, i) = p_u · q_i + b_u + b_i + b."""
+    """logit(u, i) = p_u · q_i + b_u + b_i + b  (+ c_u · t_i with context)."""
 
-    def __init__(self, n_users: int, n_items: int, dim: int, sparse: bool = False) -> None:
+    latest: torch.Tensor  # (n_users, context) buffer, with context only
+
+    def __init__(
+        self, n_users: int, n_items: int, dim: int, sparse: bool = False, context: int = 0
+    ) -> None:
         super().__init__()
-        self.n_users, self.n_items = n_users, n_items
+        self.n_users, self.n_items, self.context = n_users, n_items, context
         self.user_emb = nn.Embedding(n_users, dim, sparse=sparse)
         self.item_emb = nn.Embedding(n_items, dim, sparse=sparse)
         self.user_bias = nn.Embedding(n_users, 1, sparse=sparse)
@@ -23,30 +36,77 @@ class MF(RecModel):
         init_embedding(self.item_emb)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
+        if context:
+            # Row n_items stands for "no earlier item" and stays zero (padding_idx: no gradient).
+            self.context_emb = nn.Embedding(n_items + 1, dim, padding_idx=n_items, sparse=sparse)
+            self.target_emb = nn.Embedding(n_items, dim, sparse=sparse)
+            init_embedding(self.context_emb)
+            init_embedding(self.target_emb)
+            with torch.no_grad():
+                self.context_emb.weight[n_items].zero_()
+            self.register_buffer("latest", torch.full((n_users, context), n_items))
 
-    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def set_latest(self, latest: np.ndarray) -> None:
+        """Keep each user's latest items ((n_users, context), Interactions.latest_items) as
+        the context of every later score."""
+        self.latest.copy_(torch.from_numpy(latest))
+
+    def context_vector(
+        self, user_idx: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) users [, (B, k) item contexts] -> (B, d) mean embedding of the context's items
+        (zero for a user with none); without `context`, the users' latest items."""
+        items = self.latest[user_idx] if context is None else context  # (B, k)
+        present = (items != self.n_items).unsqueeze(-1)  # (B, k, 1)
+        total = (self.context_emb(items) * present).sum(1)  # padding masked, whatever its row
+        return total / present.sum(1).clamp(min=1)
+
+    def user_vectors(
+        self, user_idx: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) -> (B, d) or, with context, (B, 2d): the user side of the dot product."""
+        p = self.user_emb(user_idx)
+        return torch.cat([p, self.context_vector(user_idx, context)], 1) if self.context else p
+
+    def item_vectors(self) -> torch.Tensor:
+        """(n_items, d) or, with context, (n_items, 2d): the item side of the dot product."""
+        q = self.item_emb.weight
+        return torch.cat([q, self.target_emb.weight], 1) if self.context else q
+
+    def forward(
+        self,
+        user_idx: torch.Tensor,
+        item_idx: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B,) logits of the pairs, or with no `item_idx` (B, n_items): the whole catalog
-        (train.loss=softmax, called through DDP's wrapper so gradients are synchronised)."""
+        (train.loss=softmax, called through DDP's wrapper so gradients are synchronised).
+        `context` ((B, k) items, n_items padding) replaces the users' latest items."""
+        users = self.user_vectors(user_idx, context)
         if item_idx is None:
-            return self._score_cached(user_idx, self.item_cache())
-        p, q = self.user_emb(user_idx), self.item_emb(item_idx)  # (B, d)
+            items, item_bias = self.item_cache()
+            return users @ items.T + item_bias + self.user_bias(user_idx)
+        q = self.item_emb(item_idx)
+        if self.context:
+            q = torch.cat([q, self.target_emb(item_idx)], 1)
         bias = self.user_bias(user_idx) + self.item_bias(item_idx)  # (B, 1)
-        return (p * q).sum(-1) + bias.squeeze(-1) + self.bias
+        return (users * q).sum(-1) + bias.squeeze(-1) + self.bias
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
-        return self.item_emb.weight, self.item_bias.weight.squeeze(-1) + self.bias
+        return self.item_vectors(), self.item_bias.weight.squeeze(-1) + self.bias
 
     def _score_cached(
         self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
         items, item_bias = cache
-        return self.user_emb(user_idx) @ items.T + item_bias + self.user_bias(user_idx)
+        return self.user_vectors(user_idx) @ items.T + item_bias + self.user_bias(user_idx)
 
     def item_representation(self) -> torch.Tensor:
         return self.item_emb.weight
 
     def retrieval_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        every = torch.arange(self.n_users, device=self.bias.device)
         ones = torch.ones(self.n_users, 1, device=self.bias.device)
-        users = torch.cat([self.user_emb.weight, ones], 1)
-        items = torch.cat([self.item_emb.weight, self.item_bias.weight], 1)
+        users = torch.cat([self.user_vectors(every), ones], 1)
+        items = torch.cat([self.item_vectors(), self.item_bias.weight], 1)
         return users, items
