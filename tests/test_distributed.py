@@ -75,20 +75,28 @@ def test_ranks_share_the_permutation_but_not_the_negatives(rng):
     assert not np.array_equal(neg[0] % 200, neg[1] % 200)
 
 
-def _hr10(run: Path, capsys) -> tuple[float, float]:
+def _hr10(run: Path, capsys, model: str) -> tuple[float, float]:
     code, text, err = run_cli(["evaluate", "--run", str(run), "--json"], capsys)
     assert code == 0, err
     res = json.loads(text)["results"]
-    return res["gmf/full"]["metrics"]["hr@10"], res["popularity/full"]["metrics"]["hr@10"]
+    return res[f"{model}/full"]["metrics"]["hr@10"], res["popularity/full"]["metrics"]["hr@10"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["bce", "softmax"])
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [
+        ("gmf", []),
+        ("gmf", ["train.loss=softmax"]),
+        ("mf", ["train.loss=softmax", "model.context=2"]),
+    ],
+)
 def test_two_process_ddp_matches_single_process_and_loads_alone(
-    planted_csv: Path, tmp_path: Path, capsys, loss: str
+    planted_csv: Path, tmp_path: Path, capsys, model: str, extra: list[str]
 ):
-    sets = [f"--set={s}" for s in [*FAST, "train.epochs=8", f"train.loss={loss}"]]
-    common = ["train", "--data", str(planted_csv), "--model", "gmf", *sets]
+    """Both losses, and the Markov term's context rows and latest-items buffer under DDP."""
+    sets = [f"--set={s}" for s in [*FAST, "train.epochs=8", *extra]]
+    common = ["train", "--data", str(planted_csv), "--model", model, *sets]
     single = tmp_path / "single"
     code, _, err = run_cli([*common, "--out", str(single)], capsys)
     assert code == 0, err
@@ -107,12 +115,12 @@ def test_two_process_ddp_matches_single_process_and_loads_alone(
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("trained gmf") == 1  # rank 0 alone reports and writes
+    assert proc.stdout.count(f"trained {model}") == 1  # rank 0 alone reports and writes
 
     records = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
     assert records and all(r["world_size"] == 2 for r in records)
     assert all(r["train_samples"] == 2 * r["samples_per_rank"] for r in records)
-    assert [r["epoch"] for r in records if r["stage"] == "select/gmf"] == list(range(1, 9))
+    assert [r["epoch"] for r in records if r["stage"] == f"select/{model}"] == list(range(1, 9))
 
     state = load_checkpoint(ddp / "best.pt")["state_dict"]
     assert not any(key.startswith("module.") for key in state)
@@ -120,7 +128,7 @@ def test_two_process_ddp_matches_single_process_and_loads_alone(
     items, _ = rec.recommend(rec.users.ids[0], k=5)
     assert len(items) == 5
 
-    hr_ddp, pop = _hr10(ddp, capsys)
-    hr_single, _ = _hr10(single, capsys)
+    hr_ddp, pop = _hr10(ddp, capsys, model)
+    hr_single, _ = _hr10(single, capsys, model)
     assert abs(hr_ddp - hr_single) <= 0.1, (hr_ddp, hr_single)
     assert hr_ddp > pop + 0.2
