@@ -1,7 +1,8 @@
 """Fold-in integrated gradients: the local model is the model, and attributions are faithful.
 
 Every model that has user vectors is trained on the planted clusters (conftest) for a few
-epochs, with BCE; GMF and MF also with the full softmax, the fold-in then following that loss.
+epochs, with BCE; GMF and MF also with the full softmax, the fold-in then following that loss,
+and MF with its Markov term over the latest items (model.context) too.
 A faithful attribution is checked the way the issue asks: refolding the user without the three
 history items with the largest weights lowers the folded score more than refolding without
 three random ones, for every (user, recommended item) pair tested.
@@ -23,7 +24,7 @@ from recommender.cli import main
 from recommender.config import ModelConfig
 from recommender.explain import Attribution, FoldIn, UserFold, supports
 from recommender.inference import Recommender
-from recommender.models import Popularity, build_model
+from recommender.models import MF, Popularity, build_model
 from recommender.utils import RecommenderError
 
 # Epochs that learn the planted clusters in about a second each (no refit stage).
@@ -33,18 +34,36 @@ SOFTMAX_STEPS = 30
 USERS = range(0, 160, 20)  # 8 users
 TOP = 3  # recommended items explained per user, and history items removed
 DRAWS = 10  # random removals averaged per pair
+CONTEXT = 3  # latest items of MF's Markov term
 
 
-@pytest.fixture(scope="module", params=["gmf", "mf", "mlp", "neumf", "gmf-softmax", "mf-softmax"])
+@pytest.fixture(scope="module")
+def context_run(planted_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MF with the Markov term, trained with the full softmax: the planted data's timestamps
+    order each user's items, and its latest items share the user's cluster."""
+    out = tmp_path_factory.mktemp("explain") / "mf-context"
+    args = ["train", "--data", str(planted_csv), "--model", "mf", "--out", str(out)]
+    settings = [*FAST, f"train.epochs={EPOCHS['mf']}", "train.refit=false"]
+    settings += [f"model.context={CONTEXT}", "train.loss=softmax"]
+    assert main(args + [f"--set={s}" for s in settings]) == 0
+    return out
+
+
+@pytest.fixture(
+    scope="module",
+    params=["gmf", "mf", "mlp", "neumf", "gmf-softmax", "mf-softmax", "mf-context"],
+)
 def rec(
     request: pytest.FixtureRequest,
     gmf_run: Path,
     planted_csv: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Recommender:
-    name, _, loss = request.param.partition("-")
-    if loss:
+    name, _, variant = request.param.partition("-")
+    if variant == "softmax":
         return softmax_trained(Recommender.from_run(gmf_run), name)
+    if variant == "context":
+        return Recommender.from_run(request.getfixturevalue("context_run"))
     if name == "gmf":
         return Recommender.from_run(gmf_run)
     out = tmp_path_factory.mktemp("explain") / name
@@ -105,7 +124,7 @@ def test_the_local_model_scores_like_the_model(rec: Recommender):
     side = FoldIn(rec.model).side
     users = torch.arange(len(rec.users))
     expected = rec.model.score_all(users)
-    torch.testing.assert_close(side.logits(side.trained), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(side.trained_logits(users), expected, atol=1e-4, rtol=1e-4)
     theta = side.trained[:3] + 0.3 * torch.randn(3, side.trained.shape[1])
     theta.requires_grad_(True)
     logits, jacobian = side.jacobian(theta.detach())
@@ -191,8 +210,8 @@ def test_removing_the_top_weighted_items_lowers_the_score_most(attributions):
             for draw in range(DRAWS):
                 removed = torch.from_numpy(rng.choice(n_history, TOP, replace=False))
                 alpha[len(targets) + row * DRAWS + draw, removed] = 0
-        scores = torch.sigmoid(fold.logits(fold.fold(alpha)))[:, targets]  # (rows, T)
-        full = torch.sigmoid(fold.logits(fold.full))[0, targets]
+        scores = torch.sigmoid(fold.explained_logits(alpha))[:, targets]  # (rows, T)
+        full = torch.sigmoid(fold.explained_logits(torch.ones(1, n_history)))[0, targets]
         drop_top = full - scores[: len(targets)].diagonal()
         random = scores[len(targets) :].view(len(targets), DRAWS, len(targets))
         drop_random = full - random.diagonal(dim1=0, dim2=2).mean(0)
@@ -239,6 +258,83 @@ def test_bad_input_is_a_clear_error(rec: Recommender):
         FoldIn(rec.model, negative_weights=torch.ones(3))
     with pytest.raises(RecommenderError, match="loss must be 'bce' or 'softmax'"):
         FoldIn(rec.model, loss="hinge")  # type: ignore[arg-type]
+
+
+def test_the_markov_term_is_attributed_exactly_to_the_latest_items():
+    """An MF whose score is biases plus the Markov term (no item embeddings, so the history
+    cannot move the softmax fold-in): each latest item's weight is its share of the Markov
+    term times the mean slope of the sigmoid along the path, every other item's is 0, and the
+    score is the model's. A latest item outside the history counts neither in the weights nor
+    in the score, and the others keep their share (1 / n over all n latest items)."""
+    n_items = 30
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = ModelConfig(name="mf", embedding_dim=8, context=CONTEXT)
+        model = build_model(config, 4, n_items)
+        assert isinstance(model, MF)
+        with torch.no_grad():
+            model.item_emb.weight.zero_()
+            model.item_bias.weight.normal_(std=1.0)
+            model.context_emb.weight[:n_items].normal_(std=0.7)
+            model.target_emb.weight.normal_(std=0.7)
+    pad = n_items
+    model.set_latest(np.array([[3, 7, pad], [5, 12, 20], [pad] * 3, [pad] * 3]))
+    fold_in = FoldIn(model, loss="softmax")
+    context = model.context_emb.weight.detach().double()
+    target = model.target_emb.weight.detach().double()
+    base = (model.item_bias.weight[:, 0] + model.bias).detach().double()  # the mean user's
+    t = torch.linspace(0, 1, 20001, dtype=torch.float64)[:, None]
+    # (user, history, its latest items in the history, those not in it)
+    cases = [(0, [1, 3, 7, 9], [3, 7], []), (1, [2, 5, 8, 12], [5, 12], [20])]
+    for user, history, latest, missing in cases:
+        why = fold_in.user(user, np.array(history)).attribute(torch.arange(n_items))
+        shares = context[latest] @ target.T / (len(latest) + len(missing))  # (n, N)
+        slope = torch.sigmoid(base + t * shares.sum(0))
+        mean_slope = torch.trapezoid(slope * (1 - slope), t, dim=0)  # (N,)
+        found = torch.tensor([history.index(item) for item in latest])
+        expected = (shares * mean_slope).T  # (N, n)
+        torch.testing.assert_close(why.weights[:, found].double(), expected, atol=1e-5, rtol=1e-3)
+        others = torch.ones(len(history), dtype=torch.bool)
+        others[found] = False
+        assert float(why.weights[:, others].abs().max()) < 1e-5
+        trained = model.score_all(torch.tensor([user]))[0].detach().double()
+        left_out = (context[missing] @ target.T / CONTEXT).sum(0)
+        torch.testing.assert_close(why.score.double(), torch.sigmoid(trained - left_out))
+        torch.testing.assert_close(why.baseline.double(), torch.sigmoid(base))
+        if not missing:  # the folded user is the trained one
+            assert why.fidelity > 0.999
+
+
+def test_a_latest_item_that_predicts_an_item_supports_it_most(context_run: Path):
+    """On the trained MF with context, one of a user's latest items is made to predict an
+    item of another cluster (its target embedding along the item's context embedding): that
+    latest item becomes the item's top supporting item in serving's explanation, which it is
+    not before."""
+    rec = Recommender.from_run(context_run)
+    model = copy.deepcopy(rec.model)
+    assert isinstance(model, MF)
+    user = USERS[1]
+    history = rec.history_of(user)
+    latest = int(model.latest[user, 0])
+    target = next(
+        item
+        for item in range(len(rec.items))
+        if item % N_CLUSTERS != latest % N_CLUSTERS and item not in history
+    )
+    user_id = rec.users.to_ids(np.array([user]))[0]
+    item_id, latest_id = rec.items.to_ids(np.array([target, latest]))
+    before = rec.explain(user_id, item_id, n=1)
+    with torch.no_grad():
+        context = model.context_emb.weight[latest]
+        model.target_emb.weight[target] = 6 * CONTEXT * context / context.dot(context)
+    changed = Recommender(
+        model, rec.users, rec.items, rec.indptr, rec.history, rec.item_counts, rec.meta
+    )
+    after = changed.explain(user_id, item_id, n=1)
+    assert before.supporting_items[:1] != [str(latest_id)]
+    assert after.supporting_items[:1] == [str(latest_id)]
+    assert after.score is not None and before.score is not None
+    assert after.score > before.score
 
 
 def test_popularity_has_nothing_to_fold_in():
