@@ -75,7 +75,13 @@ PROTOCOLS = {
     ),
 }  # fmt: skip
 # Model variants beyond the five model names: (model, extra overrides)
-VARIANTS = {"neumf-scratch": ("neumf", ("train.pretrain.enabled=false",))}
+VARIANTS = {
+    "neumf-scratch": ("neumf", ("train.pretrain.enabled=false",)),
+    # MF with the Markov term over the 3 latest items, chosen on ml-100k-loo's validation split
+    # (docs/BENCHMARKS.md): what configs/next-item.yaml holds.
+    "mf-context": ("mf", ("model.context=3", "train.loss=softmax", "train.lr=1e-3",
+                          "train.weight_decay=1e-5", "train.batch_size=1024", "train.epochs=80")),
+}  # fmt: skip
 
 
 def run(cmd: list[str]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,22 @@ def test_project_config_file_is_valid_if_present():
     assert flat_keys(yaml.safe_load(path.read_text())) == flat_keys(cfg.to_dict())
     # ... and equals the code's defaults, so `recommender train` without --config is the same.
     assert cfg.to_dict() == Config().to_dict()
+
+
+def test_next_item_preset_is_the_benchmarked_variant(monkeypatch: pytest.MonkeyPatch):
+    """configs/next-item.yaml and bench_quality's mf-context variant must not drift apart."""
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "bench_quality", root / "benchmarks" / "bench_quality.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look themselves up
+    spec.loader.exec_module(bench)
+    name, overrides = bench.VARIANTS["mf-context"]
+    preset = load_config(root / "configs" / "next-item.yaml")
+    assert preset.model.context == 3
+    assert preset.to_dict() == load_config(None, [f"model.name={name}", *overrides]).to_dict()
 
 
 def flat_keys(tree: dict, prefix: str = "") -> set[str]:
