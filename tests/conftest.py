@@ -174,6 +174,28 @@ def gmf_run(planted_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
+@pytest.fixture(scope="session")
+def walks_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MF with the Markov term (model.context=2, full softmax) trained on `sequential_frame`."""
+    folder = tmp_path_factory.mktemp("walks")
+    path = write_csv(sequential_frame(), folder / "walks.csv")
+    settings = [*FAST, "model.context=2", "train.loss=softmax", "train.batch_size=256"]
+    settings += ["train.epochs=15", "train.lr=0.01"]
+    args = ["train", "--data", str(path), "--model", "mf", "--out", str(folder / "run")]
+    assert main(args + [f"--set={s}" for s in settings]) == 0
+    return folder / "run"
+
+
+def walk_successors() -> dict[str, str]:
+    """Raw item id -> the raw id that follows it in every walk of `sequential_frame()`."""
+    frame = sequential_frame()
+    nxt = frame.groupby("user_id")["item_id"].shift(-1)
+    pairs = frame.assign(nxt=nxt).dropna()
+    return dict(
+        zip(pairs["item_id"].astype(str), pairs["nxt"].astype(int).astype(str), strict=True)
+    )
+
+
 class FixedScores(RecModel):
     """A model whose logits are a given (n_users, n_items) matrix: a known answer for metrics."""
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import walk_successors
 from recommender.inference import ATTRIBUTION, Explanation, Recommender
 from recommender.models import Popularity
 from recommender.utils import RecommenderError
@@ -196,3 +197,41 @@ def test_similar_to_items_excludes_the_given_items(rec: Recommender):
         rec.similar_to_items(["15", "nope"])
     with pytest.raises(RecommenderError, match="at least one"):
         rec.similar_to_items([])
+
+
+def test_recommend_next_follows_the_recent_items(walks_run: Path):
+    """On walks through one fixed cycle, what follows two steps of a walk is the next step: an
+    anonymous session gets it first, and so does a known user whose recent items are given (in
+    place of the latest items stored at training)."""
+    rec = Recommender.from_run(walks_run)
+    after = walk_successors()
+    walks = [[i, after[i]] for i in rec.items.to_list()[:40]]  # oldest first
+    first = [rec.recommend_next(walk, k=1)[0][0] for walk in walks]
+    assert np.mean([f == after[w[1]] for f, w in zip(first, walks, strict=True)]) > 0.9
+    user = "u10"
+    seen = history_ids(rec, user)
+    fresh = [w for w in walks if not {*w, after[w[1]]} & seen][:10]
+    assert len(fresh) == 10
+    everything = len(rec.items)
+    stored = rec.recommend(user, k=everything)[0].tolist()  # with the latest items of training
+    given = [rec.recommend_next(w, k=everything, user_id=user)[0].tolist() for w in fresh]
+    rank_given = [g.index(after[w[1]]) for g, w in zip(given, fresh, strict=True)]
+    rank_stored = [stored.index(after[w[1]]) for w in fresh]
+    # the user's own taste still counts, but the given walk lifts its next step to the top few
+    assert np.median(rank_given) <= 2 and np.median(rank_stored) > 20, (rank_given, rank_stored)
+    ranked, scores = rec.recommend_next(fresh[0], k=len(rec.items), user_id=user)
+    kept = [i for i in ranked.tolist() if i is not None]
+    assert not set(kept) & (seen | set(fresh[0]))  # history and the recent items are left out
+    assert np.all(np.diff(scores[: len(kept)]) <= 0)
+
+
+def test_recommend_next_needs_a_context_run_and_known_items(walks_run: Path, rec: Recommender):
+    with pytest.raises(RecommenderError, match=r"needs a run trained with model\.context"):
+        rec.recommend_next(["15"])
+    walks = Recommender.from_run(walks_run)
+    with pytest.raises(RecommenderError, match="unknown item 'nope'"):
+        walks.recommend_next(["15", "nope"])
+    with pytest.raises(RecommenderError, match="recent_item_ids is empty"):
+        walks.recommend_next([])
+    with pytest.raises(RecommenderError, match="k must be >= 1"):
+        walks.recommend_next(["15"], k=0)

@@ -24,6 +24,7 @@ import torch
 from fastapi.testclient import TestClient
 
 import recommender
+from conftest import walk_successors
 from recommender.cli import main
 from recommender.inference import Recommender
 from recommender.serving import ServeSettings, create_app
@@ -167,6 +168,21 @@ def test_session_is_answered_by_item_similarity(client: TestClient, rec: Recomme
     ids = [i["item_id"] for i in result["items"]]
     assert ids == rec.similar_to_items(["15", "95"], k=5)[0].tolist()
     assert not {"15", "95"} & set(ids)
+
+
+def test_session_of_a_context_run_is_answered_by_what_follows(walks_run: Path):
+    """A model.context run answers a session with its Markov term: next steps of the walks."""
+    rec = Recommender.from_run(walks_run)
+    after = walk_successors()
+    with TestClient(create_app(walks_run)) as c:
+        for item in rec.items.to_list()[:5]:
+            session = [item, after[item]]  # oldest first
+            body = c.post("/v1/recommendations", json={"session_item_ids": session, "k": 3})
+            result = body.json()["results"][0]
+            ids = [i["item_id"] for i in result["items"]]
+            assert result["fallback"] is None and not set(session) & set(ids)
+            assert ids == rec.recommend_next(session, k=3)[0].tolist()
+            assert ids[0] == after[after[item]]
 
 
 def test_session_on_a_popularity_model_falls_back(pop_run: Path):

@@ -11,6 +11,7 @@ Example:
     >>> items, scores = rec.recommend("196", k=10)                 # (10,), (10,)
     >>> items, scores = rec.recommend(["196", "186"], k=10)        # (2, 10), (2, 10)
     >>> whys = rec.explain_many("196", items, n=3)                 # one Explanation per item
+    >>> items, scores = rec.recommend_next(["50", "181"], user_id="196")  # model.context runs
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.explain import FoldIn, supports
-from recommender.models import Popularity, RecModel, build_model
+from recommender.models import MF, Popularity, RecModel, build_model
 from recommender.utils import RecommenderError, load_checkpoint
 
 UserIds = str | int | Sequence[str | int] | np.ndarray
@@ -192,13 +193,64 @@ class Recommender:
         if exclude_seen:
             rows, cols = self._seen_coordinates(user_idx)
             scores[rows, cols] = -torch.inf
+        item_ids, top_scores = self._top(scores, k)
+        return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
+
+    def _top(self, scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(U, n_items) scores, -inf for excluded items -> (U, k) item ids and scores; None and
+        NaN where fewer than k items are left."""
         top = torch.topk(scores, min(k, len(self.items)), dim=1)
         top_scores: np.ndarray = top.values.cpu().numpy()
         item_ids = self.items.to_ids(top.indices).astype(object)
         empty = ~np.isfinite(top_scores)
         item_ids[empty] = None
         top_scores[empty] = np.nan
-        return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
+        return item_ids, top_scores
+
+    @torch.no_grad()
+    def recommend_next(
+        self,
+        recent_item_ids: Sequence[str | int],
+        k: int = 10,
+        user_id: str | int | None = None,
+        exclude_seen: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of what comes after `recent_item_ids` (oldest first), for a run trained with
+        model.context: its Markov term reads the last `context` of them in place of the latest
+        items stored at training, so a list follows what the user does now without retraining.
+
+        With a known `user_id` the user's own vector adds their long-term taste (and, with
+        `exclude_seen`, their training history is left out); without one, or for an unknown
+        id, the mean trained user stands in: an anonymous session. The recent items are left
+        out with `exclude_seen`. Returns (k,) item ids and (k,) scores, as `recommend` for one
+        user.
+        """
+        model = self.model
+        if not isinstance(model, MF) or not model.context:
+            raise RecommenderError(
+                f"recommend_next needs a run trained with model.context; this {self.model_name} "
+                "run scores no recent items"
+            )
+        if k < 1:
+            raise RecommenderError(f"k must be >= 1, got {k}")
+        if not len(recent_item_ids):
+            raise RecommenderError("recent_item_ids is empty")
+        recent = self.items.index([str(x) for x in recent_item_ids])
+        latest = recent[::-1][: model.context]  # latest first, as training ordered them
+        context = np.full((1, model.context), len(self.items), dtype=np.int64)
+        context[0, : len(latest)] = latest
+        user_idx = self.users.lookup([str(user_id)]) if user_id is not None else np.array([-1])
+        known = bool(user_idx[0] >= 0)
+        users = torch.from_numpy(user_idx).to(self.device) if known else None
+        logits = model.score_after(torch.from_numpy(context).to(self.device), users)
+        scores = torch.sigmoid(logits.float())
+        if exclude_seen:
+            scores[0, torch.from_numpy(recent).to(self.device)] = -torch.inf
+            if known:
+                rows, cols = self._seen_coordinates(user_idx)
+                scores[rows, cols] = -torch.inf
+        item_ids, top_scores = self._top(scores, k)
+        return item_ids[0], top_scores[0]
 
     def _seen_coordinates(self, user_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         known_rows = np.flatnonzero(user_idx >= 0)

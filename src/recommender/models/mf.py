@@ -51,12 +51,9 @@ class MF(RecModel):
         the context of every later score."""
         self.latest.copy_(torch.from_numpy(latest))
 
-    def context_vector(
-        self, user_idx: torch.Tensor, context: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(B,) users [, (B, k) item contexts] -> (B, d) mean embedding of the context's items
-        (zero for a user with none); without `context`, the users' latest items."""
-        items = self.latest[user_idx] if context is None else context  # (B, k)
+    def context_vector(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, k) items (n_items pads) -> (B, d) the mean of their context embeddings, zero for
+        a row with none."""
         present = (items != self.n_items).unsqueeze(-1)  # (B, k, 1)
         total = (self.context_emb(items) * present).sum(1)  # padding masked, whatever its row
         return total / present.sum(1).clamp(min=1)
@@ -66,7 +63,10 @@ class MF(RecModel):
     ) -> torch.Tensor:
         """(B,) -> (B, d) or, with context, (B, 2d): the user side of the dot product."""
         p = self.user_emb(user_idx)
-        return torch.cat([p, self.context_vector(user_idx, context)], 1) if self.context else p
+        if not self.context:
+            return p
+        items = self.latest[user_idx] if context is None else context  # (B, k)
+        return torch.cat([p, self.context_vector(items)], 1)
 
     def item_vectors(self) -> torch.Tensor:
         """(n_items, d) or, with context, (n_items, 2d): the item side of the dot product."""
@@ -91,6 +91,19 @@ class MF(RecModel):
             q = torch.cat([q, self.target_emb(item_idx)], 1)
         bias = self.user_bias(user_idx) + self.item_bias(item_idx)  # (B, 1)
         return (users * q).sum(-1) + bias.squeeze(-1) + self.bias
+
+    def score_after(
+        self, context: torch.Tensor, user_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, k) items just interacted with (n_items pads) [, (B,) users] -> (B, n_items)
+        logits of what comes next: the users' own vectors with this context in place of their
+        stored latest items or, without users, the mean trained user's (an anonymous session)."""
+        if user_idx is not None:
+            return self(user_idx, None, context)
+        mean_user = self.user_emb.weight.mean(0).expand(len(context), -1)
+        users = torch.cat([mean_user, self.context_vector(context)], 1)
+        items, item_bias = self.item_cache()
+        return users @ items.T + item_bias + self.user_bias.weight.mean()
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         return self.item_vectors(), self.item_bias.weight.squeeze(-1) + self.bias

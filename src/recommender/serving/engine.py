@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from recommender.inference import Recommender
-from recommender.models import Popularity
+from recommender.models import MF, Popularity
 from recommender.serving.retrieval import TwoStageRetriever
 from recommender.serving.settings import ServeSettings
 
@@ -123,14 +123,19 @@ class ServedModel:
         return [r for r in results if r is not None]
 
     def session(self, item_ids: list[str], k: int) -> Ranked:
-        """An anonymous visitor: items most similar to the session's items (item similarity).
+        """An anonymous visitor: what follows the session's items (oldest first) under a
+        model.context run's Markov term, else the items most similar to them (item similarity).
 
         A model without an item space (popularity) answers with the popularity list.
         """
-        if isinstance(self.rec.model, Popularity):
+        model = self.rec.model
+        if isinstance(model, Popularity):
             ids, scores = self.rec.recommend(ANONYMOUS, k=k, exclude_seen=False)
             return _ranked(None, ids, scores, True)
-        ids, scores = self.rec.similar_to_items(item_ids, k=k)
+        if isinstance(model, MF) and model.context:
+            ids, scores = self.rec.recommend_next(item_ids, k=k)
+        else:
+            ids, scores = self.rec.similar_to_items(item_ids, k=k)
         return _ranked(None, ids, scores, False)
 
     def similar(self, item_id: str, k: int) -> Ranked:

@@ -133,7 +133,8 @@ async def user_recommendations(
 async def batch_recommendations(
     body: RecommendationsRequest, served: Served, limits: Settings, registry: Registry
 ) -> RecommendationsResponse:
-    """A batch of users, or an anonymous session answered by item similarity."""
+    """A batch of users, or an anonymous session (what follows its items under a
+    model.context run's Markov term, else item similarity)."""
     if body.user_ids is not None:
         _check_size("user_ids", len(body.user_ids), limits.max_batch)
         ranked = served.recommend(body.user_ids, body.k, body.exclude_seen)

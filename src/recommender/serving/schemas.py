@@ -48,7 +48,8 @@ class RecommendationList(BaseModel):
 
 class RecommendationsRequest(_Body):
     """Either `user_ids` (a batch of known or unknown users) or `session_item_ids` (an
-    anonymous visitor's recent items, answered by item similarity)."""
+    anonymous visitor's recent items, oldest first: answered by what follows them for a run
+    trained with model.context, else by item similarity)."""
 
     user_ids: list[str] | None = Field(None, min_length=1)
     session_item_ids: list[str] | None = Field(None, min_length=1)
