@@ -110,9 +110,9 @@ def train_and_evaluate(
     report = json.loads(
         run([sys.executable, "-m", "recommender", "evaluate", "--run", str(run_dir), "--json"])
     )
-    results = report["results"]
+    results, name = report["results"], report["model"]  # e.g. "mf-context" for a variant
     return {
-        title: results[f"{model}/{where}"]["metrics"][metric]
+        title: results[f"{name}/{where}"]["metrics"][metric]
         for where, metric, title in protocol.metrics
     }
 

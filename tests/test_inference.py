@@ -204,6 +204,7 @@ def test_recommend_next_follows_the_recent_items(walks_run: Path):
     anonymous session gets it first, and so does a known user whose recent items are given (in
     place of the latest items stored at training)."""
     rec = Recommender.from_run(walks_run)
+    assert rec.model_name == "mf-context"  # labelled apart from a plain MF in results
     after = walk_successors()
     walks = [[i, after[i]] for i in rec.items.to_list()[:40]]  # oldest first
     first = [rec.recommend_next(walk, k=1)[0][0] for walk in walks]

@@ -143,7 +143,11 @@ class Recommender:
 
     @property
     def model_name(self) -> str:
-        return str(self.meta.get("model_config", {}).get("name", type(self.model).__name__))
+        """The model's name as results and reports label it; "mf-context" for an MF with the
+        Markov term, so it stands apart from a plain MF next to it."""
+        config = self.meta.get("model_config", {})
+        name = str(config.get("name", type(self.model).__name__))
+        return f"{name}-context" if config.get("context") else name
 
     # -- ids ---------------------------------------------------------------------------------
 
