@@ -185,6 +185,23 @@ def test_session_of_a_context_run_is_answered_by_what_follows(walks_run: Path):
             assert ids[0] == after[after[item]]
 
 
+def test_a_users_recent_items_steer_a_context_runs_list(walks_run: Path):
+    """One user with the items they just interacted with: the list follows those items (the
+    Markov term reads them instead of the latest items stored at training)."""
+    rec = Recommender.from_run(walks_run)
+    after = walk_successors()
+    user = "u10"
+    session = [rec.items.to_list()[60], after[rec.items.to_list()[60]]]
+    with TestClient(create_app(walks_run)) as c:
+        body = {"user_ids": [user], "session_item_ids": session, "k": 5}
+        result = c.post("/v1/recommendations", json=body).json()["results"][0]
+        stored = c.get(f"/v1/users/{user}/recommendations", params={"k": 5}).json()
+    ids = [i["item_id"] for i in result["items"]]
+    assert result["user_id"] == user and result["fallback"] is None
+    assert ids == rec.recommend_next(session, k=5, user_id=user)[0].tolist()
+    assert ids != [i["item_id"] for i in stored["items"]]
+
+
 def test_session_on_a_popularity_model_falls_back(pop_run: Path):
     with TestClient(create_app(pop_run)) as c:
         result = c.post("/v1/recommendations", json={"session_item_ids": ["15"]}).json()
@@ -203,7 +220,9 @@ def test_session_on_a_popularity_model_falls_back(pop_run: Path):
         ({"user_ids": ["u7"], "explain": "maybe"}, 422, "explain"),
         ({"user_ids": ["u7"], "colour": "red"}, 422, "colour"),
         ({}, 422, "body"),
-        ({"user_ids": ["u7"], "session_item_ids": ["15"]}, 422, "body"),
+        ({"user_ids": ["u7", "u10"], "session_item_ids": ["15"]}, 422, "body"),
+        ({"user_ids": ["u7"], "session_item_ids": ["15"], "explain": True}, 422, "body"),
+        ({"user_ids": ["u7"], "session_item_ids": ["15"]}, 409, "session_item_ids"),  # no context
         ({"session_item_ids": ["15", "no-such-item"]}, 422, "session_item_ids.1"),
         ({"session_item_ids": ["15", "25", "35", "45"]}, 413, "session_item_ids"),
         ([1, 2], 422, "body"),

@@ -138,6 +138,15 @@ class ServedModel:
             ids, scores = self.rec.similar_to_items(item_ids, k=k)
         return _ranked(None, ids, scores, False)
 
+    def after(self, user_id: str, item_ids: list[str], k: int, exclude_seen: bool) -> Ranked:
+        """One user's list after the items they just interacted with (oldest first), for a
+        model.context run (RecommenderError otherwise); an unknown user is scored as an
+        anonymous session. See Recommender.recommend_next."""
+        ids, scores = self.rec.recommend_next(
+            item_ids, k=k, user_id=user_id, exclude_seen=exclude_seen
+        )
+        return _ranked(user_id, ids, scores, False)
+
     def similar(self, item_id: str, k: int) -> Ranked:
         ids, scores = self.rec.similar_items(item_id, k=k)
         return _ranked(None, ids, scores, False)

@@ -133,17 +133,24 @@ async def user_recommendations(
 async def batch_recommendations(
     body: RecommendationsRequest, served: Served, limits: Settings, registry: Registry
 ) -> RecommendationsResponse:
-    """A batch of users, or an anonymous session (what follows its items under a
-    model.context run's Markov term, else item similarity)."""
-    if body.user_ids is not None:
-        _check_size("user_ids", len(body.user_ids), limits.max_batch)
-        ranked = served.recommend(body.user_ids, body.k, body.exclude_seen)
+    """A batch of users; an anonymous session (what follows its items under a model.context
+    run's Markov term, else item similarity); or one user with their recent items."""
+    if body.session_item_ids is None:
+        users = body.user_ids or []
+        _check_size("user_ids", len(users), limits.max_batch)
+        ranked = served.recommend(users, body.k, body.exclude_seen)
         registry.fallback(sum(r.fallback for r in ranked))
     else:
-        session = body.session_item_ids or []
+        session = body.session_item_ids
         _check_size("session_item_ids", len(session), limits.max_session_items)
         _check_items(served, session, "session_item_ids.{}")
-        ranked = [served.session(session, body.k)]
+        if body.user_ids is None:
+            ranked = [served.session(session, body.k)]
+        else:
+            try:
+                ranked = [served.after(body.user_ids[0], session, body.k, body.exclude_seen)]
+            except RecommenderError as exc:  # a model without model.context
+                raise ApiError(409, str(exc), "session_item_ids") from None
     return RecommendationsResponse(
         results=[_as_list(served, r, body.explain) for r in ranked],
         model_version=served.version,

@@ -47,9 +47,10 @@ class RecommendationList(BaseModel):
 
 
 class RecommendationsRequest(_Body):
-    """Either `user_ids` (a batch of known or unknown users) or `session_item_ids` (an
-    anonymous visitor's recent items, oldest first: answered by what follows them for a run
-    trained with model.context, else by item similarity)."""
+    """`user_ids` (a batch of known or unknown users), `session_item_ids` (an anonymous
+    visitor's recent items, oldest first: answered by what follows them for a run trained with
+    model.context, else by item similarity), or both with one user: that user's list after
+    the items they just interacted with (model.context runs only)."""
 
     user_ids: list[str] | None = Field(None, min_length=1)
     session_item_ids: list[str] | None = Field(None, min_length=1)
@@ -58,9 +59,14 @@ class RecommendationsRequest(_Body):
     explain: bool = False
 
     @model_validator(mode="after")
-    def _one_source(self) -> RecommendationsRequest:
-        if (self.user_ids is None) == (self.session_item_ids is None):
-            raise ValueError("give exactly one of user_ids or session_item_ids")
+    def _sources(self) -> RecommendationsRequest:
+        if self.user_ids is None and self.session_item_ids is None:
+            raise ValueError("give user_ids, session_item_ids, or both with one user")
+        if self.user_ids is not None and self.session_item_ids is not None:
+            if len(self.user_ids) != 1:
+                raise ValueError("session_item_ids with user_ids: one user, whose recent items")
+            if self.explain:  # explanations attribute the stored latest items, not these
+                raise ValueError("explain is not available for a list after given recent items")
         return self
 
 
