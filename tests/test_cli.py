@@ -15,7 +15,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import FAST, planted_frame, run_cli, write_csv, write_ncf_split
+from conftest import (
+    FAST,
+    planted_frame,
+    run_cli,
+    walk_successors,
+    write_csv,
+    write_ncf_split,
+)
+from recommender.inference import Recommender
 
 SRC = Path(__file__).parents[1] / "src"
 
@@ -99,6 +107,26 @@ def test_recommend_with_explanations_and_fallback(gmf_run: Path, capsys):
     code, out, _ = run_cli(["recommend", "--run", str(gmf_run), "--user", "stranger"], capsys)
     assert code == 0
     assert out.splitlines()[0] == "top-10 for user stranger (popularity fallback)"
+
+
+def test_recommend_after_given_items(walks_run: Path, gmf_run: Path, capsys):
+    rec = Recommender.from_run(walks_run)
+    first = rec.items.to_list()[3]
+    walk = [first, walk_successors()[first]]
+    for user in ([], ["--user", "u10"]):
+        args = ["recommend", "--run", str(walks_run), *user, "--k", "3", "--after", *walk]
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, err
+        lines = out.splitlines()
+        who = "an anonymous session" if not user else "user u10"
+        assert lines[0] == f"top-3 for {who} after {walk[0]}, {walk[1]}"
+        expected = rec.recommend_next(walk, k=3, user_id=user[1] if user else None)[0]
+        assert [line.split()[1] for line in lines[1:]] == expected.tolist()
+    code, _, err = run_cli(["recommend", "--run", str(gmf_run), "--after", "15"], capsys)
+    assert_one_line_error(code, err, "model.context")
+    args = ["recommend", "--run", str(walks_run), "--after", *walk, "--explain"]
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "--explain")
 
 
 def test_recommend_all_users_to_csv(gmf_run: Path, tmp_path: Path, capsys):

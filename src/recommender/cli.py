@@ -272,16 +272,25 @@ def _open_recommender(run: str):
 def cmd_recommend(args: argparse.Namespace) -> None:
     rec = _open_recommender(args.run)
     if args.all_users:
+        if args.after:
+            raise RecommenderError("--after takes one --user (or none), not --all-users")
         if not args.out:
             raise RecommenderError("--all-users needs --out FILE")
         write_all_recommendations(rec, args.k, Path(args.out))
         print(f"wrote top-{args.k} for {len(rec.users)} users to {args.out}")
         return
-    if args.user is None:
-        raise RecommenderError("give --user USER_ID or --all-users")
-    items, scores = rec.recommend(args.user, k=args.k)
-    fallback = not rec.known_users(args.user)[0]
-    print(f"top-{args.k} for user {args.user}" + (" (popularity fallback)" if fallback else ""))
+    if args.after:
+        if args.explain:  # the attribution reads the latest items stored at training
+            raise RecommenderError("--explain does not apply to a list --after given items")
+        items, scores = rec.recommend_next(args.after, k=args.k, user_id=args.user)
+        who = "an anonymous session" if args.user is None else f"user {args.user}"
+        print(f"top-{args.k} for {who} after {', '.join(map(str, args.after))}")
+    elif args.user is None:
+        raise RecommenderError("give --user USER_ID, --all-users or --after ITEM_ID ...")
+    else:
+        items, scores = rec.recommend(args.user, k=args.k)
+        fallback = not rec.known_users(args.user)[0]
+        print(f"top-{args.k} for user {args.user}" + (" (popularity fallback)" if fallback else ""))
     shown = [item for item in items if item is not None]
     whys = rec.explain_many(args.user, shown) if args.explain else []
     for rank, (item, score) in enumerate(zip(shown, scores, strict=False), 1):
@@ -433,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--all-users", action="store_true")
     recommend.add_argument("--k", type=int, default=10)
     recommend.add_argument("--explain", action="store_true")
+    recommend.add_argument(
+        "--after",
+        nargs="+",
+        metavar="ITEM_ID",
+        help="items just interacted with, oldest first: what follows them (model.context runs; "
+        "with --user, that user's list, else an anonymous session's)",
+    )
     recommend.add_argument("--out", help="CSV for --all-users: user_id,item_id,rank,score")
     recommend.set_defaults(func=cmd_recommend)
 
