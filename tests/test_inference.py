@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import walk_successors
 from recommender.inference import ATTRIBUTION, Explanation, Recommender
-from recommender.models import Popularity
+from recommender.models import MF, Popularity
 from recommender.utils import RecommenderError
 
 
@@ -210,6 +211,7 @@ def test_recommend_next_follows_the_recent_items(walks_run: Path):
     first = [rec.recommend_next(walk, k=1)[0][0] for walk in walks]
     assert np.mean([f == after[w[1]] for f, w in zip(first, walks, strict=True)]) > 0.9
     user = "u10"
+    user_idx = int(rec.users.index([user])[0])
     seen = history_ids(rec, user)
     fresh = [w for w in walks if not {*w, after[w[1]]} & seen][:10]
     assert len(fresh) == 10
@@ -220,6 +222,16 @@ def test_recommend_next_follows_the_recent_items(walks_run: Path):
     rank_stored = [stored.index(after[w[1]]) for w in fresh]
     # the user's own taste still counts, but the given walk lifts its next step to the top few
     assert np.median(rank_given) <= 2 and np.median(rank_stored) > 20, (rank_given, rank_stored)
+    # one recent item comes before the user's latest stored one in the context (k = 2)
+    assert isinstance(rec.model, MF)
+    one = rec.items.index([fresh[0][1]])[0]
+    stored = int(rec.model.latest[rec.users.index([user])[0], 0])
+    with torch.no_grad():
+        logits = rec.model.score_after(torch.tensor([[one, stored]]), torch.tensor([user_idx]))
+    top = torch.sigmoid(logits)[0]
+    top[rec.items.index([*seen, fresh[0][1]])] = -torch.inf
+    expected = rec.items.to_ids(torch.topk(top, 5).indices.numpy()).tolist()
+    assert rec.recommend_next([fresh[0][1]], k=5, user_id=user)[0].tolist() == expected
     ranked, scores = rec.recommend_next(fresh[0], k=len(rec.items), user_id=user)
     kept = [i for i in ranked.tolist() if i is not None]
     assert not set(kept) & (seen | set(fresh[0]))  # history and the recent items are left out

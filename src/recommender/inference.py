@@ -220,14 +220,14 @@ class Recommender:
         exclude_seen: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of what comes after `recent_item_ids` (oldest first), for a run trained with
-        model.context: its Markov term reads the last `context` of them in place of the latest
-        items stored at training, so a list follows what the user does now without retraining.
+        model.context, so a list follows what the user does now without retraining.
 
-        With a known `user_id` the user's own vector adds their long-term taste (and, with
-        `exclude_seen`, their training history is left out); without one, or for an unknown
-        id, the mean trained user stands in: an anonymous session. The recent items are left
-        out with `exclude_seen`. Returns (k,) item ids and (k,) scores, as `recommend` for one
-        user.
+        With a known `user_id` the recent items come after the user's latest items stored at
+        training: the Markov term reads the `context` latest of both, and the user's own vector
+        adds their long-term taste (with `exclude_seen`, their training history is left out).
+        Without one, or for an unknown id, the mean trained user stands in and the recent items
+        are the whole context: an anonymous session. The recent items are left out with
+        `exclude_seen`. Returns (k,) item ids and (k,) scores, as `recommend` for one user.
         """
         model = self.model
         if not isinstance(model, MF) or not model.context:
@@ -240,11 +240,14 @@ class Recommender:
         if not len(recent_item_ids):
             raise RecommenderError("recent_item_ids is empty")
         recent = self.items.index([str(x) for x in recent_item_ids])
-        latest = recent[::-1][: model.context]  # latest first, as training ordered them
-        context = np.full((1, model.context), len(self.items), dtype=np.int64)
-        context[0, : len(latest)] = latest
         user_idx = self.users.lookup([str(user_id)]) if user_id is not None else np.array([-1])
         known = bool(user_idx[0] >= 0)
+        latest = recent[::-1]  # latest first, as training ordered them
+        if known:
+            stored = model.latest[int(user_idx[0])].cpu().numpy()
+            latest = np.concatenate([latest, stored[stored != len(self.items)]])
+        context = np.full((1, model.context), len(self.items), dtype=np.int64)
+        context[0, : min(len(latest), model.context)] = latest[: model.context]
         users = torch.from_numpy(user_idx).to(self.device) if known else None
         logits = model.score_after(torch.from_numpy(context).to(self.device), users)
         scores = torch.sigmoid(logits.float())
