@@ -529,3 +529,14 @@ def test_context_needs_timestamps_and_the_mf_model(tmp_path: Path):
     for name in ("gmf", "mlp", "neumf"):
         with pytest.raises(ConfigError, match=f"context=2 with name={name}"):
             load_config(None, [f"model.name={name}", "model.context=2"])
+
+
+def test_context_warns_when_every_timestamp_is_the_same(tmp_path: Path, caplog):
+    frame = sequential_frame(n_users=30, per_user=10).assign(timestamp=0)
+    path = write_csv(frame, tmp_path / "no_order.csv")
+    cfg = load_config(
+        None, [*FAST, "data.dataset=null", f"data.path={path}", "model.name=mf", "model.context=2"]
+    )
+    with caplog.at_level("WARNING", logger="recommender"):
+        Trainer(cfg, load_data(cfg.data, cfg.seed), tmp_path / "run", torch.device("cpu"))
+    assert "every timestamp" in caplog.text

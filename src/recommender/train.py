@@ -268,11 +268,18 @@ class Trainer:
                         "data.columns.rating, or set train.confidence=none)"
                     )
                 _check_ratings(rating)
-        if cfg.model.context and data.train.timestamp is None:
+        stamps = data.train.timestamp
+        if cfg.model.context and stamps is None:
             raise ConfigError(
                 f"model.context={cfg.model.context} orders each user's interactions by time, "
                 f"but {data.source} has no timestamp column (map one with "
                 "data.columns.timestamp, or set model.context=0)"
+            )
+        if cfg.model.context and stamps is not None and len(stamps) and np.ptp(stamps) == 0:
+            log.warning(
+                "model.context: every timestamp in %s is the same, so a user's 'latest' items "
+                "are ordered by item index alone; the Markov term has no order to learn",
+                data.source,
             )
         self.monitor = cfg.train.monitor
         self.valid_ks = sorted({int(self.monitor.partition("@")[2]), *cfg.eval.ks})
