@@ -126,7 +126,10 @@ def test_recommend_after_given_items(walks_run: Path, gmf_run: Path, capsys):
     assert_one_line_error(code, err, "model.context")
     args = ["recommend", "--run", str(walks_run), "--after", *walk, "--explain"]
     code, _, err = run_cli(args, capsys)
-    assert_one_line_error(code, err, "--explain")
+    assert_one_line_error(code, err, "--explain with --after needs --user")
+    code, out, err = run_cli([*args, "--user", "u10", "--k", "2"], capsys)
+    assert code == 0, err
+    assert out.count("because you liked") == 2
 
 
 def test_recommend_all_users_to_csv(gmf_run: Path, tmp_path: Path, capsys):

@@ -248,3 +248,23 @@ def test_recommend_next_needs_a_context_run_and_known_items(walks_run: Path, rec
         walks.recommend_next([])
     with pytest.raises(RecommenderError, match="k must be >= 1"):
         walks.recommend_next(["15"], k=0)
+
+
+def test_explanations_of_a_list_after_given_items_read_those_items(walks_run: Path):
+    """The next step of a given walk is explained by the walk's items (the Markov term's
+    context), which join the history; without `after`, the stored latest items are read."""
+    rec = Recommender.from_run(walks_run)
+    after = walk_successors()
+    user = "u10"
+    seen = history_ids(rec, user)
+    walks = [
+        [i, after[i]] for i in rec.items.to_list() if not {i, after[i], after[after[i]]} & seen
+    ]
+    # a walk whose next step tops the user's list (elsewhere the user's own taste wins)
+    walk = next(w for w in walks if rec.recommend_next(w, k=1, user_id=user)[0][0] == after[w[1]])
+    nxt = [after[walk[1]]]
+    why = rec.explain_many(user, nxt, n=3, after=walk)[0]
+    assert why.supporting_items[0] in walk and why.fidelity is not None and why.fidelity > 0.5
+    stored = rec.explain_many(user, nxt, n=3)[0]  # the walk is not in the stored history
+    assert not set(stored.supporting_items) & set(walk)
+    assert why.score is not None and stored.score is not None and why.score > stored.score

@@ -280,8 +280,8 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         print(f"wrote top-{args.k} for {len(rec.users)} users to {args.out}")
         return
     if args.after:
-        if args.explain:  # the attribution reads the latest items stored at training
-            raise RecommenderError("--explain does not apply to a list --after given items")
+        if args.explain and args.user is None:
+            raise RecommenderError("--explain with --after needs --user: whose history explains")
         items, scores = rec.recommend_next(args.after, k=args.k, user_id=args.user)
         who = "an anonymous session" if args.user is None else f"user {args.user}"
         print(f"top-{args.k} for {who} after {', '.join(map(str, args.after))}")
@@ -292,7 +292,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         fallback = not rec.known_users(args.user)[0]
         print(f"top-{args.k} for user {args.user}" + (" (popularity fallback)" if fallback else ""))
     shown = [item for item in items if item is not None]
-    whys = rec.explain_many(args.user, shown) if args.explain else []
+    whys = rec.explain_many(args.user, shown, after=args.after) if args.explain else []
     for rank, (item, score) in enumerate(zip(shown, scores, strict=False), 1):
         line = f"{rank:>3}. {item:>8}  {score:.4f}  {rec.title(item)}"
         if args.explain:

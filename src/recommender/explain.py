@@ -160,11 +160,14 @@ class _UserSide:
             z = z + self._tower(theta)[0][-1] @ self.w_out
         return z
 
-    def markov(self, user_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def markov(
+        self, user_idx: torch.Tensor, latest: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) users -> their latest items (B, k) and each one's share of the users' Markov
         term (B, k, N), context_l . t_i / n for n non-padding items (padding's share is 0):
-        the shares sum to c_u . t_i. k = 0 for a model without the term."""
-        latest = self.latest[user_idx]
+        the shares sum to c_u . t_i. k = 0 for a model without the term. `latest` ((B, k),
+        n_items pads) replaces the users' stored latest items."""
+        latest = self.latest[user_idx] if latest is None else latest
         present = (latest != self.n_items).float()  # (B, k): padding masked, as the model does
         count = present.sum(1).clamp(min=1)
         shares = (
@@ -172,9 +175,12 @@ class _UserSide:
         )
         return latest, shares
 
-    def trained_logits(self, user_idx: torch.Tensor) -> torch.Tensor:
-        """(B,) users -> (B, N) the model's logits for its trained users, Markov term included."""
-        return self.logits(self.trained[user_idx]) + self.markov(user_idx)[1].sum(1)
+    def trained_logits(
+        self, user_idx: torch.Tensor, latest: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) users -> (B, N) the model's logits for its trained users, Markov term included
+        (over `latest` instead of the stored latest items when given)."""
+        return self.logits(self.trained[user_idx]) + self.markov(user_idx, latest)[1].sum(1)
 
     def jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) -> logits (B, N) and their Jacobian in theta (B, N, D)."""
@@ -265,12 +271,21 @@ class FoldIn:
         self.loss = loss
 
     @torch.no_grad()
-    def user(self, user_idx: int, history: torch.Tensor | np.ndarray) -> UserFold:
-        """The fold-in of one user's history (item indices, each once)."""
-        history = torch.as_tensor(history, dtype=torch.long, device=self.mean.device)
+    def user(
+        self,
+        user_idx: int,
+        history: torch.Tensor | np.ndarray,
+        latest: torch.Tensor | np.ndarray | None = None,
+    ) -> UserFold:
+        """The fold-in of one user's history (item indices, each once). `latest` ((k,) item
+        indices, latest first, n_items pads) replaces the user's stored latest items in MF's
+        Markov term: a list after items given now, which then belong in `history` too."""
+        device = self.mean.device
+        history = torch.as_tensor(history, dtype=torch.long, device=device)
         if not len(history):
             raise RecommenderError(f"user {user_idx} has no history to explain with")
-        return UserFold(self, user_idx, history)
+        given = None if latest is None else torch.as_tensor(latest, dtype=torch.long, device=device)
+        return UserFold(self, user_idx, history, given)
 
 
 class UserFold:
@@ -281,8 +296,15 @@ class UserFold:
     logits add MF's Markov term, each latest item's share weighted by its alpha (`markov`).
     """
 
-    def __init__(self, fold_in: FoldIn, user_idx: int, history: torch.Tensor) -> None:
+    def __init__(
+        self,
+        fold_in: FoldIn,
+        user_idx: int,
+        history: torch.Tensor,
+        latest: torch.Tensor | None = None,
+    ) -> None:
         self.fold_in, self.user_idx, self.history = fold_in, user_idx, history
+        self.latest = None if latest is None else latest[None]  # (1, k): given, not stored
         self.softmax = fold_in.loss == "softmax"
         side = fold_in.side
         self.labels = torch.zeros(side.n_items, device=history.device)
@@ -309,7 +331,8 @@ class UserFold:
         self.curvature = self._hessian(whole, prob, self.jacobian)[0] - fold_in.precision
         # The Markov term stays out of the fold-in's objective: training fitted p_u with each
         # positive's own preceding items as context, not with the user's latest items.
-        latest, shares = side.markov(torch.tensor([user_idx], device=history.device))
+        user = torch.tensor([user_idx], device=history.device)
+        latest, shares = side.markov(user, self.latest)
         found = latest[0, :, None] == history  # (k, H)
         kept = found.any(1)
         self.markov_at = found[kept].int().argmax(1)  # (k',) history positions of latest items
@@ -514,7 +537,7 @@ class UserFold:
         """Spearman correlation over the catalog: the folded user's explained logits (N,)
         against the model's own for the trained user."""
         user = torch.tensor([self.user_idx], device=folded.device)
-        trained = self.fold_in.side.trained_logits(user)[0]
+        trained = self.fold_in.side.trained_logits(user, self.latest)[0]
         ranks = torch.stack([folded, trained]).argsort(1).argsort(1).float()
         ranks = ranks - ranks.mean(1, keepdim=True)
         return float((ranks[0] @ ranks[1]) / (ranks[0].norm() * ranks[1].norm()).clamp(min=1e-12))

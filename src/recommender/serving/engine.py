@@ -154,8 +154,11 @@ class ServedModel:
     def score(self, user_ids: list[str], item_ids: list[str]) -> list[float]:
         return [float(s) for s in self.rec.score(user_ids, item_ids)]
 
-    def explain_many(self, user_id: str, item_ids: list[str]) -> list[dict[str, Any]]:
-        """One fold-in of the user explains the whole list (see explain.py)."""
+    def explain_many(
+        self, user_id: str, item_ids: list[str], after: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """One fold-in of the user explains the whole list (see explain.py); `after`: the
+        recent items an `after` list was scored with."""
         return [
             {
                 "supporting_items": e.supporting_items,
@@ -166,5 +169,5 @@ class ServedModel:
                 "baseline_score": e.baseline_score,
                 "fidelity": e.fidelity,
             }
-            for e in self.rec.explain_many(user_id, item_ids)
+            for e in self.rec.explain_many(user_id, item_ids, after=after)
         ]

@@ -93,10 +93,12 @@ def _check_items(served: ServedModel, item_ids: list[str], field: str, status: i
         raise ApiError(status, f"unknown item '{item_ids[pos]}'", field.format(pos))
 
 
-def _as_list(served: ServedModel, ranked: Ranked, explain: bool) -> RecommendationList:
+def _as_list(
+    served: ServedModel, ranked: Ranked, explain: bool, after: list[str] | None = None
+) -> RecommendationList:
     whys: list[dict[str, Any] | None] = [None] * len(ranked.item_ids)
     if explain and ranked.user_id is not None:
-        whys = list(served.explain_many(ranked.user_id, list(ranked.item_ids)))
+        whys = list(served.explain_many(ranked.user_id, list(ranked.item_ids), after))
     items = [
         RecommendedItem(
             item_id=item,
@@ -135,6 +137,7 @@ async def batch_recommendations(
 ) -> RecommendationsResponse:
     """A batch of users; an anonymous session (what follows its items under a model.context
     run's Markov term, else item similarity); or one user with their recent items."""
+    after = None  # the recent items of one user's list, which its explanations read
     if body.session_item_ids is None:
         users = body.user_ids or []
         _check_size("user_ids", len(users), limits.max_batch)
@@ -151,8 +154,9 @@ async def batch_recommendations(
                 ranked = [served.after(body.user_ids[0], session, body.k, body.exclude_seen)]
             except RecommenderError as exc:  # a model without model.context
                 raise ApiError(409, str(exc), "session_item_ids") from None
+            after = session
     return RecommendationsResponse(
-        results=[_as_list(served, r, body.explain) for r in ranked],
+        results=[_as_list(served, r, body.explain, after) for r in ranked],
         model_version=served.version,
     )
 

@@ -62,11 +62,9 @@ class RecommendationsRequest(_Body):
     def _sources(self) -> RecommendationsRequest:
         if self.user_ids is None and self.session_item_ids is None:
             raise ValueError("give user_ids, session_item_ids, or both with one user")
-        if self.user_ids is not None and self.session_item_ids is not None:
-            if len(self.user_ids) != 1:
-                raise ValueError("session_item_ids with user_ids: one user, whose recent items")
-            if self.explain:  # explanations attribute the stored latest items, not these
-                raise ValueError("explain is not available for a list after given recent items")
+        both = self.user_ids is not None and self.session_item_ids is not None
+        if both and len(self.user_ids or []) != 1:
+            raise ValueError("session_item_ids with user_ids: one user, whose recent items")
         return self
 
 
