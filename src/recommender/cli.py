@@ -128,6 +128,10 @@ def cmd_train(args: argparse.Namespace) -> None:
             if not args.resume and dist.is_main:
                 shutil.rmtree(out, ignore_errors=True)
             raise
+        # Leave together: rank 0 still writes checkpoints after the others finish, and a rank
+        # tearing the gloo group down meanwhile is the likely cause of a rare abort seen in CI
+        # ("terminate called without an active exception" as a 2-process run ended).
+        dist.barrier()
     finally:
         dist.close()
     if dist.is_main:
