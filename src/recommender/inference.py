@@ -231,8 +231,8 @@ class Recommender:
         """
         if k < 1:
             raise RecommenderError(f"k must be >= 1, got {k}")
-        model, recent, context = self._next_context(recent_item_ids, user_id)
         user_idx = self.users.lookup([str(user_id)]) if user_id is not None else np.array([-1])
+        model, recent, context = self._next_context(recent_item_ids, int(user_idx[0]))
         known = bool(user_idx[0] >= 0)
         users = torch.from_numpy(user_idx).to(self.device) if known else None
         logits = model.score_after(torch.from_numpy(context[None]).to(self.device), users)
@@ -246,10 +246,11 @@ class Recommender:
         return item_ids[0], top_scores[0]
 
     def _next_context(
-        self, recent_item_ids: Sequence[str | int], user_id: str | int | None
+        self, recent_item_ids: Sequence[str | int], user_idx: int
     ) -> tuple[MF, np.ndarray, np.ndarray]:
         """The context model, the recent items' indices and the (context,) items the Markov
-        term reads after them: latest first, then a known user's stored latest items."""
+        term reads after them: latest first, then the stored latest items of a known user
+        (`user_idx` >= 0)."""
         model = self.model
         if not isinstance(model, MF) or not model.context:
             raise RecommenderError(
@@ -260,7 +261,6 @@ class Recommender:
             raise RecommenderError("recent_item_ids is empty")
         recent = self.items.index([str(x) for x in recent_item_ids])
         latest = recent[::-1]  # latest first, as training ordered them
-        user_idx = int(self.users.lookup([str(user_id)])[0]) if user_id is not None else -1
         if user_idx >= 0:
             stored = model.latest[user_idx].cpu().numpy()
             latest = np.concatenate([latest, stored[stored != len(self.items)]])
@@ -362,7 +362,7 @@ class Recommender:
         history = self.history_of(user_idx) if user_idx >= 0 else self.history[:0]
         latest = None
         if after is not None and user_idx >= 0:
-            _, recent, latest = self._next_context(after, user_id)
+            _, recent, latest = self._next_context(after, user_idx)
             history = np.union1d(history, recent)
         fold_in = self._fold_in
         if fold_in is None or not len(history) or not items:

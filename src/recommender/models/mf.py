@@ -84,8 +84,7 @@ class MF(RecModel):
         `context` ((B, k) items, n_items padding) replaces the users' latest items."""
         users = self.user_vectors(user_idx, context)
         if item_idx is None:
-            items, item_bias = self.item_cache()
-            return users @ items.T + item_bias + self.user_bias(user_idx)
+            return self._catalog(users, self.user_bias(user_idx), self.item_cache())
         q = self.item_emb(item_idx)
         if self.context:
             q = torch.cat([q, self.target_emb(item_idx)], 1)
@@ -102,8 +101,7 @@ class MF(RecModel):
             return self(user_idx, None, context)
         mean_user = self.user_emb.weight.mean(0).expand(len(context), -1)
         users = torch.cat([mean_user, self.context_vector(context)], 1)
-        items, item_bias = self.item_cache()
-        return users @ items.T + item_bias + self.user_bias.weight.mean()
+        return self._catalog(users, self.user_bias.weight.mean(), self.item_cache())
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         return self.item_vectors(), self.item_bias.weight.squeeze(-1) + self.bias
@@ -111,8 +109,15 @@ class MF(RecModel):
     def _score_cached(
         self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
+        return self._catalog(self.user_vectors(user_idx), self.user_bias(user_idx), cache)
+
+    @staticmethod
+    def _catalog(
+        users: torch.Tensor, user_bias: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """(B, D) user vectors and their (B, 1) biases -> (B, n_items) logits, one matmul."""
         items, item_bias = cache
-        return self.user_vectors(user_idx) @ items.T + item_bias + self.user_bias(user_idx)
+        return users @ items.T + item_bias + user_bias
 
     def item_representation(self) -> torch.Tensor:
         return self.item_emb.weight
