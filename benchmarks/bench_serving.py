@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 import recommender
+from recommender.checkpoint import load_checkpoint
 from recommender.serving import ServeSettings
 from recommender.serving.engine import ServedModel
-from recommender.utils import load_checkpoint
 from serving_load import Shot, run_fixed_rate
 from serving_synthetic import write_synthetic_run
 

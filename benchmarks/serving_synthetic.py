@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recommender.checkpoint import FORMAT_VERSION, save_checkpoint
 from recommender.config import Config
 from recommender.models import NeuMF
-from recommender.train import CHECKPOINT_VERSION
-from recommender.utils import save_checkpoint
 
 
 @torch.no_grad()
@@ -78,7 +77,7 @@ def write_synthetic_run(
     save_checkpoint(
         out / "best.pt",
         {
-            "format_version": CHECKPOINT_VERSION,
+            "format_version": FORMAT_VERSION,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": cfg.to_dict(),
             "config_digest": cfg.digest(),

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from conftest import FAST, run_cli
+from recommender.checkpoint import load_checkpoint
 from recommender.data.interactions import Interactions
 from recommender.data.sampling import NegativeSampler, epoch_batches
 from recommender.distributed import Dist, check_supported
 from recommender.inference import Recommender
-from recommender.utils import ConfigError, load_checkpoint
+from recommender.utils import ConfigError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -14,18 +14,13 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import FAST, planted_frame, run_cli, sequential_frame, write_csv
+from recommender.checkpoint import load_checkpoint, save_checkpoint
 from recommender.config import load_config
 from recommender.data.pipeline import load_data
 from recommender.evaluate import evaluate_full
 from recommender.models import MF, Popularity
 from recommender.train import Trainer, confidence_weights, plan_stages, train_step
-from recommender.utils import (
-    ConfigError,
-    DataError,
-    RecommenderError,
-    load_checkpoint,
-    save_checkpoint,
-)
+from recommender.utils import ConfigError, DataError, RecommenderError
 
 TIMING = {"train_seconds", "samples_per_second"}
 

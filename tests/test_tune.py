@@ -13,13 +13,14 @@ import torch
 import yaml
 
 from conftest import FAST, run_cli
+from recommender.checkpoint import load_checkpoint
 from recommender.config import Config, load_config
 from recommender.data.pipeline import DataBundle, load_data
 from recommender.evaluate import evaluate_full
 from recommender.models import Popularity
 from recommender.train import Trainer
 from recommender.tune import check_study_dir, inert_keys, open_study, run_study, suggest
-from recommender.utils import RecommenderError, load_checkpoint
+from recommender.utils import RecommenderError
 
 # GMF, 4 epochs per trial: a trial takes well under a second on the planted data.
 SPACE = (

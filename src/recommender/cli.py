@@ -84,10 +84,11 @@ def cmd_data_synthetic(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train; under torchrun (RANK / WORLD_SIZE set) every rank runs this, see distributed.py."""
+    from recommender.checkpoint import BEST_FILE, check_new_run, prepare_run_dir
     from recommender.data.pipeline import load_data
     from recommender.distributed import Dist
     from recommender.tracking import import_mlflow, mlflow_run
-    from recommender.train import Trainer, check_run_dir, prepare_run_dir
+    from recommender.train import Trainer
 
     dist = Dist.from_env()
     if not dist.is_main:
@@ -97,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     track = args.mlflow and dist.is_main
     if track:
         import_mlflow()  # a missing package fails before any data is read
-    check_run_dir(out, overwrite=args.overwrite, resume=args.resume)
+    check_new_run(out, overwrite=args.overwrite, resume=args.resume)
     set_threads(cfg.threads)
     device = dist.device(resolve_device(cfg.device))
     dist.init(device)
@@ -135,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     finally:
         dist.close()
     if dist.is_main:
-        print(f"trained {cfg.model.name}: {out / 'best.pt'}")
+        print(f"trained {cfg.model.name}: {out / BEST_FILE}")
 
 
 def cmd_tune(args: argparse.Namespace) -> None:

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from recommender.checkpoint import load_best
 from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.explain import FoldIn, supports
 from recommender.models import MF, Popularity, RecModel, build_model
-from recommender.utils import RecommenderError, load_checkpoint
+from recommender.utils import RecommenderError
 
 UserIds = str | int | Sequence[str | int] | np.ndarray
 
@@ -106,37 +107,20 @@ class Recommender:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> Recommender:
         """Rebuild model and vocabularies from `run_dir/best.pt` alone."""
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise RecommenderError(f"{run_dir}: not a run directory")
-        ckpt = load_checkpoint(run_dir / "best.pt")
-        model = build_model(ModelConfig(**ckpt["model_config"]), ckpt["n_users"], ckpt["n_items"])
+        ckpt = load_best(Path(run_dir))
+        model = build_model(ModelConfig(**ckpt.model_config), ckpt.n_users, ckpt.n_items)
         if isinstance(model, Popularity):
-            model.fit(ckpt["item_counts"].numpy())
+            model.fit(ckpt.item_counts.numpy())
         else:
-            model.load_state_dict(ckpt["state_dict"])
-        meta = {
-            k: ckpt[k]
-            for k in (
-                "item_titles",
-                "item_genres",
-                "config",
-                "config_digest",
-                "created_at",
-                "epoch",
-                "valid_metrics",
-                "model_config",
-                "source",
-            )
-        }
-        meta["run_dir"] = str(run_dir)
+            model.load_state_dict(ckpt.state_dict)
+        meta = ckpt.meta() | {"run_dir": str(run_dir)}
         return cls(
             model,
-            Vocabulary(ckpt["user_ids"], "user"),
-            Vocabulary(ckpt["item_ids"], "item"),
-            ckpt["history_indptr"].numpy(),
-            ckpt["history_items"].numpy().astype(np.int64),
-            ckpt["item_counts"].numpy(),
+            Vocabulary(ckpt.user_ids, "user"),
+            Vocabulary(ckpt.item_ids, "item"),
+            ckpt.history_indptr.numpy(),
+            ckpt.history_items.numpy().astype(np.int64),
+            ckpt.item_counts.numpy(),
             meta,
             device,
         )

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from recommender.checkpoint import LAST_FILE
 from recommender.utils import RecommenderError
 
 log = logging.getLogger("recommender")
@@ -103,7 +104,7 @@ def mlflow_run(
     config: Mapping[str, Any],
     artifacts: Path | None = None,
     *,
-    skip: Collection[str] = ("last.pt",),
+    skip: Collection[str] = (LAST_FILE,),
     nested: bool = False,
     finished_on: tuple[type[BaseException], ...] = (),
 ) -> Iterator[MlflowRun]:

@@ -11,7 +11,8 @@ rating (a play count on Last.fm), as implicit-feedback models do (Hu, Koren & Vo
 negatives weigh 1, and the loss is the weighted mean, so learning rates keep their meaning.
 
 Checkpoints: `last.pt` (written after every epoch, everything needed to resume, RNG states
-included) and `best.pt` (the model for inference). Both are written atomically.
+included) and `best.pt` (the model for inference), written through checkpoint.py, which owns
+the run directory's files and formats.
 
 Callbacks see every epoch's metrics.jsonl record once it is written (rank 0 only): `tune.py`
 reports to Optuna and prunes through one, `tracking.py` logs to MLflow through another.
@@ -23,10 +24,8 @@ the result, and only rank 0 writes files. On CUDA the forward pass runs in bf16 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recommender import __version__
+from recommender.checkpoint import (
+    CONFIG_FILE,
+    BestCheckpoint,
+    LastCheckpoint,
+    append_metrics,
+    load_last,
+    run_data,
+    save_best,
+    save_last,
+    truncate_metrics,
+    write_config,
+)
 from recommender.config import Config, ModelConfig
 from recommender.data.interactions import Interactions
 from recommender.data.pipeline import DataBundle
@@ -47,18 +58,9 @@ from recommender.data.sampling import NegativeSampler, epoch_batches, to_device
 from recommender.distributed import Dist, check_supported
 from recommender.evaluate import evaluate_full
 from recommender.models import GMF, MF, MLP, NeuMF, Popularity, RecModel, build_model
-from recommender.utils import (
-    ConfigError,
-    DataError,
-    RecommenderError,
-    atomic_write_text,
-    load_checkpoint,
-    save_checkpoint,
-)
+from recommender.utils import ConfigError, DataError, RecommenderError
 
 log = logging.getLogger("recommender")
-
-CHECKPOINT_VERSION = 1
 
 # Called with each epoch's metrics.jsonl record (stage, epoch, loss, samples_per_second, and
 # valid in select stages) after it is written and checkpointed, on rank 0 only. In a single
@@ -109,60 +111,6 @@ def plan_stages(cfg: Config) -> list[Stage]:
             Stage(f"{phase}/{name}", name, data, t.epochs, lr, t.weight_decay, early, init)
         )
     return stages
-
-
-def run_data(data: DataBundle) -> dict[str, Any]:
-    """What inference needs besides weights: vocabularies, titles, history, popularity."""
-    full = data.train_full
-    indptr, items = full.csr()
-    info = data.item_info
-    titles = genres = None
-    if info is not None:
-        by_id = info.drop_duplicates("item_id").set_index("item_id")
-        ids = data.items.ids
-        titles = by_id["title"].reindex(ids).fillna("").astype(str).tolist()
-        if "genres" in by_id:
-            genres = by_id["genres"].reindex(ids).fillna("").astype(str).tolist()
-    return {
-        "user_ids": data.users.to_list(),
-        "item_ids": data.items.to_list(),
-        "item_titles": titles,
-        "item_genres": genres,
-        "item_counts": torch.from_numpy(full.item_counts()),
-        "history_indptr": torch.from_numpy(indptr),
-        "history_items": torch.from_numpy(items.astype("int32")),
-        "source": data.source,
-    }
-
-
-def check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to mix a new run into an old directory unless asked to overwrite it.
-
-    Called before any data is read, so a refused run leaves nothing behind.
-    """
-    if resume and overwrite:
-        raise RecommenderError("--resume and --overwrite contradict each other")
-    if resume:
-        if not (out / "last.pt").is_file():
-            raise RecommenderError(f"{out}: no last.pt to resume from (is this a run directory?)")
-        return
-    if out.exists() and not out.is_dir():
-        raise RecommenderError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise RecommenderError(
-            f"run directory {out} is not empty; pass --overwrite to replace it "
-            "or --resume to continue it"
-        )
-
-
-def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Check, then create (or empty, with overwrite) the run directory."""
-    check_run_dir(out, overwrite=overwrite, resume=resume)
-    if resume:
-        return
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
 
 
 def confidence_weights(
@@ -441,49 +389,34 @@ class Trainer:
         """Run every stage (continuing from last.pt when resuming); return the final model."""
         state = self._load_resume_state() if resume else None
         if self.dist.is_main:
-            self.cfg.save(self.out / "config.yaml")
+            write_config(self.out, self.cfg)
         if not self.stages:
             popularity = Popularity(len(self.data.users), len(self.data.items))
             popularity.fit(self.data.train_full.item_counts())
             if self.dist.is_main:
                 self._save_best(popularity, "popularity", 0, {})
             return popularity
-        first = state["stage_index"] if state else 0
+        first = state.stage_index if state else 0
         models = [
             self._run_stage(index, state if index == first else None)
             for index in range(first, len(self.stages))
         ]
         return models[-1]
 
-    def _load_resume_state(self) -> dict[str, Any]:
-        state = load_checkpoint(self.out / "last.pt", map_location=self.device)
-        if state.get("training_digest") != self.cfg.training_digest():
+    def _load_resume_state(self) -> LastCheckpoint:
+        state = load_last(self.out, map_location=self.device)
+        if state.training_digest != self.cfg.training_digest():
             raise RecommenderError(
                 f"{self.out}: --resume needs the same config as the original run "
-                f"(see {self.out / 'config.yaml'})"
+                f"(see {self.out / CONFIG_FILE})"
             )
-        self.completed = state["completed"]
+        self.completed = state.completed
         if self.dist.is_main:
-            self._truncate_metrics(state["stage_index"], state["epoch"])
-        log.info("resuming %s at stage %s, epoch %d", self.out, state["stage"], state["epoch"] + 1)
+            truncate_metrics(self.out, state.stage_index, state.epoch)
+        log.info("resuming %s at stage %s, epoch %d", self.out, state.stage, state.epoch + 1)
         return state
 
-    def _truncate_metrics(self, stage_index: int, epoch: int) -> None:
-        """Drop metric lines written after the checkpoint, so resumed epochs are not doubled."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by the kill that stopped the run
-                continue
-            if (record["stage_index"], record["epoch"]) <= (stage_index, epoch):
-                kept.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-    def _run_stage(self, index: int, resume: dict[str, Any] | None) -> RecModel:
+    def _run_stage(self, index: int, resume: LastCheckpoint | None) -> RecModel:
         stage = self.stages[index]
         is_final = index == len(self.stages) - 1
         model = self._build(index, stage)
@@ -498,19 +431,15 @@ class Trainer:
         best_valid: dict[str, float] = {}
         start_epoch = 1
         if resume is not None:
-            model.load_state_dict(resume["model"])
-            for opt, opt_state in zip(optimizers, resume["optimizers"], strict=True):
+            model.load_state_dict(resume.model)
+            for opt, opt_state in zip(optimizers, resume.optimizers, strict=True):
                 opt.load_state_dict(opt_state)
-            best_metric, best_epoch, bad = (
-                resume["best_metric"],
-                resume["best_epoch"],
-                resume["bad"],
-            )
-            best_state, best_valid = resume["best_state"], resume["best_valid"]
-            torch.set_rng_state(resume["torch_rng"].cpu())
-            if resume["cuda_rng"]:
-                torch.cuda.set_rng_state_all([s.cpu() for s in resume["cuda_rng"]])
-            start_epoch = resume["epoch"] + 1
+            best_metric, best_epoch, bad = resume.best_metric, resume.best_epoch, resume.bad
+            best_state, best_valid = resume.best_state, resume.best_valid
+            torch.set_rng_state(resume.torch_rng.cpu())
+            if resume.cuda_rng:
+                torch.cuda.set_rng_state_all([s.cpu() for s in resume.cuda_rng])
+            start_epoch = resume.epoch + 1
         # Wrapped after any resumed weights are in: DDP starts every rank from rank 0's.
         net = self.dist.wrap(model, self.device)
         for epoch in range(start_epoch, epochs + 1):
@@ -551,7 +480,7 @@ class Trainer:
                 continue
             # Metrics first: a kill before the checkpoint only repeats this epoch on resume,
             # and the resumed run drops the duplicate line.
-            self._append_metrics(record)
+            append_metrics(self.out, record)
             self._save_last(
                 index,
                 epoch,
@@ -591,10 +520,6 @@ class Trainer:
         final = self.stages[-1].name.replace("refit/", "select/", 1)
         return self.completed.get(final, {}).get("best_valid", {})
 
-    def _append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-
     def _save_last(
         self,
         index: int,
@@ -607,42 +532,40 @@ class Trainer:
         best_state: dict[str, torch.Tensor] | None,
         best_valid: dict[str, float],
     ) -> None:
-        save_checkpoint(
-            self.out / "last.pt",
-            {
-                "format_version": CHECKPOINT_VERSION,
-                "training_digest": self.cfg.training_digest(),
-                "stage_index": index,
-                "stage": self.stages[index].name,
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in optimizers],
-                "best_metric": best_metric,
-                "best_epoch": best_epoch,
-                "best_state": best_state,
-                "best_valid": best_valid,
-                "bad": bad,
-                "completed": self.completed,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+        save_last(
+            self.out,
+            LastCheckpoint(
+                training_digest=self.cfg.training_digest(),
+                stage_index=index,
+                stage=self.stages[index].name,
+                epoch=epoch,
+                model=model.state_dict(),
+                optimizers=[opt.state_dict() for opt in optimizers],
+                best_metric=best_metric,
+                best_epoch=best_epoch,
+                best_state=best_state,
+                best_valid=best_valid,
+                bad=bad,
+                completed=self.completed,
+                torch_rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            ),
         )
 
     def _save_best(self, model: RecModel, name: str, epoch: int, valid: dict[str, float]) -> None:
-        save_checkpoint(
-            self.out / "best.pt",
-            {
-                "format_version": CHECKPOINT_VERSION,
-                "package_version": __version__,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "config": self.cfg.to_dict(),
-                "config_digest": self.cfg.digest(),
-                "model_config": self._model_config(name).model_dump(mode="json"),
-                "n_users": len(self.data.users),
-                "n_items": len(self.data.items),
-                "state_dict": model.state_dict(),
-                "epoch": epoch,
-                "valid_metrics": valid,
+        save_best(
+            self.out,
+            BestCheckpoint(
+                package_version=__version__,
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                config=self.cfg.to_dict(),
+                config_digest=self.cfg.digest(),
+                model_config=self._model_config(name).model_dump(mode="json"),
+                n_users=len(self.data.users),
+                n_items=len(self.data.items),
+                state_dict=model.state_dict(),
+                epoch=epoch,
+                valid_metrics=valid,
                 **self.run_data,
-            },
+            ),
         )

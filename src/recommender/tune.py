@@ -47,10 +47,11 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from recommender.checkpoint import BEST_FILE, CONFIG_FILE, LAST_FILE, prepare_run_dir
 from recommender.config import CategoricalParam, Config, FloatParam, IntParam
 from recommender.data.pipeline import DataBundle
 from recommender.tracking import mlflow_run
-from recommender.train import EpochCallback, Trainer, plan_stages, prepare_run_dir
+from recommender.train import EpochCallback, Trainer, plan_stages
 from recommender.utils import RecommenderError, atomic_path
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def _check_same_training(study: optuna.Study, cfg: Config, out: Path) -> None:
     """A study's values compare only under one training config (the space may change)."""
     if study.user_attrs.get("training_digest") != cfg.training_digest():
         raise RecommenderError(
-            f"{out} holds a study of another training config (see {out / 'config.yaml'}); "
+            f"{out} holds a study of another training config (see {out / CONFIG_FILE}); "
             "continue it with that config or choose a new --out"
         )
 
@@ -164,7 +165,7 @@ def open_study(cfg: Config, out: Path) -> optuna.Study:
     )
     if "training_digest" not in study.user_attrs:
         study.set_user_attr("training_digest", cfg.training_digest())
-        cfg.save(out / "config.yaml")
+        cfg.save(out / CONFIG_FILE)
     tune = cfg.tune
     done = len(study.trials)
     if done:
@@ -225,7 +226,7 @@ class _Objective:
                 f"trial-{trial.number:04d}",
                 select_only.model_dump(mode="json", exclude={"tune"}),
                 folder,
-                skip=("last.pt", "best.pt"),
+                skip=(LAST_FILE, BEST_FILE),
                 nested=True,
                 finished_on=(optuna.TrialPruned,),  # a pruned trial stopped; it did not fail
             )

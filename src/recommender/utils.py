@@ -81,25 +81,3 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save through a temporary file, so a crash never leaves a truncated checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecommenderError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise RecommenderError(
-            f"{path}: not a readable checkpoint ({exc.__class__.__name__})"
-        ) from None
-    if not isinstance(payload, dict) or "format_version" not in payload:
-        raise RecommenderError(f"{path}: not a checkpoint written by this project")
-    return payload

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from recommender import __version__
+from recommender.checkpoint import require_run
 from recommender.serving.engine import ServedModel
 from recommender.serving.metrics import Metrics, MetricsMiddleware
 from recommender.serving.routes import ApiError, router
@@ -127,8 +128,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, worker
     """
     import uvicorn
 
-    if not (Path(run_dir) / "best.pt").is_file():
-        raise RecommenderError(f"{run_dir}: no best.pt; train a model into it first")
+    require_run(Path(run_dir), config=False)
     if workers < 1:
         raise RecommenderError(f"--workers must be >= 1, got {workers}")
     settings = ServeSettings.from_env()  # fail here, with one line, on a bad variable
