@@ -1,6 +1,8 @@
 """The `recommender` command: data, train, tune, evaluate, recommend, score, serve, report.
 
-Errors a user can fix print one line and exit with code 2; nothing else prints a traceback.
+Each command parses its arguments, calls the library (train.py, tune.py, runs.py,
+inference.py, serving, report.py) and prints. Errors a user can fix print one line and exit with
+code 2; nothing else prints a traceback.
 """
 
 from __future__ import annotations
@@ -13,26 +15,19 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from recommender.config import Config, load_config
-from recommender.report import add_report_parser
 from recommender.utils import (
     DataError,
     RecommenderError,
     atomic_path,
-    atomic_write_text,
     resolve_device,
     set_threads,
     setup_logging,
 )
-
-if TYPE_CHECKING:
-    from recommender.data.pipeline import DataBundle
-    from recommender.inference import Recommender
 
 log = logging.getLogger("recommender")
 
@@ -173,92 +168,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"best config: {out / 'best.yaml'}")
 
 
-def run_config(run_dir: Path) -> Config:
-    """The saved config of a run directory, with a clear error when it is not one."""
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "best.pt").is_file():
-        raise RecommenderError(f"{run_dir}: not a run directory (needs config.yaml and best.pt)")
-    return load_config(run_dir / "config.yaml")
-
-
-def load_run(run_dir: Path) -> tuple[Config, Recommender, DataBundle]:
-    """The run's config, its Recommender and its data, rebuilt from the saved config.
-
-    The split is deterministic, and the data is checked against the vocabularies in the
-    checkpoint, so a changed data file cannot pass silently.
-    """
-    from recommender.data.pipeline import load_data
-    from recommender.inference import Recommender
-
-    cfg = run_config(run_dir)
-    rec = Recommender.from_run(run_dir)
-    data = load_data(cfg.data, cfg.seed)
-    check_vocabularies(run_dir, rec, data)
-    return cfg, rec, data
-
-
-def check_vocabularies(run_dir: Path, rec: Recommender, data: DataBundle) -> None:
-    """Refuse data whose user or item vocabulary differs from the one the model learned."""
-    if rec.users.to_list() != data.users.to_list() or rec.items.to_list() != data.items.to_list():
-        raise RecommenderError(
-            f"{run_dir}: the data no longer matches the vocabularies the model was trained on"
-        )
-
-
-def evaluate_run(
-    run_dir: Path, loaded: tuple[Config, Recommender, DataBundle] | None = None
-) -> dict[str, Any]:
-    """Test metrics of a run's model and of Popularity, under both protocols.
-
-    The run is rebuilt by `load_run` unless the caller already has it (`loaded`). The report
-    is written to `run_dir/eval.json` and returned.
-    """
-    from recommender.evaluate import (
-        EvalResult,
-        evaluate_full,
-        evaluate_sampled,
-        format_table,
-        sample_negatives,
-    )
-    from recommender.models import Popularity, RecModel
-
-    cfg, rec, data = loaded if loaded is not None else load_run(run_dir)
-    history = data.train_full
-    popularity = Popularity(len(data.users), len(data.items)).fit(history.item_counts())
-    negatives = data.test_negatives
-    negatives_note = "given negatives file"
-    if negatives is None:
-        negatives = sample_negatives(history, data.test, cfg.eval.num_negatives, cfg.seed)
-        negatives_note = f"{cfg.eval.num_negatives} sampled negatives (seed {cfg.seed})"
-    models: dict[str, RecModel] = {rec.model_name: rec.model}
-    if rec.model_name != "popularity":
-        models["popularity"] = popularity
-    ks = cfg.eval.ks
-    results: dict[str, EvalResult] = {}
-    for name, model in models.items():
-        results[f"{name}/full"] = evaluate_full(
-            model, history, data.test, ks, batch_users=cfg.eval.batch_users, fallback=popularity
-        )
-        results[f"{name}/sampled"] = evaluate_sampled(
-            model, history, data.test, negatives, ks, fallback=popularity
-        )
-    shown = ["auc", "mrr"] + [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
-    shown += [f"{m}@{max(ks)}" for m in ("recall", "precision", "map", "map_all", "coverage")]
-    notes = sorted({n for r in results.values() for n in r.notes})
-    notes.append("FULL: ranked against every item outside the user's training history")
-    notes.append(f"SAMPLED: test item against {negatives_note}")
-    report: dict[str, Any] = {
-        "run": str(run_dir),
-        "model": rec.model_name,
-        "n_test_users": results[f"{rec.model_name}/full"].n_users,
-        "results": {name: res.to_dict() for name, res in results.items()},
-        "notes": notes,
-    }
-    report["table"] = format_table(results, shown)
-    atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2))
-    return report
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from recommender.runs import evaluate_run
+
     report = evaluate_run(Path(args.run))
     if args.json:
         print(json.dumps(report, indent=2))
@@ -275,6 +187,8 @@ def _open_recommender(run: str):
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
+    from recommender.runs import write_all_recommendations
+
     rec = _open_recommender(args.run)
     if args.all_users:
         if args.after:
@@ -303,25 +217,6 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         if args.explain:
             line += f"\n       {whys[rank - 1].one_line(rec.titles)}"
         print(line)
-
-
-def write_all_recommendations(rec, k: int, out: Path, chunk: int = 2048) -> None:
-    frames = []
-    user_ids = rec.users.ids
-    for start in range(0, len(user_ids), chunk):
-        batch = user_ids[start : start + chunk]
-        items, scores = rec.recommend(list(batch), k=k)
-        frame = pd.DataFrame(
-            {
-                "user_id": np.repeat(batch, items.shape[1]),
-                "item_id": items.ravel(),
-                "rank": np.tile(np.arange(1, items.shape[1] + 1), len(batch)),
-                "score": scores.ravel(),
-            }
-        )
-        frames.append(frame[frame["item_id"].notna()])
-    with atomic_path(out) as tmp:
-        pd.concat(frames).to_csv(tmp, index=False, float_format="%.6g")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -356,6 +251,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from recommender.serving import serve
 
     serve(args.run, host=args.host, port=args.port, workers=args.workers)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """Build the report with the run's own thread setting, as training used."""
+    from recommender.checkpoint import read_config
+    from recommender.report import build_report
+
+    run_dir = Path(args.run)
+    set_threads(read_config(run_dir).threads)
+    path = build_report(
+        run_dir,
+        out=args.out,
+        mf_run=args.mf,
+        skip_mf=args.no_mf,
+        mf_overrides=args.mf_set,
+        k=args.k,
+        n_sample_users=args.users,
+    )
+    print(f"report: {path}")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -470,7 +384,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="processes, each with the model")
     serve.set_defaults(func=cmd_serve)
 
-    add_report_parser(sub)
+    report = sub.add_parser("report", help="HTML report: curves, metrics, insights")
+    report.add_argument("--run", required=True, help="run directory")
+    report.add_argument("--out", help="report folder (default RUN/report)")
+    mf = report.add_mutually_exclusive_group()
+    mf.add_argument("--mf", help="MF run on the same data (default: train RUN/baselines/mf)")
+    mf.add_argument("--no-mf", action="store_true", help="no MF comparison")
+    report.add_argument(
+        "--mf-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the MF baseline trained by the report",
+    )
+    report.add_argument("--k", type=int, default=10, help="top-k length the insights examine")
+    report.add_argument("--users", type=int, default=6, help="sample users shown")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

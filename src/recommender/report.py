@@ -19,7 +19,6 @@ folder and swapped in at the end, so a failed build leaves the previous report (
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -37,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from recommender.checkpoint import is_run, read_config, read_metrics
 from recommender.config import Config, load_config
-from recommender.utils import RecommenderError, set_threads
+from recommender.utils import RecommenderError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -70,23 +70,6 @@ MAX_GENRES = 9  # genres coloured on the item map; the rest are drawn as "other"
 
 
 # -- loading ---------------------------------------------------------------------------------
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of metrics.jsonl ([] when the run trained nothing).
-
-    A torn last line (a run killed mid-write) is skipped, as resume does.
-    """
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _data_differences(a: Config, b: Config) -> list[str]:
@@ -138,8 +121,8 @@ def ensure_mf_baseline(
 
     mf_cfg = mf_baseline_config(cfg, overrides)
     target = run_dir / "baselines" / "mf"
-    if (target / "best.pt").is_file() and (target / "config.yaml").is_file():
-        if load_config(target / "config.yaml").training_digest() == mf_cfg.training_digest():
+    if is_run(target):
+        if read_config(target).training_digest() == mf_cfg.training_digest():
             log.info("report: reusing the MF baseline in %s", target)
             return target, False
         log.info("report: the MF baseline in %s has another config; training it again", target)
@@ -725,10 +708,8 @@ def _mf_comparison(
         when = "trained for this report" if trained else "reused from an earlier build"
         extra = f", overrides {' '.join(overrides)}" if overrides else ""
         return mf_dir, f"{mf_dir}: {when}; the run's data, default MF settings{extra}"
-    from recommender.cli import run_config
-
     mf_dir = Path(mf_run)
-    mf_cfg = run_config(mf_dir)
+    mf_cfg = read_config(mf_dir)
     if mf_cfg.model.name != "mf":
         raise RecommenderError(f"--mf {mf_dir}: a {mf_cfg.model.name} run, expected an mf run")
     differ = _data_differences(cfg, mf_cfg)
@@ -764,7 +745,6 @@ def build_report(
     Returns:
         The path of report.html.
     """
-    from recommender.cli import check_vocabularies, evaluate_run, load_run, run_config
     from recommender.inference import Recommender
     from recommender.insights import (
         branch_share,
@@ -774,6 +754,7 @@ def build_report(
         top_k_items,
     )
     from recommender.models import Popularity, RecModel
+    from recommender.runs import check_vocabularies, evaluate_run, load_run
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -795,7 +776,7 @@ def build_report(
         # same data config and seed as the run (checked), so its data is this run's data
         mf_rec = Recommender.from_run(mf_dir)
         check_vocabularies(mf_dir, mf_rec, data)
-        mf_results = evaluate_run(mf_dir, (run_config(mf_dir), mf_rec, data))["results"]
+        mf_results = evaluate_run(mf_dir, (read_config(mf_dir), mf_rec, data))["results"]
         results.update({key: v for key, v in mf_results.items() if key.startswith("mf/")})
         models["mf"] = mf_rec.model
     models.setdefault("popularity", popularity)
@@ -864,44 +845,3 @@ def _write(report: _Report, insights: dict[str, Any], out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return out / "report.html"
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def add_report_parser(subparsers: Any) -> None:
-    """Register `recommender report` on the CLI's subparsers (`add_subparsers()`'s result)."""
-    report = subparsers.add_parser("report", help="HTML report: curves, metrics, insights")
-    report.add_argument("--run", required=True, help="run directory")
-    report.add_argument("--out", help="report folder (default RUN/report)")
-    mf = report.add_mutually_exclusive_group()
-    mf.add_argument("--mf", help="MF run on the same data (default: train RUN/baselines/mf)")
-    mf.add_argument("--no-mf", action="store_true", help="no MF comparison")
-    report.add_argument(
-        "--mf-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for the MF baseline trained by the report",
-    )
-    report.add_argument("--k", type=int, default=10, help="top-k length the insights examine")
-    report.add_argument("--users", type=int, default=6, help="sample users shown")
-    report.set_defaults(func=cmd_report)
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    """Build the report with the run's own thread setting, as training used."""
-    from recommender.cli import run_config
-
-    run_dir = Path(args.run)
-    set_threads(run_config(run_dir).threads)
-    path = build_report(
-        run_dir,
-        out=args.out,
-        mf_run=args.mf,
-        skip_mf=args.no_mf,
-        mf_overrides=args.mf_set,
-        k=args.k,
-        n_sample_users=args.users,
-    )
-    print(f"report: {path}")
