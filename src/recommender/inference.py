@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
+from recommender.evaluate import exact_top_k
 from recommender.explain import FoldIn, supports
 from recommender.models import MF, Popularity, RecModel, build_model
 from recommender.utils import RecommenderError, load_checkpoint
@@ -194,20 +195,17 @@ class Recommender:
         ids, single = self._as_list(user_ids)
         user_idx = self.users.lookup(ids)
         scores = self._all_scores(user_idx)
-        if exclude_seen:
-            rows, cols = self._seen_coordinates(user_idx)
-            scores[rows, cols] = -torch.inf
-        item_ids, top_scores = self._top(scores, k)
+        seen = self._seen_coordinates(user_idx) if exclude_seen else None
+        item_ids, top_scores = self._ids(*exact_top_k(scores, k, seen))
         return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
 
-    def _top(self, scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(U, n_items) scores, -inf for excluded items -> (U, k) item ids and scores; None and
-        NaN where fewer than k items are left."""
-        top = torch.topk(scores, min(k, len(self.items)), dim=1)
-        top_scores: np.ndarray = top.values.cpu().numpy()
-        item_ids = self.items.to_ids(top.indices).astype(object)
-        empty = ~np.isfinite(top_scores)
+    def _ids(self, scores: torch.Tensor, idx: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(U, k) top scores and item indices (-1: no item left) -> item ids and scores, None
+        and NaN in the empty slots."""
+        empty = (idx < 0).cpu().numpy()
+        item_ids = self.items.to_ids(idx.clamp(min=0)).astype(object)
         item_ids[empty] = None
+        top_scores: np.ndarray = scores.cpu().numpy()
         top_scores[empty] = np.nan
         return item_ids, top_scores
 
@@ -237,12 +235,11 @@ class Recommender:
         users = torch.from_numpy(user_idx).to(self.device) if known else None
         logits = model.score_after(torch.from_numpy(context[None]).to(self.device), users)
         scores = torch.sigmoid(logits.float())
+        seen = None
         if exclude_seen:
-            scores[0, torch.from_numpy(recent).to(self.device)] = -torch.inf
-            if known:
-                rows, cols = self._seen_coordinates(user_idx)
-                scores[rows, cols] = -torch.inf
-        item_ids, top_scores = self._top(scores, k)
+            rows, cols = self._seen_coordinates(user_idx)  # none for an unknown user
+            seen = (np.r_[np.zeros(len(recent), dtype=np.int64), rows], np.r_[recent, cols])
+        item_ids, top_scores = self._ids(*exact_top_k(scores, k, seen))
         return item_ids[0], top_scores[0]
 
     def _next_context(
@@ -268,13 +265,11 @@ class Recommender:
         context[: min(len(latest), model.context)] = latest[: model.context]
         return model, recent, context
 
-    def _seen_coordinates(self, user_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _seen_coordinates(self, user_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, item) coordinates of the history items of the known users among `user_idx`."""
         known_rows = np.flatnonzero(user_idx >= 0)
         rows, cols = csr_rows(self.indptr, self.history, user_idx[known_rows])
-        return (
-            torch.from_numpy(known_rows[rows]).to(self.device),
-            torch.from_numpy(cols).to(self.device),
-        )
+        return known_rows[rows], cols
 
     @torch.no_grad()
     def score(self, user_ids: UserIds, item_ids: Sequence[str | int] | np.ndarray) -> np.ndarray:
