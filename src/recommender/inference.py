@@ -30,7 +30,7 @@ from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.evaluate import exact_top_k
 from recommender.explain import FoldIn, supports
-from recommender.models import MF, Popularity, RecModel, build_model
+from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError, load_checkpoint
 
 UserIds = str | int | Sequence[str | int] | np.ndarray
@@ -150,6 +150,16 @@ class Recommender:
         name = str(config.get("name", type(self.model).__name__))
         return f"{name}-context" if config.get("context") else name
 
+    @property
+    def personalised(self) -> bool:
+        """False for a popularity run: every user, and every session, gets the one list."""
+        return self.model.personalised
+
+    @property
+    def reads_context(self) -> bool:
+        """True for a run trained with model.context: `recommend_next` follows recent items."""
+        return self.model.context > 0
+
     # -- ids ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -244,12 +254,12 @@ class Recommender:
 
     def _next_context(
         self, recent_item_ids: Sequence[str | int], user_idx: int
-    ) -> tuple[MF, np.ndarray, np.ndarray]:
+    ) -> tuple[RecModel, np.ndarray, np.ndarray]:
         """The context model, the recent items' indices and the (context,) items the Markov
         term reads after them: latest first, then the stored latest items of a known user
         (`user_idx` >= 0)."""
         model = self.model
-        if not isinstance(model, MF) or not model.context:
+        if not model.context:
             raise RecommenderError(
                 f"recommend_next needs a run trained with model.context; this {self.model_name} "
                 "run scores no recent items"

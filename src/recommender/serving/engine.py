@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from recommender.inference import Recommender
-from recommender.models import MF, Popularity
 from recommender.serving.retrieval import TwoStageRetriever
 from recommender.serving.settings import ServeSettings
 
@@ -128,11 +127,10 @@ class ServedModel:
 
         A model without an item space (popularity) answers with the popularity list.
         """
-        model = self.rec.model
-        if isinstance(model, Popularity):
+        if not self.rec.personalised:
             ids, scores = self.rec.recommend(ANONYMOUS, k=k, exclude_seen=False)
             return _ranked(None, ids, scores, True)
-        if isinstance(model, MF) and model.context:
+        if self.rec.reads_context:
             ids, scores = self.rec.recommend_next(item_ids, k=k)
         else:
             ids, scores = self.rec.similar_to_items(item_ids, k=k)
