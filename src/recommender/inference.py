@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +34,16 @@ from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError, load_checkpoint
 
 UserIds = str | int | Sequence[str | int] | np.ndarray
+
+
+class Retriever(Protocol):
+    """Approximate top-k for known users over a catalog too large to score whole per request
+    (serving.retrieval.TwoStageRetriever): (U,) user indices -> (U, k) item indices (-1:
+    empty) and probabilities; `exclude[u]` holds the item indices user u must not get."""
+
+    def topk(
+        self, user_idx: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 # Explanation.method of an attribution; "popularity" marks the fallback.
@@ -169,8 +179,13 @@ class Recommender:
         return [str(x) for x in ids], False
 
     def known_users(self, user_ids: UserIds) -> np.ndarray:
+        """(U,) bool: which users the run has trained on (the others get the fallback)."""
         ids, _ = self._as_list(user_ids)
         return self.users.lookup(ids) >= 0
+
+    def known_items(self, item_ids: Sequence[str | int] | np.ndarray) -> np.ndarray:
+        """(I,) bool: which items are in the catalog (an unknown item is the caller's error)."""
+        return self.items.lookup([str(x) for x in item_ids]) >= 0
 
     def history_of(self, user_idx: int) -> np.ndarray:
         return self.history[self.indptr[user_idx] : self.indptr[user_idx + 1]]
@@ -193,21 +208,58 @@ class Recommender:
 
     @torch.no_grad()
     def recommend(
-        self, user_ids: UserIds, k: int = 10, exclude_seen: bool = True
+        self,
+        user_ids: UserIds,
+        k: int = 10,
+        exclude_seen: bool = True,
+        retriever: Retriever | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items and scores per user: shapes (k,) for one user, (U, k) for a list.
 
         Scores are probabilities (the popularity share for fallback users). k is capped at the
         catalog size; slots beyond the items a user has not seen hold item id None, score NaN.
+        With a `retriever` (the service's ANN search over a large catalog) known users' lists
+        are its candidates re-scored by the model instead of the whole catalog.
         """
         if k < 1:
             raise RecommenderError(f"k must be >= 1, got {k}")
         ids, single = self._as_list(user_ids)
         user_idx = self.users.lookup(ids)
+        if retriever is not None and (user_idx >= 0).any():
+            item_ids, top_scores = self._retrieved(retriever, user_idx, k, exclude_seen)
+        else:
+            item_ids, top_scores = self._exact(user_idx, k, exclude_seen)
+        return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
+
+    def _exact(
+        self, user_idx: np.ndarray, k: int, exclude_seen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(U,) indices (-1 = unknown) -> (U, k) item ids and scores over the whole catalog."""
         scores = self._all_scores(user_idx)
         seen = self._seen_coordinates(user_idx) if exclude_seen else None
-        item_ids, top_scores = self._ids(*exact_top_k(scores, k, seen))
-        return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
+        return self._ids(*exact_top_k(scores, k, seen))
+
+    def _retrieved(
+        self, retriever: Retriever, user_idx: np.ndarray, k: int, exclude_seen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As `_exact`, the known users' lists from the retriever's candidates."""
+        width = min(k, len(self.items))
+        item_ids = np.full((len(user_idx), width), None, dtype=object)
+        top_scores = np.full((len(user_idx), width), np.nan, dtype=np.float32)
+        rows = np.flatnonzero(user_idx >= 0)
+        exclude = None
+        if exclude_seen:
+            _, cols = self._seen_coordinates(user_idx[rows])
+            lengths = self.indptr[user_idx[rows] + 1] - self.indptr[user_idx[rows]]
+            exclude = np.split(cols, np.cumsum(lengths)[:-1])
+        idx, scores = retriever.topk(user_idx[rows], k, exclude)
+        idx, scores = idx[:, :width], scores[:, :width]
+        item_ids[rows] = np.where(idx >= 0, self.items.ids[np.maximum(idx, 0)], None)
+        top_scores[rows] = scores
+        unknown = np.flatnonzero(user_idx < 0)
+        if len(unknown):
+            item_ids[unknown], top_scores[unknown] = self._exact(user_idx[unknown], k, False)
+        return item_ids, top_scores
 
     def _ids(self, scores: torch.Tensor, idx: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(U, k) top scores and item indices (-1: no item left) -> item ids and scores, None
