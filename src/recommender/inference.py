@@ -85,6 +85,26 @@ class Explanation:
 
 
 class Recommender:
+    """A trained run, answering in raw ids: the one object the CLI, the report and the HTTP
+    service ask for recommendations, scores, similar items and explanations.
+
+    It holds the model in eval mode, the user and item vocabularies saved with it, each
+    user's training history (CSR: `indptr`, `history`) for excluding seen items and
+    explaining, and the item counts behind the popularity fallback of unknown users. The
+    item-side tensors are computed once here, so a request costs one pass over the catalog.
+    Build it with `from_run`; the constructor is for code that already holds these parts.
+
+    Shapes: `recommend` gives (k,) ids and scores for one user, (U, k) for a list of U;
+    `score` gives (P,) for P (user, item) pairs; ids are strings, scores probabilities.
+
+    Example:
+        >>> rec = Recommender.from_run("runs/demo")               # doctest: +SKIP
+        >>> rec.recommend(["196", "nobody"], k=3)[0].shape         # doctest: +SKIP
+        (2, 3)
+        >>> rec.known_users(["196", "nobody"]).tolist()           # doctest: +SKIP
+        [True, False]
+    """
+
     def __init__(
         self,
         model: RecModel,

@@ -21,7 +21,7 @@ from recommender.serving.metrics import Metrics
 from recommender.serving.schemas import (
     MAX_K,
     ErrorResponse,
-    Explanation,
+    ItemExplanation,
     ModelInfo,
     RecommendationList,
     RecommendationsRequest,
@@ -104,7 +104,7 @@ def _as_list(
             item_id=item,
             score=score,
             title=served.title(item),
-            explanation=Explanation(**why) if why is not None else None,
+            explanation=ItemExplanation(**why) if why is not None else None,
         )
         for item, score, why in zip(ranked.item_ids, ranked.scores, whys, strict=True)
     ]
