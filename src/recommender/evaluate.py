@@ -29,6 +29,40 @@ log = logging.getLogger("recommender")
 PAD = float("inf")
 
 
+def exact_top_k(
+    scores: torch.Tensor, k: int, seen: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of each row of a score block with the user's seen items excluded: the one
+    exact top-k behind the FULL protocol, `Recommender.recommend`, insights' top-k lists and
+    serving's re-ranking of ANN candidates.
+
+    It lives with evaluation because the FULL protocol is defined as ranking what a served list
+    ranks: the same candidates, the same exclusion, the same order among ties, so a metric
+    measured here holds for the lists users get.
+
+    Args:
+        scores: (B, n) scores of n candidates (the catalog, or a row of ANN hits); -inf marks a
+            candidate already excluded. The seen items are set to -inf here, in place, so the
+            FULL protocol goes on to rank its targets in the same masked block.
+        k: list length, capped at n.
+        seen: (row, column) coordinates to exclude, as Interactions.seen_mask gives them.
+    Returns:
+        (B, min(k, n)) scores and column indices, best first; index -1 (score -inf) in each
+        slot beyond the candidates left. Tied scores come in torch.topk's order.
+
+    Example:
+        >>> scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.4]])
+        >>> values, idx = exact_top_k(scores, 2, (np.array([0, 1, 1]), np.array([1, 0, 2])))
+        >>> idx.tolist()
+        [[2, 0], [1, -1]]
+    """
+    if seen is not None:
+        rows, cols = (torch.from_numpy(a).to(scores.device) for a in seen)
+        scores[rows, cols] = -PAD
+    top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    return top.values, torch.where(torch.isfinite(top.values), top.indices, -1)
+
+
 def ranking_metrics(
     ranks: torch.Tensor, neg_below: torch.Tensor, n_neg: torch.Tensor, ks: list[int]
 ) -> dict[str, torch.Tensor]:
@@ -150,8 +184,9 @@ def evaluate_full(
         chunk_cold = torch.from_numpy(cold[start : start + batch_users]).to(device)
         if fallback is not None and fallback_cache is not None and chunk_cold.any():
             scores[chunk_cold] = fallback.score_all(u[chunk_cold], fallback_cache).float()
-        rows, items = history.seen_mask(chunk)
-        scores[torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device)] = -PAD
+        # masks the history in place: the targets are ranked in the same block below
+        _, top = exact_top_k(scores, kmax, history.seen_mask(chunk))
+        top_items.append(top.cpu())
         n_valid = (scores != -PAD).sum(1)  # (B,)
         target_items, valid = _padded_targets(targets, chunk)
         target_items, valid = target_items.to(device), valid.to(device)
@@ -169,11 +204,11 @@ def evaluate_full(
         metrics = ranking_metrics(ranks, neg_below, (n_valid - n_pos).float(), ks)
         for name, values in metrics.items():
             per_user.setdefault(name, []).append(values.cpu())
-        top_items.append(torch.topk(scores, min(kmax, scores.shape[1]), dim=1).indices.cpu())
     result = {name: float(torch.cat(v).mean()) for name, v in per_user.items()}
     tops = torch.cat(top_items) if top_items else torch.zeros(0, kmax, dtype=torch.long)
     for k in ks:
-        result[f"coverage@{k}"] = len(torch.unique(tops[:, :k])) / model.n_items
+        listed = tops[:, :k]
+        result[f"coverage@{k}"] = len(torch.unique(listed[listed >= 0])) / model.n_items
     return EvalResult(
         "full", result, len(users), int(cold.sum()), _cold_warning(int(cold.sum()), "full")
     )

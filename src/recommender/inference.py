@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,11 +29,22 @@ import torch.nn.functional as F
 from recommender.checkpoint import load_best
 from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
+from recommender.evaluate import exact_top_k
 from recommender.explain import FoldIn, supports
-from recommender.models import MF, Popularity, RecModel, build_model
+from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError
 
 UserIds = str | int | Sequence[str | int] | np.ndarray
+
+
+class Retriever(Protocol):
+    """Approximate top-k for known users over a catalog too large to score whole per request
+    (serving.retrieval.TwoStageRetriever): (U,) user indices -> (U, k) item indices (-1:
+    empty) and probabilities; `exclude[u]` holds the item indices user u must not get."""
+
+    def topk(
+        self, user_idx: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 # Explanation.method of an attribution; "popularity" marks the fallback.
@@ -75,6 +86,26 @@ class Explanation:
 
 
 class Recommender:
+    """A trained run, answering in raw ids: the one object the CLI, the report and the HTTP
+    service ask for recommendations, scores, similar items and explanations.
+
+    It holds the model in eval mode, the user and item vocabularies saved with it, each
+    user's training history (CSR: `indptr`, `history`) for excluding seen items and
+    explaining, and the item counts behind the popularity fallback of unknown users. The
+    item-side tensors are computed once here, so a request costs one pass over the catalog.
+    Build it with `from_run`; the constructor is for code that already holds these parts.
+
+    Shapes: `recommend` gives (k,) ids and scores for one user, (U, k) for a list of U;
+    `score` gives (P,) for P (user, item) pairs; ids are strings, scores probabilities.
+
+    Example:
+        >>> rec = Recommender.from_run("runs/demo")               # doctest: +SKIP
+        >>> rec.recommend(["196", "nobody"], k=3)[0].shape         # doctest: +SKIP
+        (2, 3)
+        >>> rec.known_users(["196", "nobody"]).tolist()           # doctest: +SKIP
+        [True, False]
+    """
+
     def __init__(
         self,
         model: RecModel,
@@ -133,6 +164,16 @@ class Recommender:
         name = str(config.get("name", type(self.model).__name__))
         return f"{name}-context" if config.get("context") else name
 
+    @property
+    def personalised(self) -> bool:
+        """False for a popularity run: every user, and every session, gets the one list."""
+        return self.model.personalised
+
+    @property
+    def reads_context(self) -> bool:
+        """True for a run trained with model.context: `recommend_next` follows recent items."""
+        return self.model.context > 0
+
     # -- ids ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -142,8 +183,13 @@ class Recommender:
         return [str(x) for x in ids], False
 
     def known_users(self, user_ids: UserIds) -> np.ndarray:
+        """(U,) bool: which users the run has trained on (the others get the fallback)."""
         ids, _ = self._as_list(user_ids)
         return self.users.lookup(ids) >= 0
+
+    def known_items(self, item_ids: Sequence[str | int] | np.ndarray) -> np.ndarray:
+        """(I,) bool: which items are in the catalog (an unknown item is the caller's error)."""
+        return self.items.lookup([str(x) for x in item_ids]) >= 0
 
     def history_of(self, user_idx: int) -> np.ndarray:
         return self.history[self.indptr[user_idx] : self.indptr[user_idx + 1]]
@@ -166,32 +212,66 @@ class Recommender:
 
     @torch.no_grad()
     def recommend(
-        self, user_ids: UserIds, k: int = 10, exclude_seen: bool = True
+        self,
+        user_ids: UserIds,
+        k: int = 10,
+        exclude_seen: bool = True,
+        retriever: Retriever | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items and scores per user: shapes (k,) for one user, (U, k) for a list.
 
         Scores are probabilities (the popularity share for fallback users). k is capped at the
         catalog size; slots beyond the items a user has not seen hold item id None, score NaN.
+        With a `retriever` (the service's ANN search over a large catalog) known users' lists
+        are its candidates re-scored by the model instead of the whole catalog.
         """
         if k < 1:
             raise RecommenderError(f"k must be >= 1, got {k}")
         ids, single = self._as_list(user_ids)
         user_idx = self.users.lookup(ids)
-        scores = self._all_scores(user_idx)
-        if exclude_seen:
-            rows, cols = self._seen_coordinates(user_idx)
-            scores[rows, cols] = -torch.inf
-        item_ids, top_scores = self._top(scores, k)
+        if retriever is not None and (user_idx >= 0).any():
+            item_ids, top_scores = self._retrieved(retriever, user_idx, k, exclude_seen)
+        else:
+            item_ids, top_scores = self._exact(user_idx, k, exclude_seen)
         return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
 
-    def _top(self, scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(U, n_items) scores, -inf for excluded items -> (U, k) item ids and scores; None and
-        NaN where fewer than k items are left."""
-        top = torch.topk(scores, min(k, len(self.items)), dim=1)
-        top_scores: np.ndarray = top.values.cpu().numpy()
-        item_ids = self.items.to_ids(top.indices).astype(object)
-        empty = ~np.isfinite(top_scores)
+    def _exact(
+        self, user_idx: np.ndarray, k: int, exclude_seen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(U,) indices (-1 = unknown) -> (U, k) item ids and scores over the whole catalog."""
+        scores = self._all_scores(user_idx)
+        seen = self._seen_coordinates(user_idx) if exclude_seen else None
+        return self._ids(*exact_top_k(scores, k, seen))
+
+    def _retrieved(
+        self, retriever: Retriever, user_idx: np.ndarray, k: int, exclude_seen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As `_exact`, the known users' lists from the retriever's candidates."""
+        width = min(k, len(self.items))
+        item_ids = np.full((len(user_idx), width), None, dtype=object)
+        top_scores = np.full((len(user_idx), width), np.nan, dtype=np.float32)
+        rows = np.flatnonzero(user_idx >= 0)
+        exclude = None
+        if exclude_seen:
+            _, cols = self._seen_coordinates(user_idx[rows])
+            lengths = self.indptr[user_idx[rows] + 1] - self.indptr[user_idx[rows]]
+            exclude = np.split(cols, np.cumsum(lengths)[:-1])
+        idx, scores = retriever.topk(user_idx[rows], k, exclude)
+        idx, scores = idx[:, :width], scores[:, :width]
+        item_ids[rows] = np.where(idx >= 0, self.items.ids[np.maximum(idx, 0)], None)
+        top_scores[rows] = scores
+        unknown = np.flatnonzero(user_idx < 0)
+        if len(unknown):
+            item_ids[unknown], top_scores[unknown] = self._exact(user_idx[unknown], k, False)
+        return item_ids, top_scores
+
+    def _ids(self, scores: torch.Tensor, idx: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(U, k) top scores and item indices (-1: no item left) -> item ids and scores, None
+        and NaN in the empty slots."""
+        empty = (idx < 0).cpu().numpy()
+        item_ids = self.items.to_ids(idx.clamp(min=0)).astype(object)
         item_ids[empty] = None
+        top_scores: np.ndarray = scores.cpu().numpy()
         top_scores[empty] = np.nan
         return item_ids, top_scores
 
@@ -221,22 +301,21 @@ class Recommender:
         users = torch.from_numpy(user_idx).to(self.device) if known else None
         logits = model.score_after(torch.from_numpy(context[None]).to(self.device), users)
         scores = torch.sigmoid(logits.float())
+        seen = None
         if exclude_seen:
-            scores[0, torch.from_numpy(recent).to(self.device)] = -torch.inf
-            if known:
-                rows, cols = self._seen_coordinates(user_idx)
-                scores[rows, cols] = -torch.inf
-        item_ids, top_scores = self._top(scores, k)
+            rows, cols = self._seen_coordinates(user_idx)  # none for an unknown user
+            seen = (np.r_[np.zeros(len(recent), dtype=np.int64), rows], np.r_[recent, cols])
+        item_ids, top_scores = self._ids(*exact_top_k(scores, k, seen))
         return item_ids[0], top_scores[0]
 
     def _next_context(
         self, recent_item_ids: Sequence[str | int], user_idx: int
-    ) -> tuple[MF, np.ndarray, np.ndarray]:
+    ) -> tuple[RecModel, np.ndarray, np.ndarray]:
         """The context model, the recent items' indices and the (context,) items the Markov
         term reads after them: latest first, then the stored latest items of a known user
         (`user_idx` >= 0)."""
         model = self.model
-        if not isinstance(model, MF) or not model.context:
+        if not model.context:
             raise RecommenderError(
                 f"recommend_next needs a run trained with model.context; this {self.model_name} "
                 "run scores no recent items"
@@ -252,13 +331,11 @@ class Recommender:
         context[: min(len(latest), model.context)] = latest[: model.context]
         return model, recent, context
 
-    def _seen_coordinates(self, user_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _seen_coordinates(self, user_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, item) coordinates of the history items of the known users among `user_idx`."""
         known_rows = np.flatnonzero(user_idx >= 0)
         rows, cols = csr_rows(self.indptr, self.history, user_idx[known_rows])
-        return (
-            torch.from_numpy(known_rows[rows]).to(self.device),
-            torch.from_numpy(cols).to(self.device),
-        )
+        return known_rows[rows], cols
 
     @torch.no_grad()
     def score(self, user_ids: UserIds, item_ids: Sequence[str | int] | np.ndarray) -> np.ndarray:

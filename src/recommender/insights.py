@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from recommender.data.interactions import Interactions
-from recommender.evaluate import PAD, evaluate_full
+from recommender.evaluate import PAD, evaluate_full, exact_top_k
 from recommender.models import NeuMF, Popularity, RecModel
 from recommender.models.base import SCORE_BUDGET
 from recommender.utils import RecommenderError
@@ -54,19 +54,6 @@ def _user_chunks(model: RecModel, users: np.ndarray, batch_users: int) -> list[n
     return [users[i : i + rows] for i in range(0, len(users), rows)]
 
 
-def _mask_seen(scores: torch.Tensor, history: Interactions, users: np.ndarray) -> torch.Tensor:
-    """Set each user's history items to -inf in a (B, n_items) score block, in place."""
-    rows, items = (torch.from_numpy(a).to(scores.device) for a in history.seen_mask(users))
-    scores[rows, items] = -PAD
-    return scores
-
-
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, n) masked scores -> (B, k) item indices, -1 where fewer than k items are unmasked."""
-    top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-    return torch.where(torch.isfinite(top.values), top.indices, -1)
-
-
 @torch.no_grad()
 def top_k_items(
     model: RecModel,
@@ -85,7 +72,7 @@ def top_k_items(
     tops = []
     for chunk in _user_chunks(model, np.asarray(users, dtype=np.int64), batch_users):
         scores = model.score_all(torch.from_numpy(chunk).to(device), cache).float()  # (B, n)
-        tops.append(_top_k(_mask_seen(scores, history, chunk), k).cpu())
+        tops.append(exact_top_k(scores, k, history.seen_mask(chunk))[1].cpu())
     return torch.cat(tops).numpy() if tops else np.zeros((0, k), dtype=np.int64)
 
 
@@ -211,11 +198,11 @@ def branch_share(
     for chunk in _user_chunks(model, users, batch_users):
         u = torch.from_numpy(chunk).to(device)
         gmf, mlp = neumf_item_parts(model, u, cache)  # (B, n_items) each
-        full = _mask_seen(gmf + mlp, history, chunk)
+        full = gmf + mlp
+        _, top_full = exact_top_k(full, k, history.seen_mask(chunk))  # masks `full`
         unseen = torch.isfinite(full)
-        top_full = _top_k(full, k)
-        over_g.append(_overlap(_top_k(torch.where(unseen, gmf, -PAD), k), top_full))
-        over_m.append(_overlap(_top_k(torch.where(unseen, mlp, -PAD), k), top_full))
+        over_g.append(_overlap(exact_top_k(torch.where(unseen, gmf, -PAD), k)[1], top_full))
+        over_m.append(_overlap(exact_top_k(torch.where(unseen, mlp, -PAD), k)[1], top_full))
         valid = top_full >= 0
         g_top = gmf.gather(1, top_full.clamp(min=0))[valid]
         m_top = mlp.gather(1, top_full.clamp(min=0))[valid]

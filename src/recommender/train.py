@@ -57,7 +57,7 @@ from recommender.data.pipeline import DataBundle
 from recommender.data.sampling import NegativeSampler, epoch_batches, to_device
 from recommender.distributed import Dist, check_supported
 from recommender.evaluate import evaluate_full
-from recommender.models import GMF, MF, MLP, NeuMF, Popularity, RecModel, build_model
+from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, build_model
 from recommender.utils import ConfigError, DataError, RecommenderError
 
 log = logging.getLogger("recommender")
@@ -281,7 +281,7 @@ class Trainer:
             gmf, mlp = (self._completed_model(name) for name in stage.init_from)
             assert isinstance(gmf, GMF) and isinstance(mlp, MLP)
             model.load_pretrained(gmf, mlp, self.cfg.train.pretrain.alpha)
-        if isinstance(model, MF) and model.context:  # scores after this stage use its data
+        if model.context:  # scores after this stage use its data
             model.set_latest(self._split(stage.data).latest_items(model.context))
         return model
 

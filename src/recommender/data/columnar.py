@@ -7,7 +7,8 @@ hash pass, and only the distinct ids (138k users, 27k items at MovieLens-20M siz
 Python strings; labelling, de-duplication and the k-core filter then run on integer codes.
 
 The result is exactly the general path's: the same rows in the same order and the same
-vocabularies (tests/test_scale.py compares them). This path takes the clean, well-typed case
+vocabularies (tests/test_scale.py compares them); the format and the columns come from the
+general reader's own detection (readers.detect_format). This path takes the clean, well-typed case
 only; anything unusual (a null, an empty id, a non-numeric rating, a float timestamp, a
 missing column, an unreadable file) returns None, and the general path, which owns the precise
 error messages, reads the file instead.
@@ -26,56 +27,38 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from recommender.config import ColumnsConfig, DataConfig
+from recommender.config import DataConfig
 from recommender.data.interactions import Interactions, Vocabulary
+from recommender.data.readers import FileFormat, detect_format, header_columns, requested_columns
+from recommender.utils import RecommenderError
 
 log = logging.getLogger("recommender")
 
-_ML_CSV = {"user": "userId", "item": "movieId", "rating": "rating", "timestamp": "timestamp"}
+
+def _format(path: Path, cfg: DataConfig) -> FileFormat | None:
+    """The general reader's format and columns for a csv / tsv / parquet / ml-csv file; None
+    for any other format, or where detection fails (the general path reports why)."""
+    try:
+        file = detect_format(path, cfg.format, requested_columns(cfg.columns.model_dump()), cfg.sep)
+    except RecommenderError:
+        return None
+    return file if file.name in ("csv", "tsv", "parquet", "ml-csv") else None
 
 
-def _format(path: Path, cfg: DataConfig) -> str | None:
-    """csv / tsv / parquet / ml-csv as the general reader would resolve it, else None."""
-    fmt = cfg.format
-    if fmt == "auto":
-        fmt = {".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv", ".csv": "csv"}.get(
-            path.suffix.lower(), ""
-        )
-        if fmt == "csv" and _header(path, ",")[:2] == ["userId", "movieId"]:
-            fmt = "ml-csv"
-    return fmt if fmt in ("csv", "tsv", "parquet", "ml-csv") else None
-
-
-def _header(path: Path, sep: str) -> list[str]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        line = handle.readline().rstrip("\r\n")
-    return next(csv.reader([line], delimiter=sep)) if len(sep) == 1 else line.split(sep)
-
-
-def _read(path: Path, fmt: str, cfg: DataConfig) -> dict[str, pa.ChunkedArray] | None:
-    """Canonical key -> column; None where the general path must decide."""
-    default = cfg.columns == ColumnsConfig()
-    if fmt == "ml-csv":
-        if not default:
-            return None
-        wanted: dict[str, str | None] = dict(_ML_CSV)
-    else:
-        c = cfg.columns
-        wanted = {"user": c.user, "item": c.item, "rating": c.rating, "timestamp": c.timestamp}
-    sep = cfg.sep or ("\t" if fmt == "tsv" else ",")
-    found = pq.read_schema(path).names if fmt == "parquet" else _header(path, sep)
-    named = {key: col for key, col in wanted.items() if col is not None}
-    # Default names: rating and timestamp are read when the file has them. A mapping the user
-    # wrote, or a missing id column, is the general path's to report.
-    columns = {k: v for k, v in named.items() if v in found or not default or k in ("user", "item")}
+def _read(path: Path, file: FileFormat) -> dict[str, pa.ChunkedArray] | None:
+    """Canonical name -> column; None where the general path must decide."""
+    sep = file.sep or ","
+    found = pq.read_schema(path).names if file.name == "parquet" else header_columns(path, sep)
+    # A missing column the file must have is the general path's to report.
+    columns = file.wanted(found)
     if any(col not in found for col in columns.values()) or len(set(columns.values())) < len(
         columns
     ):
         return None
-    if fmt == "parquet":
+    if file.name == "parquet":
         table = pq.read_table(path, columns=list(columns.values()))
     else:
-        ids = {columns["user"]: pa.string(), columns["item"]: pa.string()}
+        ids = {columns["user_id"]: pa.string(), columns["item_id"]: pa.string()}
         table = pacsv.read_csv(
             path,
             parse_options=pacsv.ParseOptions(delimiter=sep),
@@ -124,31 +107,31 @@ def read_indexed(cfg: DataConfig) -> tuple[Vocabulary, Vocabulary, Interactions]
     path = Path(cfg.path)
     if not path.is_file():
         return None
-    fmt = _format(path, cfg)
-    if fmt is None:
+    file = _format(path, cfg)
+    if file is None:
         return None
     try:
-        return _read_indexed(path, fmt, cfg)
+        return _read_indexed(path, file, cfg)
     finally:
         # Arrow's allocator keeps freed memory for reuse; training needs it more.
         pa.default_memory_pool().release_unused()
 
 
 def _read_indexed(
-    path: Path, fmt: str, cfg: DataConfig
+    path: Path, file: FileFormat, cfg: DataConfig
 ) -> tuple[Vocabulary, Vocabulary, Interactions] | None:
     try:
-        columns = _read(path, fmt, cfg)
+        columns = _read(path, file)
     except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error, StopIteration):
         return None
-    if columns is None or len(columns["user"]) == 0:
+    if columns is None or len(columns["user_id"]) == 0:
         return None
     if any(col.null_count for col in columns.values()):
         return None
     # Each Arrow column is dropped once converted: at 20M rows the string columns alone
     # are 600 MB, and the peak memory of the whole train command is what counts.
-    users = _encode_ids(columns.pop("user"))
-    items = _encode_ids(columns.pop("item")) if users is not None else None
+    users = _encode_ids(columns.pop("user_id"))
+    items = _encode_ids(columns.pop("item_id")) if users is not None else None
     if users is None or items is None:
         return None
     (u, user_ids), (i, item_ids) = users, items

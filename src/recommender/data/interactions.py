@@ -208,9 +208,14 @@ class Interactions:
         """(row, item) coordinates of the seen items of `users`, row indexing into `users`."""
         return csr_rows(*self.csr(), users)
 
-    def _time_order(self) -> np.ndarray:
-        """Row order by user, then time (ties: the larger item index is later, as in
-        splits.leave_last_out, so a user's latest row here is the one that split holds out)."""
+    def time_order(self) -> np.ndarray:
+        """Row order by user, then time; ties in time put the larger item index later.
+
+        The one definition of a user's time order: splits.leave_last_out holds out each
+        user's last row in it, and previous_items / latest_items read the context from it.
+        Without timestamps this raises the model.context message; a split checks first and
+        names itself.
+        """
         if self.timestamp is None:
             raise DataError(
                 "model.context needs timestamps to order each user's interactions; this data "
@@ -228,7 +233,7 @@ class Interactions:
             >>> inter.previous_items(2).tolist()
             [[1, 0], [3, 3], [0, 3]]
         """
-        order = self._time_order()
+        order = self.time_order()
         users, items = self.user_idx[order], self.item_idx[order]
         out = np.full((len(self), k), self.n_items, dtype=np.int64)
         for lag in range(1, min(k, len(self) - 1) + 1):  # k iterations, each vectorized
@@ -239,7 +244,7 @@ class Interactions:
     def latest_items(self, k: int) -> np.ndarray:
         """(n_users, k) each user's k latest items, latest first, n_items padding: the
         context a model scores with after training on these interactions."""
-        order = self._time_order()
+        order = self.time_order()
         users, items = self.user_idx[order], self.item_idx[order]
         out = np.full((self.n_users, k), self.n_items, dtype=np.int64)
         ends = np.flatnonzero(np.r_[users[1:] != users[:-1], True]) if len(self) else order

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from recommender.config import ColumnsConfig, DataConfig
+from recommender.config import DataConfig
 from recommender.data import cache, splits
 from recommender.data.columnar import read_indexed
 from recommender.data.datasets import load_builtin
 from recommender.data.interactions import Interactions, Vocabulary
-from recommender.data.readers import read_interactions, read_ncf_split
+from recommender.data.readers import read_interactions, read_ncf_split, requested_columns
 from recommender.utils import DataError
 
 log = logging.getLogger("recommender")
@@ -103,15 +103,7 @@ def _implicit(frame: pd.DataFrame, threshold: float | None, source: str) -> pd.D
 
 def _read_raw(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
     if cfg.path is not None:
-        cols = cfg.columns
-        mapping = {"user": cols.user, "item": cols.item}
-        if cols.rating:
-            mapping["rating"] = cols.rating
-        if cols.timestamp:
-            mapping["timestamp"] = cols.timestamp
-        # With the default names, rating and timestamp are read when the file has them; a
-        # mapping the user wrote names columns that must be there.
-        columns = None if cols == ColumnsConfig() else mapping
+        columns = requested_columns(cfg.columns.model_dump())
         frame = read_interactions(cfg.path, format=cfg.format, columns=columns, sep=cfg.sep)
         return frame, None, f"file {cfg.path}"
     if cfg.dataset is None:

@@ -238,6 +238,71 @@ def _value_message(column: str, raw: str, kind: str) -> str:
     return f"column {column!r} is empty" if raw == "" else f"column {column!r} {kind} {raw!r}"
 
 
+@dataclass(frozen=True)
+class FileFormat:
+    """How an interactions file is read: its format and which of its columns are which.
+
+    The one format detection and the one set of column-name rules, shared by the general
+    reader here and the columnar fast path (columnar.py), so both read the same columns.
+    """
+
+    name: str  # one of FORMATS, never "auto"
+    columns: dict[str, str]  # canonical name -> column in the file
+    required: frozenset[str]  # optional canonical columns that must be present
+    sep: str | None  # field separator of csv, tsv and ml-csv (the others fix their own)
+
+    def wanted(self, found: list[str]) -> dict[str, str]:
+        """The canonical columns to read from a file whose columns are `found`: the ids, and
+        each optional column that is required or present."""
+        return {
+            c: name
+            for c, name in self.columns.items()
+            if c not in _OPTIONAL or c in self.required or name in found
+        }
+
+
+def detect_format(
+    path: Path,
+    format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+    sep: str | None = None,
+) -> FileFormat:
+    """Resolve `format` (auto: from the file name, and a .csv or .dat file's header) and the
+    column mapping (see read_interactions); raises DataError or ConfigError."""
+    fmt = _resolve_format(path, format)
+    if sep is not None and fmt not in ("csv", "tsv"):
+        raise ConfigError(f"sep applies to csv and tsv only, not to format {fmt!r}")
+    # Dataset formats fix their own column names; the generic default mapping means "as is".
+    if columns is not None and fmt in ("ml-100k", "ml-dat", "ml-csv", "hetrec-lastfm"):
+        if all(_KEYS.get(key) == name for key, name in columns.items()):
+            columns = None
+        elif fmt not in ("ml-csv", "hetrec-lastfm"):
+            raise ConfigError(f"columns does not apply to the headerless format {fmt!r}")
+    default = {"ml-csv": _ML_CSV_COLUMNS, "hetrec-lastfm": _HETREC_COLUMNS}.get(
+        fmt, {c: c for c in CANONICAL}
+    )
+    mapping = _column_mapping(columns, default)
+    required = {c for c in _OPTIONAL if columns is not None and c in mapping}
+    if fmt == "hetrec-lastfm":
+        # A user_artists.dat without its weight column is the wrong file: do not drop it quietly.
+        required |= {"rating"} & set(mapping)
+    sep = sep or {"csv": ",", "tsv": "\t", "ml-csv": ","}.get(fmt)
+    return FileFormat(fmt, mapping, frozenset(required), sep)
+
+
+def requested_columns(columns: Mapping[str, str | None]) -> dict[str, str] | None:
+    """A `data.columns` config (key -> column, None: absent) as read_interactions takes it:
+    None for the default names, whose rating and timestamp are read when the file has them;
+    otherwise the mapping the user wrote, whose columns must be there."""
+    named = {key: name for key, name in columns.items() if name}
+    return None if named == _KEYS else named
+
+
+def header_columns(path: Path, sep: str) -> list[str]:
+    """Column names on a delimited file's header line, read without parsing the body."""
+    return _TextSource(path, _Layout(sep, header=True)).header_columns()
+
+
 def _resolve_format(path: Path, format: str) -> str:
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -250,12 +315,14 @@ def _resolve_format(path: Path, format: str) -> str:
     if suffix == ".dat":
         # HetRec and MovieLens both use .dat; only HetRec's files have a tab-separated header.
         header = _TextSource(path, _HETREC).header_columns()
-        return "hetrec-lastfm" if header[:2] == ["userID", "artistID"] else "ml-dat"
+        hetrec = [_HETREC_COLUMNS["user_id"], _HETREC_COLUMNS["item_id"]]
+        return "hetrec-lastfm" if header[:2] == hetrec else "ml-dat"
     if name == "u.data" or suffix in by_suffix:
         return by_suffix.get(suffix, "ml-100k")
     if suffix == ".csv":
-        header = _TextSource(path, _Layout(",", header=True)).header_columns()
-        return "ml-csv" if header[:2] == ["userId", "movieId"] else "csv"
+        header = header_columns(path, ",")
+        ml_csv = [_ML_CSV_COLUMNS["user_id"], _ML_CSV_COLUMNS["item_id"]]
+        return "ml-csv" if header[:2] == ml_csv else "csv"
     raise DataError(
         f"{path}: cannot tell the format from the file name; pass format= one of "
         f"{', '.join(FORMATS)}"
@@ -304,25 +371,8 @@ def read_interactions(
             the message names the file, line and column.
     """
     path = _existing(path)
-    fmt = _resolve_format(path, format)
-    if sep is not None and fmt not in ("csv", "tsv"):
-        raise ConfigError(f"sep applies to csv and tsv only, not to format {fmt!r}")
-    # Dataset formats fix their own column names; the generic default mapping means "as is".
-    if columns is not None and fmt in ("ml-100k", "ml-dat", "ml-csv", "hetrec-lastfm"):
-        if all(_KEYS.get(key) == name for key, name in columns.items()):
-            columns = None
-        elif fmt not in ("ml-csv", "hetrec-lastfm"):
-            raise ConfigError(f"columns does not apply to the headerless format {fmt!r}")
-
-    default = {"ml-csv": _ML_CSV_COLUMNS, "hetrec-lastfm": _HETREC_COLUMNS}.get(
-        fmt, {c: c for c in CANONICAL}
-    )
-    mapping = _column_mapping(columns, default)
-    explicit = {c for c in _OPTIONAL if columns is not None and c in mapping}
-    counts = fmt == "hetrec-lastfm"
-    if counts:
-        # A user_artists.dat without its weight column is the wrong file: do not drop it quietly.
-        explicit |= {"rating"} & set(mapping)
+    file = detect_format(path, format, columns, sep)
+    fmt, mapping = file.name, file.columns
     numeric = tuple(mapping[c] for c in _OPTIONAL if c in mapping)
 
     source: _TextSource | _ParquetSource
@@ -336,14 +386,11 @@ def read_interactions(
         source = _ParquetSource(path, frame)
     else:
         layout = {
-            "csv": _Layout(sep or ",", header=True),
-            "tsv": _Layout(sep or "\t", header=True),
-            "ml-csv": _Layout(",", header=True),
             "ml-100k": _ML100K,
             "ml-dat": _MLDAT,
             "recbole": _RECBOLE,
             "hetrec-lastfm": _HETREC,
-        }[fmt]
+        }.get(fmt) or _Layout(file.sep or ",", header=True)
         source = _TextSource(path, layout)
         if fmt == "recbole":
             # RecBole headers carry a type, `rating:float`; the numeric dtypes key on full names.
@@ -353,28 +400,25 @@ def read_interactions(
             frame.columns = source.columns
         else:
             frame = source.read(numeric)
-    return _canonical(frame, mapping, explicit, source, counts=counts)
+    return _canonical(frame, file, source)
 
 
 def _canonical(
-    frame: pd.DataFrame,
-    mapping: dict[str, str],
-    explicit: set[str],
-    source: _TextSource | _ParquetSource,
-    *,
-    counts: bool = False,
+    frame: pd.DataFrame, file: FileFormat, source: _TextSource | _ParquetSource
 ) -> pd.DataFrame:
     """Select, validate and type the canonical columns; the first bad value raises.
 
-    With `counts`, the rating is a play count and must be a positive whole number.
+    For hetrec-lastfm the rating is a play count and must be a positive whole number.
     """
     found = [str(c) for c in frame.columns]
-    wanted = [c for c in mapping if c not in _OPTIONAL or c in explicit or mapping[c] in found]
-    missing = [mapping[c] for c in wanted if mapping[c] not in found]
+    mapping = file.columns
+    wanted = file.wanted(found)
+    missing = [name for name in wanted.values() if name not in found]
     if missing:
         raise _fail(
             source.path, None, f"missing column(s) {', '.join(map(repr, missing))}; found {found}"
         )
+    counts = file.name == "hetrec-lastfm"
     out: dict[str, object] = {}
     for canonical in ("user_id", "item_id"):
         column = frame[mapping[canonical]]

@@ -23,10 +23,9 @@ def _require_timestamps(data: Interactions, split: str) -> np.ndarray:
     return data.timestamp
 
 
-def _hold_out_last(data: Interactions, *keys: np.ndarray) -> tuple[Interactions, Interactions]:
-    """Hold out each user's last interaction in the order of `keys` (the last key sorts
-    first, as in np.lexsort); users with a single interaction keep it."""
-    order = np.lexsort((*keys, data.user_idx))
+def _hold_out_last(data: Interactions, order: np.ndarray) -> tuple[Interactions, Interactions]:
+    """Hold out each user's last row in `order` (rows grouped by user, each user's rows in
+    the order that decides); users with a single interaction keep it."""
     users = data.user_idx[order]
     is_last = np.ones(len(order), dtype=bool)
     is_last[:-1] = users[1:] != users[:-1]
@@ -37,15 +36,18 @@ def _hold_out_last(data: Interactions, *keys: np.ndarray) -> tuple[Interactions,
 
 
 def leave_last_out(data: Interactions) -> tuple[Interactions, Interactions]:
-    """Hold out each user's latest interaction (ties: the larger item index is later)."""
-    return _hold_out_last(data, data.item_idx, _require_timestamps(data, "leave_last_out"))
+    """Hold out each user's latest interaction in Interactions.time_order (ties: the larger
+    item index is later)."""
+    _require_timestamps(data, "leave_last_out")
+    return _hold_out_last(data, data.time_order())
 
 
 def random_leave_one_out(
     data: Interactions, rng: np.random.Generator
 ) -> tuple[Interactions, Interactions]:
     """Hold out one random interaction of each user with two or more (NCF's random LOO)."""
-    return _hold_out_last(data, -rng.random(len(data)))  # last by -u: first by u
+    # the last by -u is the first by u
+    return _hold_out_last(data, np.lexsort((-rng.random(len(data)), data.user_idx)))
 
 
 def temporal(data: Interactions, ratio: float) -> tuple[Interactions, Interactions]:

@@ -6,6 +6,7 @@ probabilities are shown, never inside the model, so training uses the stable BCE
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,11 +18,23 @@ SCORE_TILE = 1 << 18
 
 
 class RecModel(nn.Module):
-    """Base class: subclasses implement forward, item_cache and _score_cached."""
+    """Base class: subclasses implement forward, item_cache and _score_cached.
+
+    What a model can do is asked of it, never read from its class: `personalised` and
+    `context` below, `item_representation` and `retrieval_vectors` (None where absent).
+    """
 
     n_users: int
     n_items: int
     pair_width: int = 1  # floats per (user, item) pair while scoring all items
+    # False for a model that ranks every user's items alike (popularity): no user or item
+    # vectors, so a session or a similar-items question gets its one list.
+    personalised: bool = True
+    # How many of a user's latest items the model reads (MF's Markov term); 0: none. A model
+    # with context keeps each user's latest items in `latest` ((n_users, context) buffer, set
+    # by `set_latest`) and scores what follows given items with `score_after`.
+    context: int = 0
+    latest: torch.Tensor
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         """(B,) user indices, (B,) item indices -> (B,) logits."""
@@ -45,6 +58,18 @@ class RecModel(nn.Module):
         if len(user_idx) <= rows:
             return self._score_cached(user_idx, cache)
         return torch.cat([self._score_cached(chunk, cache) for chunk in user_idx.split(rows)])
+
+    def set_latest(self, latest: np.ndarray) -> None:
+        """Keep each user's latest items ((n_users, context), Interactions.latest_items) as
+        the context of every later score; for a model with `context` only."""
+        raise NotImplementedError(f"{type(self).__name__} reads no context")
+
+    def score_after(
+        self, context: torch.Tensor, user_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, context) items just interacted with (n_items pads) [, (B,) users] -> (B, n_items)
+        logits of what comes next; for a model with `context` only."""
+        raise NotImplementedError(f"{type(self).__name__} reads no context")
 
     def item_representation(self) -> torch.Tensor | None:
         """(n_items, r) vectors whose cosine similarity reflects how the model sees items."""

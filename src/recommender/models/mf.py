@@ -20,8 +20,6 @@ from recommender.models.base import RecModel, init_embedding
 class MF(RecModel):
     """logit(u, i) = p_u · q_i + b_u + b_i + b  (+ c_u · t_i with context)."""
 
-    latest: torch.Tensor  # (n_users, context) buffer, with context only
-
     def __init__(
         self, n_users: int, n_items: int, dim: int, sparse: bool = False, context: int = 0
     ) -> None:

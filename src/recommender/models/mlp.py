@@ -78,6 +78,22 @@ class MLPTower(nn.Module):
 
 
 class MLP(RecModel):
+    """The NCF paper's MLP model (He et al. 2017): a user and an item embedding, concatenated,
+    through a tower of ReLU layers to one logit; the layers can learn interactions a dot
+    product cannot express. `layers[0]` is the concatenated width (each embedding half of
+    it); `layers[-1]` feeds the output.
+
+    forward: (B,) user indices, (B,) item indices -> (B,) logits. score_all: (B,) users ->
+    (B, n_items), the item half of the first layer precomputed once (item_cache).
+
+    Example:
+        >>> model = MLP(n_users=100, n_items=50, layers=[32, 16, 8], dropout=0.0)
+        >>> model(torch.tensor([0, 1]), torch.tensor([3, 4])).shape
+        torch.Size([2])
+        >>> model.score_all(torch.tensor([0, 1])).shape
+        torch.Size([2, 50])
+    """
+
     def __init__(
         self, n_users: int, n_items: int, layers: list[int], dropout: float, sparse: bool = False
     ) -> None:

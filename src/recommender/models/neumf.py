@@ -18,6 +18,22 @@ from recommender.models.mlp import MLP, MLPTower
 
 
 class NeuMF(RecModel):
+    """GMF and MLP side by side with their own embeddings, fused by one linear output layer:
+    the element-wise product captures what a dot product does, the tower what it cannot, and
+    the output layer learns how much each counts (insights.branch_share measures it).
+
+    forward: (B,) user indices, (B,) item indices -> (B,) logits; `branches` gives the
+    (B, dim + layers[-1]) vector the output layer weighs. score_all: (B,) users ->
+    (B, n_items). Pretrained GMF and MLP are copied in with `load_pretrained`.
+
+    Example:
+        >>> model = NeuMF(n_users=100, n_items=50, dim=8, layers=[32, 16, 8], dropout=0.0)
+        >>> model(torch.tensor([0, 1]), torch.tensor([3, 4])).shape
+        torch.Size([2])
+        >>> model.score_all(torch.tensor([0])).shape
+        torch.Size([1, 50])
+    """
+
     def __init__(
         self,
         n_users: int,

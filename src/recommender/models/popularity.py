@@ -12,6 +12,7 @@ class Popularity(RecModel):
     """logit(u, i) = log(1 + count_i); no trainable parameters, fitted by counting."""
 
     log_counts: torch.Tensor
+    personalised = False
 
     def __init__(self, n_users: int, n_items: int) -> None:
         super().__init__()

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from recommender.inference import Recommender
-from recommender.models import MF, Popularity
 from recommender.serving.retrieval import TwoStageRetriever
 from recommender.serving.settings import ServeSettings
 
@@ -98,29 +97,22 @@ class ServedModel:
             "load_seconds": self.load_seconds,
         }
 
+    @property
+    def run_dir(self) -> str:
+        return str(self.rec.meta["run_dir"])
+
+    def known_items(self, item_ids: list[str]) -> np.ndarray:
+        """(I,) bool: which items the model knows."""
+        return self.rec.known_items(item_ids)
+
     def title(self, item_id: str) -> str | None:
         return self.rec.titles.get(item_id) if self.rec.titles else None
 
     def recommend(self, user_ids: list[str], k: int, exclude_seen: bool) -> list[Ranked]:
         """Top-k per user; unknown users get the popularity list with `fallback` set."""
-        user_idx = self.rec.users.lookup(user_ids)
-        known = user_idx >= 0
-        if self.retriever is None or not known.any():
-            ids, scores = self.rec.recommend(user_ids, k=k, exclude_seen=exclude_seen)
-            return [_ranked(u, ids[r], scores[r], not known[r]) for r, u in enumerate(user_ids)]
-        results: list[Ranked | None] = [None] * len(user_ids)
-        rows = np.flatnonzero(known)
-        exclude = [self.rec.history_of(int(u)) for u in user_idx[rows]] if exclude_seen else None
-        top_idx, top_scores = self.retriever.topk(user_idx[rows], k, exclude)
-        top_ids = np.where(top_idx >= 0, self.rec.items.ids[np.maximum(top_idx, 0)], None)
-        for pos, row in enumerate(rows):
-            results[row] = _ranked(user_ids[row], top_ids[pos], top_scores[pos], False)
-        unknown = np.flatnonzero(~known)
-        if len(unknown):
-            pop_ids, pop_scores = self.rec.recommend([user_ids[r] for r in unknown], k=k)
-            for pos, row in enumerate(unknown):
-                results[row] = _ranked(user_ids[row], pop_ids[pos], pop_scores[pos], True)
-        return [r for r in results if r is not None]
+        ids, scores = self.rec.recommend(user_ids, k, exclude_seen, retriever=self.retriever)
+        known = self.rec.known_users(user_ids)
+        return [_ranked(u, ids[r], scores[r], not known[r]) for r, u in enumerate(user_ids)]
 
     def session(self, item_ids: list[str], k: int) -> Ranked:
         """An anonymous visitor: what follows the session's items (oldest first) under a
@@ -128,11 +120,10 @@ class ServedModel:
 
         A model without an item space (popularity) answers with the popularity list.
         """
-        model = self.rec.model
-        if isinstance(model, Popularity):
+        if not self.rec.personalised:
             ids, scores = self.rec.recommend(ANONYMOUS, k=k, exclude_seen=False)
             return _ranked(None, ids, scores, True)
-        if isinstance(model, MF) and model.context:
+        if self.rec.reads_context:
             ids, scores = self.rec.recommend_next(item_ids, k=k)
         else:
             ids, scores = self.rec.similar_to_items(item_ids, k=k)

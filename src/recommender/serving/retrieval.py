@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recommender.evaluate import exact_top_k
 from recommender.models import RecModel
 from recommender.utils import RecommenderError
 
@@ -116,9 +117,8 @@ class TwoStageRetriever:
         scores[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.sigmoid(
             self.model(users, items).float()
         )
-        top_scores, top_pos = torch.topk(scores, min(k, n), dim=1)
-        top_idx = np.take_along_axis(cand, top_pos.cpu().numpy(), axis=1)
-        top_scores_np = top_scores.cpu().numpy()
-        empty = ~np.isfinite(top_scores_np)
+        top_scores, top_pos = (t.cpu().numpy() for t in exact_top_k(scores, k))
+        empty = top_pos < 0
+        top_idx = np.take_along_axis(cand, np.maximum(top_pos, 0), axis=1)
         top_idx[empty] = -1
-        return top_idx, np.where(empty, np.nan, top_scores_np)
+        return top_idx, np.where(empty, np.nan, top_scores)

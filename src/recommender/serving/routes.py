@@ -21,7 +21,7 @@ from recommender.serving.metrics import Metrics
 from recommender.serving.schemas import (
     MAX_K,
     ErrorResponse,
-    Explanation,
+    ItemExplanation,
     ModelInfo,
     RecommendationList,
     RecommendationsRequest,
@@ -87,7 +87,7 @@ def _check_size(field: str, n: int, cap: int) -> None:
 
 def _check_items(served: ServedModel, item_ids: list[str], field: str, status: int = 422) -> None:
     """Unknown items are the caller's error: name the first one and where it was."""
-    unknown = served.rec.items.lookup(item_ids) < 0
+    unknown = ~served.known_items(item_ids)
     if unknown.any():
         pos = int(unknown.argmax())
         raise ApiError(status, f"unknown item '{item_ids[pos]}'", field.format(pos))
@@ -104,7 +104,7 @@ def _as_list(
             item_id=item,
             score=score,
             title=served.title(item),
-            explanation=Explanation(**why) if why is not None else None,
+            explanation=ItemExplanation(**why) if why is not None else None,
         )
         for item, score, why in zip(ranked.item_ids, ranked.scores, whys, strict=True)
     ]
@@ -240,7 +240,7 @@ async def reload(
 ) -> ReloadResponse:
     """Load a run beside the serving one, then swap one reference: requests in flight finish
     on the old model. A run that fails to load is refused and the old model keeps serving."""
-    run_dir = body.run_dir if body is not None and body.run_dir else served.rec.meta["run_dir"]
+    run_dir = body.run_dir if body is not None and body.run_dir else served.run_dir
     async with request.app.state.reload_lock:
         old: ServedModel = request.app.state.served
         try:

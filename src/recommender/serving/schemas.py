@@ -20,7 +20,9 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Explanation(BaseModel):
+class ItemExplanation(BaseModel):
+    """Why one item was recommended, as JSON: inference.Explanation with its one-line text."""
+
     supporting_items: list[str] = Field(description="History items behind the pick.")
     weights: list[float]
     method: str
@@ -36,7 +38,7 @@ class RecommendedItem(BaseModel):
     item_id: str
     score: float = Field(description="Probability, or popularity share for a fallback.")
     title: str | None = None
-    explanation: Explanation | None = None
+    explanation: ItemExplanation | None = None
 
 
 class RecommendationList(BaseModel):
