@@ -123,3 +123,12 @@ def test_lightgcn_learns_the_planted_clusters_with_bpr():
     train_ranking(model.parameters(), score, history, "bpr", steps=200, lr=0.01)
     ours, baseline = hit_rate(model, history, held), popularity_hit_rate(history, held)
     assert ours > baseline + 0.25, (ours, baseline)
+
+
+def test_it_trains_under_bfloat16_autocast():
+    """train.amp: the sparse matmuls stay in float32, the rest may run in bfloat16."""
+    model = tiny(layers=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.tensor([0, 1]), torch.tensor([1, 3]))
+    logits.float().sum().backward()
+    assert model.user_emb.weight.grad is not None and model.user_emb.weight.grad.abs().sum() > 0

@@ -32,16 +32,19 @@ INIT_STD = 0.1
 
 
 class _SparseMatmul(torch.autograd.Function):
-    """a @ x for a sparse `a` whose transpose `a_t` is given, so backward needs no transpose."""
+    """a @ x for a sparse `a` whose transpose `a_t` is given, so backward needs no transpose.
+    In float32 whatever the autocast: sparse kernels have no bfloat16 version."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ctx.a_t = a_t
-        return a @ x
+        ctx.a_t, ctx.dtype = a_t, x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return a @ x.to(a.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
-        return None, None, ctx.a_t @ grad
+        with torch.autocast(grad.device.type, enabled=False):
+            return None, None, (ctx.a_t @ grad.to(ctx.a_t.dtype)).to(ctx.dtype)
 
 
 def _csr(
