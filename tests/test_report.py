@@ -200,7 +200,7 @@ def test_failed_build_keeps_the_previous_report(titled_run: Path, built: Path, m
     def broken(*args, **kwargs):
         raise RuntimeError("figure failed")
 
-    monkeypatch.setattr("recommender.report.plot_activity", broken)
+    monkeypatch.setattr("recommender.report.sections.plot_activity", broken)
     with pytest.raises(RuntimeError, match="figure failed"):
         build_report(titled_run, mf_overrides=MF_FAST)
     assert built.read_text(encoding="utf-8") == before
