@@ -1,7 +1,7 @@
 """The `recommender` command: data, train, tune, evaluate, recommend, score, serve, report.
 
 Each command parses its arguments, calls the library (train.py, tune.py, runs.py,
-inference.py, serving, report.py) and prints. Errors a user can fix print one line and exit with
+inference.py, serving, report/) and prints. Errors a user can fix print one line and exit with
 code 2; nothing else prints a traceback.
 """
 

@@ -1,7 +1,7 @@
 """Global insights into a trained model: what drives its scores and whom it serves well.
 
 Pure computations over a model and index data, returning plain dataclasses and arrays (no
-plotting, no files; `report.py` draws and writes them):
+plotting, no files; `report/` draws and writes them):
 
 - `branch_share`: NeuMF's fused output layer is linear over [GMF vector ; MLP last hidden], so
   every logit splits exactly into a GMF part, an MLP part and the bias. How large each part is,
