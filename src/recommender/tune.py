@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from recommender.config import CategoricalParam, Config, FloatParam, IntParam
+from recommender.config import Config
 from recommender.data.pipeline import DataBundle
+from recommender.search_space import CategoricalParam, FloatParam, IntParam
 from recommender.tracking import mlflow_run
 from recommender.train import EpochCallback, Trainer, plan_stages, prepare_run_dir
 from recommender.utils import RecommenderError, atomic_path
