@@ -362,7 +362,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(CHILDREN[args.child](args)))
         return
-    from recommender.data.datasets import write_synthetic
+    from recommender.data.synthetic import write_synthetic
 
     if args.data is None:
         args.data = args.root / "ml20m.parquet"

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from recommender.config import load_config
-from recommender.data.datasets import write_synthetic
 from recommender.data.pipeline import load_data
+from recommender.data.synthetic import write_synthetic
 from recommender.evaluate import evaluate_full
 from recommender.models import build_model
 from recommender.train import Trainer, train_step
