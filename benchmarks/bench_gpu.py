@@ -128,7 +128,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, n_users, n_items, sparse=cfg.train.sparse).to(device)
     step = stepper(model)
-    users, items, sampler = trainer._epoch_source("train")  # on the device, pinned copies
+    source = trainer._epoch_source("train")  # on the device, pinned copies
     epochs: list[dict[str, Any]] = []
     wall = 0.0
     report["time_to_target_seconds"] = None
@@ -139,9 +139,9 @@ def main() -> None:
         start = time.perf_counter()
         samples = 0
         for u, i, y in epoch_batches(
-            users,
-            items,
-            sampler,
+            source.users,
+            source.items,
+            source.sampler,
             num_negatives=cfg.train.num_negatives,
             batch_size=b,
             generator=gen,

@@ -184,14 +184,14 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             step(*ready[k % 16])
         bound = steps * b / (time.perf_counter() - start)
 
-        users, items, sampler = trainer._epoch_source("train")
+        source = trainer._epoch_source("train")
         model = build_model(cfg.model, n_users, n_items, sparse=sparse)
         step = _step_fn(model, trainer.optimizers(model, stage))
         start = time.perf_counter()
         batches = epoch_batches(
-            users,
-            items,
-            sampler,
+            source.users,
+            source.items,
+            source.sampler,
             num_negatives=cfg.train.num_negatives,
             batch_size=b,
             generator=torch.Generator().manual_seed(1),
@@ -201,7 +201,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             step(u, i, y)
             samples += len(y)
         pipe = samples / (time.perf_counter() - start)
-        epoch = len(users) * (1 + cfg.train.num_negatives)
+        epoch = len(source.users) * (1 + cfg.train.num_negatives)
         out[f"{'sparse_adam' if sparse else 'dense_fused_adam'}_batch_{b}"] = {
             "compute_bound_samples_s": round(bound),
             "pipeline_samples_s": round(pipe),
@@ -210,7 +210,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             "epoch_samples": epoch,
             "epoch_minutes_extrapolated": round(epoch / pipe / 60, 1),
         }
-        del trainer, users, items, sampler, model
+        del trainer, source, model
     out["peak_rss_gib"] = round(peak_rss_gib(), 2)
     return out
 

@@ -351,10 +351,10 @@ def test_confidence_off_adds_nothing_and_unit_confidence_trains_alike(tmp_path: 
     frame = planted_frame(n_users=40, n_items=30).assign(rating=0.0)
     sets = ["model.name=mf", "train.epochs=2"]
     off = confidence_run(frame, tmp_path / "off", *sets)
-    assert off._epoch_source("train")[2] is None  # no weight tensor when confidence is off
+    assert off._epoch_source("train").weights is None  # no weight tensor when confidence is off
     # linear confidence of rating 0 is 1 for every positive: the same training, up to rounding.
     unit = confidence_run(frame, tmp_path / "unit", *sets, "train.confidence=linear")
-    weights = unit._epoch_source("train")[2]
+    weights = unit._epoch_source("train").weights
     assert weights is not None and torch.equal(weights, torch.ones(len(unit.data.train)))
     models = [off.fit(), unit.fit()]
     losses = [[r["loss"] for r in records(t.out)] for t in (off, unit)]
@@ -502,8 +502,9 @@ def test_context_batches_carry_each_positives_predecessors(tmp_path: Path):
     )
     data = load_data(cfg.data, cfg.seed)
     trainer = Trainer(cfg, data, tmp_path / "run", torch.device("cpu"))
-    users, _, _, context, _ = trainer._epoch_source("train")
-    assert context is not None and context.shape == (len(users), 3)
+    source = trainer._epoch_source("train")
+    context = source.context
+    assert context is not None and context.shape == (len(source.users), 3)
     inter = data.train
     order = np.lexsort((inter.item_idx, inter.timestamp, inter.user_idx))
     for row in order[:12]:  # spot-check against a per-user reading of the history

@@ -66,12 +66,16 @@ CHECKPOINT_VERSION = 1
 # not, as the other ranks would wait for rank 0.
 EpochCallback = Callable[[dict[str, Any]], None]
 
-# A split's training positives on the device: users, items, confidences (None when
-# train.confidence is none), the items that preceded each positive (None when model.context
-# is 0), and the negative sampler that knows them.
-EpochSource = tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, NegativeSampler
-]
+
+@dataclass(frozen=True)
+class EpochSource:
+    """A split's training positives on the device, what every epoch's batches are drawn from."""
+
+    users: torch.Tensor  # (P,) user index of each positive
+    items: torch.Tensor  # (P,) its item index
+    weights: torch.Tensor | None  # (P,) its confidence; None when train.confidence is none
+    context: torch.Tensor | None  # (P, k) the items before it; None when model.context is 0
+    sampler: NegativeSampler  # draws negatives, knowing each user's positives
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,7 @@ class Trainer:
         return self.data.train if which == "train" else self.data.train_full
 
     def _epoch_source(self, which: str) -> EpochSource:
-        """(users, items, confidences, contexts, sampler) of a split, on the device."""
+        """The positives of a split ("train" or "full") on the device, built once per split."""
         if which not in self._tensors:
             self._tensors.clear()  # stages run all on "train", then all on "full": keep one
             inter = self._split(which)
@@ -312,7 +316,7 @@ class Trainer:
                 weights = to_device(conf, self.device)
             k = self.cfg.model.context
             context = to_device(inter.previous_items(k), self.device) if k else None
-            self._tensors[which] = (users, items, weights, context, sampler)
+            self._tensors[which] = EpochSource(users, items, weights, context, sampler)
         return self._tensors[which]
 
     # -- models and optimisers ---------------------------------------------------------------
@@ -377,7 +381,7 @@ class Trainer:
     ) -> tuple[float, int, float]:
         """One epoch of this rank's share; `net` is the module to step through (DDP's wrapper
         around `model` when distributed). Returns (mean loss, samples, seconds) of this rank."""
-        users, items, weights, context, sampler = self._epoch_source(stage.data)
+        source = self._epoch_source(stage.data)
         t = self.cfg.train
         # softmax batches are positives only: the whole catalog is every row's negatives
         negatives = t.num_negatives if t.loss == "bce" else 0
@@ -385,18 +389,18 @@ class Trainer:
         model.train()
         start = time.perf_counter()
         batches = epoch_batches(
-            users,
-            items,
-            sampler,
+            source.users,
+            source.items,
+            source.sampler,
             num_negatives=negatives,
             batch_size=t.batch_size,
             generator=generator,
-            weights=weights,
-            context=context,
+            weights=source.weights,
+            context=source.context,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        share = len(users) // self.dist.world_size
+        share = len(source.users) // self.dist.world_size
         n_batches = math.ceil(share * (1 + negatives) / t.batch_size)
         total_loss = torch.zeros((), device=self.device)
         total_weight = torch.zeros((), device=self.device)  # with confidences only
@@ -404,8 +408,9 @@ class Trainer:
         quiet = not t.progress or not self.dist.is_main
         bar = tqdm(total=n_batches, desc=desc, leave=False, disable=quiet, unit="batch")
         for step, (u, i, y, *rest) in enumerate(batches):
-            weight = rest[0] if weights is not None else None
-            ctx = rest[-1] if context is not None else None
+            # epoch_batches appends a batch's weights, then its contexts, when the source has them
+            weight = rest[0] if source.weights is not None else None
+            ctx = rest[-1] if source.context is not None else None
             loss = train_step(
                 net, optimizers, u, i, y, weight, amp=self.amp, loss_kind=t.loss, context=ctx
             )
@@ -423,7 +428,7 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - start
         # Confidences are >= 1, so their sum is 0 only in an empty epoch.
-        denominator = seen if weights is None else float(total_weight)
+        denominator = seen if source.weights is None else float(total_weight)
         return float(total_loss) / max(denominator, 1), seen, seconds
 
     def _validate(self, model: RecModel) -> dict[str, float]:
