@@ -44,6 +44,37 @@ def test_plan_stages():
     assert plan_stages(load_config(None, ["model.name=popularity"])) == []
 
 
+def test_max_epochs_caps_every_stage():
+    # train.epochs is the final model's budget only: NeuMF's pretraining keeps its 30.
+    one = plan_stages(load_config(None, ["train.epochs=1"]))
+    assert [s.epochs for s in one] == [30, 30, 1, 30, 30, 1]
+    capped = plan_stages(load_config(None, ["train.max_epochs=2"]))
+    assert [s.name for s in capped] == [s.name for s in one]  # pretraining and refit kept
+    assert [s.epochs for s in capped] == [2] * 6
+    low = plan_stages(load_config(None, ["train.max_epochs=50", "train.epochs=3"]))
+    assert [s.epochs for s in low] == [30, 30, 3, 30, 30, 3]  # a cap never raises a budget
+    with pytest.raises(ConfigError, match=r"train\.max_epochs"):
+        load_config(None, ["train.max_epochs=0"])
+
+
+def test_a_run_logs_its_plan_and_max_epochs_shortens_every_stage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    frame = planted_frame(n_users=30, n_items=20)
+    trainer = confidence_run(frame, tmp_path, "train.max_epochs=1")
+    with caplog.at_level("INFO", logger="recommender"):
+        trainer.fit()
+    plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan")]
+    assert plan[0] == (
+        "plan: 6 stage(s), then refit on train + validation, train.max_epochs=1 caps every stage"
+    )
+    assert plan[1].startswith("plan 1/6 select/gmf: gmf on train, up to 1 epoch(s)")
+    assert plan[6].startswith("plan 6/6 refit/neumf: neumf on train + validation, the epoch")
+    assert "initialised from refit/gmf and refit/mlp" in plan[6]
+    stages = [(r["stage"], r["epoch"]) for r in records(trainer.out)]
+    assert stages == [(s.name, 1) for s in trainer.stages]
+
+
 def test_checkpoints_exist_and_load_with_weights_only(gmf_run: Path):
     for name in ("best.pt", "last.pt"):
         payload = torch.load(gmf_run / name, map_location="cpu", weights_only=True)

@@ -149,6 +149,12 @@ class PretrainConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
+    max_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Caps the epochs of every stage: GMF and MLP pretraining, the final model "
+        "and its refit; a short run of the whole plan (1: one epoch each). null: no cap.",
+    )
     batch_size: int = Field(
         4096, ge=1, description="Rows per step: pairs for bce, positives for softmax."
     )
@@ -324,6 +330,8 @@ class Config(_Section):
             tree["train"].pop("loss")
         if not tree["model"]["context"]:
             tree["model"].pop("context")
+        if tree["train"]["max_epochs"] is None:
+            tree["train"].pop("max_epochs")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
