@@ -13,8 +13,8 @@ labels: data/sampling.py) and bf16 autocast (the Trainer's `train.amp=auto` on C
   wall time (training + evaluation) at which HR@10 first reaches --target-hr.
 
 NVIDIA's NCF example reports 34M samples/s on one A100 with AMP at batch 2^20; the issue's goal
-is to beat that on an H200. Prints one JSON object and writes it to --out. `--device cpu` with
-small --data is a smoke test of this script only (used before it first meets a GPU).
+is to beat that on an H200. Prints one JSON object and writes it to --out. `--smoke` runs the
+whole script on the CPU on tiny data in seconds (a test does, so it works the day a GPU is lent).
 """
 
 from __future__ import annotations
@@ -29,33 +29,49 @@ from typing import Any
 import torch
 
 from recommender.config import load_config
-from recommender.data.datasets import write_synthetic
 from recommender.data.pipeline import load_data
 from recommender.data.sampling import epoch_batches
+from recommender.data.synthetic import write_synthetic
 from recommender.evaluate import evaluate_full
 from recommender.models import build_model
 from recommender.train import Trainer, train_step
 from recommender.utils import set_threads
+from smoke import TINY, add_arguments, folder
 
 ML20M = {"n_users": 138_493, "n_items": 26_744, "n_interactions": 20_000_263}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path)
-    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "bench_gpu")
-    parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
+    parser.add_argument("--root", type=Path, help="data cache (default: TMPDIR/bench_gpu)")
+    parser.add_argument("--out", type=Path, help="result JSON (default: bench_gpu.json)")
     parser.add_argument("--batch-size", type=int, default=1 << 20)
     parser.add_argument("--lr", type=float, default=0.0045)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--target-hr", type=float, default=0.3)
     parser.add_argument("--bound-steps", type=int, default=100)
     parser.add_argument("--set", action="append", default=[], help="extra config overrides")
-    parser.add_argument("--device", default="cuda", help="cpu: smoke test of the script only")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cuda")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        args.root = args.root or Path(tempfile.gettempdir()) / "bench_gpu"
+        args.out = args.out or Path("bench_gpu.json")
+        run(args, ML20M)
+        return
+    with folder(args.smoke_dir) as where:
+        args.root, args.out, args.device = where, where / "bench_gpu.json", "cpu"
+        args.batch_size, args.epochs, args.bound_steps = 1024, 2, 3
+        args.set = [*args.set, "threads=1"]
+        run(args, TINY)
+
+
+def run(args: argparse.Namespace, shape: dict[str, int]) -> None:
+    """Measure on --data, or on synthetic data of `shape` written first."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_gpu.py needs a CUDA device (or --device cpu for a smoke test)")
+        raise SystemExit("bench_gpu.py needs a CUDA device (--smoke checks it on the CPU)")
 
     def sync() -> None:
         if device.type == "cuda":
@@ -65,7 +81,7 @@ def main() -> None:
     if args.data is None:
         args.data = args.root / "ml20m.parquet"
         if not args.data.is_file():
-            write_synthetic(args.data, seed=0, **ML20M)
+            write_synthetic(args.data, **{"seed": 0, **shape})
     cfg = load_config(
         None,
         [
@@ -128,7 +144,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, n_users, n_items, sparse=cfg.train.sparse).to(device)
     step = stepper(model)
-    users, items, sampler = trainer._epoch_source("train")  # on the device, pinned copies
+    source = trainer._epoch_source("train")  # on the device, pinned copies
     epochs: list[dict[str, Any]] = []
     wall = 0.0
     report["time_to_target_seconds"] = None
@@ -139,9 +155,9 @@ def main() -> None:
         start = time.perf_counter()
         samples = 0
         for u, i, y in epoch_batches(
-            users,
-            items,
-            sampler,
+            source.users,
+            source.items,
+            source.sampler,
             num_negatives=cfg.train.num_negatives,
             batch_size=b,
             generator=gen,

@@ -15,6 +15,8 @@ Protocols (`--protocol`):
 
     python benchmarks/bench_quality.py --protocol ml-100k-loo --data-dir ../shared/data/ml-100k-loo
     python benchmarks/bench_quality.py --protocol ml-100k-ms --models mf neumf --jobs 2
+
+`--smoke` runs the ml-100k-loo protocol on tiny synthetic NCF files: MF, one seed, one epoch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from smoke import TINY_TRAIN, add_arguments, folder, tiny_ncf
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ def train_and_evaluate(
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -142,7 +146,21 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="config override for every run (the defaults are the benchmark)",
     )
-    args = parser.parse_args()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        run_protocol(args)
+        return
+    with folder(args.smoke_dir) as where:
+        args.protocol, args.models, args.seeds = "ml-100k-loo", ["mf"], [1]
+        args.data_dir = tiny_ncf(where / "ncf", PROTOCOLS["ml-100k-loo"].files or "")
+        args.out = where / "runs"
+        args.set = [*TINY_TRAIN, f"data.root={where / 'data'}", *args.set]
+        run_protocol(args)
+
+
+def run_protocol(args: argparse.Namespace) -> None:
+    """Train and evaluate every model at every seed; print the table against the bar."""
     protocol = PROTOCOLS[args.protocol]
     args.data_dir = args.data_dir or Path("../shared/data") / args.protocol
     args.out = args.out or Path("runs") / f"bench-{args.protocol}"

@@ -19,6 +19,8 @@ is their own):
 Without --data, a ML-20M-shaped synthetic file is written first (about 15 s, 0.5 GiB peak).
 Children run --threads intra-op threads (default 1: on a 2-core machine shared with other
 work, 2 OpenMP threads measured 20x slower than 1, as each waits for the descheduled other).
+`--smoke` runs every section on tiny synthetic data in seconds, the children in this process
+(their peak RSS is then the whole run's).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from typing import Any
 
 import torch
 
+from smoke import TINY, add_arguments, folder
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MODEL = ["model.embedding_dim=32", "model.mlp_layers=[64,32,16,8]"]
 # The issue's epoch: 4 negatives per positive (about 100M samples at MovieLens-20M size).
@@ -51,8 +55,10 @@ def peak_rss_gib() -> float:
 
 def child(section: str, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
     """Run `section` of this script in a fresh process; return its JSON line."""
-    cmd = [sys.executable, __file__, "--child", section, "--data", str(args.data)]
-    cmd += ["--root", str(args.root), *extra]
+    argv = ["--child", section, "--data", str(args.data), "--root", str(args.root), *extra]
+    if args.smoke:  # in this process: a torch start-up per section would take most of the time
+        return CHILDREN[section](build_parser().parse_args(argv))
+    cmd = [sys.executable, __file__, *argv]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -84,10 +90,14 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     from recommender.data import pipeline
 
     cfg = config(args, "data.cache=false")
+    columnar = pipeline.read_indexed
     if args.engine == "pandas":
-        pipeline.read_indexed = lambda cfg: None  # type: ignore[assignment]
-    start = time.perf_counter()
-    data = pipeline.load_data(cfg.data, cfg.seed)
+        pipeline.read_indexed = lambda cfg: None
+    try:
+        start = time.perf_counter()
+        data = pipeline.load_data(cfg.data, cfg.seed)
+    finally:
+        pipeline.read_indexed = columnar  # a --smoke run's later sections share this process
     return {
         "engine": args.engine,
         "rows": len(data.train) + len(data.valid) + len(data.test),
@@ -116,23 +126,27 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     data = load_data(cfg.data, cfg.seed).train_full
     users = torch.from_numpy(data.user_idx)
     out: dict[str, Any] = {"positives": len(users), "negatives": 4 * len(users)}
-    for name, limit in (("bitset", sampling.BITSET_LIMIT), ("sorted_keys", 0)):
-        sampling.BITSET_LIMIT = limit
-        start = time.perf_counter()
-        sampler = sampling.NegativeSampler(data)
-        built = time.perf_counter() - start
-        gen = torch.Generator().manual_seed(0)
-        seconds, returned = 0.0, 0
-        for part in users.split(sampling.EPOCH_CHUNK):  # as epoch_batches draws them
+    default = sampling.BITSET_LIMIT
+    try:
+        for name, limit in (("bitset", default), ("sorted_keys", 0)):
+            sampling.BITSET_LIMIT = limit
             start = time.perf_counter()
-            negs = sampler.sample(part, 4, gen)
-            seconds += time.perf_counter() - start
-            returned += int(sampler.is_positive(part[:, None], negs).sum())  # checked, untimed
-        out[name] = {
-            "build_seconds": round(built, 2),
-            "sample_seconds": round(seconds, 2),
-            "positives_returned": returned,
-        }
+            sampler = sampling.NegativeSampler(data)
+            built = time.perf_counter() - start
+            gen = torch.Generator().manual_seed(0)
+            seconds, returned = 0.0, 0
+            for part in users.split(sampling.EPOCH_CHUNK):  # as epoch_batches draws them
+                start = time.perf_counter()
+                negs = sampler.sample(part, 4, gen)
+                seconds += time.perf_counter() - start
+                returned += int(sampler.is_positive(part[:, None], negs).sum())  # checked, untimed
+            out[name] = {
+                "build_seconds": round(built, 2),
+                "sample_seconds": round(seconds, 2),
+                "positives_returned": returned,
+            }
+    finally:
+        sampling.BITSET_LIMIT = default  # a --smoke run's later sections share this process
     out["peak_rss_gib"] = round(peak_rss_gib(), 2)
     return out
 
@@ -184,14 +198,14 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             step(*ready[k % 16])
         bound = steps * b / (time.perf_counter() - start)
 
-        users, items, sampler = trainer._epoch_source("train")
+        source = trainer._epoch_source("train")
         model = build_model(cfg.model, n_users, n_items, sparse=sparse)
         step = _step_fn(model, trainer.optimizers(model, stage))
         start = time.perf_counter()
         batches = epoch_batches(
-            users,
-            items,
-            sampler,
+            source.users,
+            source.items,
+            source.sampler,
             num_negatives=cfg.train.num_negatives,
             batch_size=b,
             generator=torch.Generator().manual_seed(1),
@@ -201,7 +215,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             step(u, i, y)
             samples += len(y)
         pipe = samples / (time.perf_counter() - start)
-        epoch = len(users) * (1 + cfg.train.num_negatives)
+        epoch = len(source.users) * (1 + cfg.train.num_negatives)
         out[f"{'sparse_adam' if sparse else 'dense_fused_adam'}_batch_{b}"] = {
             "compute_bound_samples_s": round(bound),
             "pipeline_samples_s": round(pipe),
@@ -210,7 +224,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             "epoch_samples": epoch,
             "epoch_minutes_extrapolated": round(epoch / pipe / 60, 1),
         }
-        del trainer, users, items, sampler, model
+        del trainer, source, model
     out["peak_rss_gib"] = round(peak_rss_gib(), 2)
     return out
 
@@ -219,7 +233,7 @@ def run_sparse(args: argparse.Namespace) -> dict[str, Any]:
     from recommender.config import ModelConfig
     from recommender.models import build_model
 
-    n_users, n_items, b = 5_000_000, 26_744, args.batch_size
+    n_users, n_items, b = args.sparse_users, 26_744, args.batch_size
     model = build_model(
         ModelConfig(name="gmf", embedding_dim=args.sparse_dim),
         n_users,
@@ -227,7 +241,7 @@ def run_sparse(args: argparse.Namespace) -> dict[str, Any]:
         sparse=args.variant == "sparse",
     )
     if args.variant == "sparse":
-        tables = [model.user_emb.weight, model.item_emb.weight]  # type: ignore[union-attr]
+        tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
         dense = [p for p in model.parameters() if all(p is not t for t in tables)]
         optimizers: list[torch.optim.Optimizer] = [
             torch.optim.SparseAdam(tables, lr=1e-3),
@@ -310,6 +324,8 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     cmd += ["--set", "train.pretrain.enabled=false", "--set", f"train.batch_size={args.batch_size}"]
     cmd += ["--set", f"threads={args.threads}"]
     cmd += [f"--set={s}" for s in BENCH_TRAIN + BENCH_MODEL]
+    if args.smoke:
+        cmd += ["--set=train.max_epochs=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -337,7 +353,7 @@ CHILDREN = {
 }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, help="ML-20M-shaped parquet (written if absent)")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "bench_scale")
@@ -351,23 +367,45 @@ def main() -> None:
     parser.add_argument("--pipeline-samples", type=int, default=10_485_760)
     parser.add_argument("--sparse-steps", type=int, default=10)
     parser.add_argument("--sparse-dim", type=int, default=32)
+    parser.add_argument("--sparse-users", type=int, default=5_000_000)
     parser.add_argument("--eval-users", type=int, default=0, help="0: every test user")
     parser.add_argument("--eval-batch", type=int, default=512)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="pyarrow", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="dense", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.root.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    if args.child:
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.child:  # one section, in the fresh process child() started
+        torch.set_num_threads(args.threads)
         print(json.dumps(CHILDREN[args.child](args)))
         return
-    from recommender.data.datasets import write_synthetic
+    if not args.smoke:
+        run(args, ML20M)
+        return
+    with folder(args.smoke_dir) as where:
+        args.root, args.data, args.compare_rows, args.command_seconds = where, None, 1_000, 120
+        args.batch_size, args.batch_sizes, args.bound_samples = 256, "256", 2_048
+        args.pipeline_samples, args.sparse_steps, args.sparse_users = 2_048, 2, 1_000
+        if not Path("/usr/bin/time").is_file():
+            args.only = args.only.replace("command", "")
+            print("command: skipped (no /usr/bin/time)")
+        run(args, TINY)
+
+
+def run(args: argparse.Namespace, shape: dict[str, int]) -> None:
+    """Every section of --only, on --data or on synthetic data of `shape` written first."""
+    args.root.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    from recommender.data.synthetic import write_synthetic
 
     if args.data is None:
         args.data = args.root / "ml20m.parquet"
     if not args.data.is_file():
-        write_synthetic(args.data, seed=0, **ML20M)
+        write_synthetic(args.data, **{"seed": 0, **shape})
     only = args.only.split(",")
     report: dict[str, Any] = {
         "machine": f"{os.cpu_count()} cores, {args.threads} thread(s), torch {torch.__version__}",
@@ -402,6 +440,7 @@ def main() -> None:
         f"--sparse-dim={args.sparse_dim}",
         f"--eval-users={args.eval_users}",
         f"--eval-batch={args.eval_batch}",
+        f"--sparse-users={args.sparse_users}",
     ]
     for section in ("sample", "train", "eval"):
         if section in only:

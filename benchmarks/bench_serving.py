@@ -9,6 +9,7 @@ constructed weights (benchmarks/serving_synthetic.py). Every server is the real 
     PYTHONPATH=src python benchmarks/bench_serving.py --run runs/demo --out serving.json
 
 Request counts are bounded, so the whole benchmark ends by itself (about 5 minutes on 2 cores).
+`--smoke` trains a tiny run and goes through every step with a few requests each, in seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from recommender.serving import ServeSettings
 from recommender.serving.engine import ServedModel
 from serving_load import Shot, run_fixed_rate
 from serving_synthetic import write_synthetic_run
+from smoke import add_arguments, folder, tiny_run
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token"
@@ -117,7 +120,7 @@ def mixed_shots(
 
 def reloads(
     run_dir: Path, at_s: list[float]
-) -> Callable[[httpx.AsyncClient], Awaitable[dict[str, Any]]]:
+) -> Callable[[httpx.AsyncClient], Coroutine[Any, Any, dict[str, Any]]]:
     async def during(client: httpx.AsyncClient) -> dict[str, Any]:
         codes = []
         start = time.monotonic()
@@ -201,7 +204,7 @@ def scenario(
     proc = start([*cmd, "--port", str(port)], port)
     try:
         out["model"] = httpx.get(f"{base}/v1/model").json()
-        fixed(base, user_shots(users, 200, rng), args.rate)  # warm-up, not reported
+        fixed(base, user_shots(users, min(200, args.requests), rng), args.rate)  # warm-up
         out["service_fixed"] = fixed(base, user_shots(users, args.requests, rng), args.rate)
         out["service_ramp"] = ramp(base, users, ramp_rates, args.step_seconds, rng)
         if reload_test:
@@ -228,9 +231,9 @@ def scenario(
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--run", required=True, help="a trained ml-100k run directory")
+    parser.add_argument("--run", help="a trained ml-100k run directory (required)")
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--requests", type=int, default=3000, help="at the fixed rate")
     parser.add_argument("--step-seconds", type=float, default=3.0, help="per ramp step")
@@ -240,7 +243,22 @@ def main() -> None:
     parser.add_argument("--big-run", help="reuse or create the synthetic run here")
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--out", help="write the results as JSON here")
-    args = parser.parse_args()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        if args.run is None:
+            parser.error("--run is required (or --smoke)")
+        measure(args)
+        return
+    with folder(args.smoke_dir) as where:
+        args.run, args.big_run, args.out = tiny_run(where), where / "big", where / "serving.json"
+        args.rate, args.requests, args.step_seconds = 100.0, 30, 0.1
+        args.load_requests, args.load_rate, args.big_items = 60, 60.0, 3_000
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # training turned INFO logs on
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     torch.set_num_threads(ServeSettings().threads)  # in-process timings as the service runs
     results: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}

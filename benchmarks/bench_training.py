@@ -8,6 +8,7 @@ Both are measured in this one run, at 1 and at 2 threads.
     python benchmarks/bench_training.py [--data-dir ../shared/data/ml-100k-loo]
 
 Without the NCF files it falls back to synthetic data of the same shape (943 x 1682, 99k).
+`--smoke` runs every measurement once on tiny synthetic data, in seconds.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pathlib import Path
 import torch
 
 from recommender.config import load_config
-from recommender.data.datasets import write_synthetic
 from recommender.data.pipeline import load_data
+from recommender.data.synthetic import write_synthetic
 from recommender.evaluate import evaluate_full
 from recommender.models import build_model
 from recommender.train import Trainer, train_step
+from smoke import add_arguments, folder, tiny_interactions
 
 BENCH_MODEL = ["model.embedding_dim=32", "model.mlp_layers=[64,32,16,8]", "model.dropout=0.0"]
 
@@ -96,53 +98,72 @@ def eval_seconds(trainer: Trainer, model_overrides: list[str], repeats: int = 5)
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/ml-100k-loo"))
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=400, help="bound steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="alternating bound/epoch rounds")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        overrides = data_overrides(args.data_dir, Path(tmp))
-        overrides += [
-            *BENCH_MODEL,
-            f"train.batch_size={args.batch_size}",
-            "train.progress=false",
-            "train.refit=false",
-            "train.pretrain.enabled=false",
-        ]
-        cfg = load_config(None, overrides)
-        data = load_data(cfg.data, cfg.seed)
-        trainer = Trainer(cfg, data, Path(tmp) / "run", torch.device("cpu"))
-        results: dict[str, object] = {
-            "machine": f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads available, torch {torch.__version__}",
-            "data": data.source,
-            "model": "NeuMF dim 32, MLP [64, 32, 16, 8]",
-            "batch_size": args.batch_size,
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(args, data_overrides(args.data_dir, Path(tmp)), Path(tmp))
+        return
+    with folder(args.smoke_dir) as where:
+        args.batch_size, args.steps, args.rounds = 1024, 3, 1
+        data = tiny_interactions(where)
+        run(args, ["data.dataset=null", f"data.path={data}", f"data.root={where}"], where, (1,), 1)
+
+
+def run(
+    args: argparse.Namespace,
+    overrides: list[str],
+    tmp: Path,
+    thread_counts: tuple[int, ...] = (1, 2),
+    repeats: int = 5,
+) -> None:
+    """Measure on the data `overrides` name at each thread count (evaluation at the most),
+    timing each evaluation `repeats` times."""
+    overrides = [
+        *overrides,
+        *BENCH_MODEL,
+        f"train.batch_size={args.batch_size}",
+        "train.progress=false",
+        "train.refit=false",
+        "train.pretrain.enabled=false",
+    ]
+    cfg = load_config(None, overrides)
+    data = load_data(cfg.data, cfg.seed)
+    trainer = Trainer(cfg, data, tmp / "run", torch.device("cpu"))
+    results: dict[str, object] = {
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads available, torch {torch.__version__}",
+        "data": data.source,
+        "model": "NeuMF dim 32, MLP [64, 32, 16, 8]",
+        "batch_size": args.batch_size,
+    }
+    for threads in thread_counts:
+        # Alternate the two timers so a noisy neighbour slows both alike; report medians.
+        torch.set_num_threads(threads)
+        bound, pipe = compute_bound(trainer, args.batch_size), pipeline(trainer)
+        bound(10), pipe(0)  # warm-up
+        bounds, pipes = [], []
+        for r in range(args.rounds):
+            bounds.append(bound(args.steps))
+            pipes.append(pipe(r + 1))
+        b, p = statistics.median(bounds), statistics.median(pipes)
+        results[f"threads_{threads}"] = {
+            "compute_bound_samples_s": round(b),
+            "pipeline_samples_s": round(p),
+            "ratio": round(p / b, 3),
+            "rounds": args.rounds,
         }
-        for threads in (1, 2):
-            # Alternate the two timers so a noisy neighbour slows both alike; report medians.
-            torch.set_num_threads(threads)
-            bound, pipe = compute_bound(trainer, args.batch_size), pipeline(trainer)
-            bound(10), pipe(0)  # warm-up
-            bounds, pipes = [], []
-            for r in range(args.rounds):
-                bounds.append(bound(args.steps))
-                pipes.append(pipe(r + 1))
-            b, p = statistics.median(bounds), statistics.median(pipes)
-            results[f"threads_{threads}"] = {
-                "compute_bound_samples_s": round(b),
-                "pipeline_samples_s": round(p),
-                "ratio": round(p / b, 3),
-                "rounds": args.rounds,
-            }
-        torch.set_num_threads(2)
-        results["full_eval_seconds_all_users"] = {
-            "bench NeuMF (32, [64,32,16,8])": round(eval_seconds(trainer, BENCH_MODEL), 4),
-            "default NeuMF (64, [128,64,32,16])": round(eval_seconds(trainer, []), 4),
-        }
+    torch.set_num_threads(max(thread_counts))
+    results["full_eval_seconds_all_users"] = {
+        "bench NeuMF (32, [64,32,16,8])": round(eval_seconds(trainer, BENCH_MODEL, repeats), 4),
+        "default NeuMF (64, [128,64,32,16])": round(eval_seconds(trainer, [], repeats), 4),
+    }
     print(json.dumps(results, indent=2))
 
 

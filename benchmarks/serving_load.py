@@ -9,7 +9,7 @@ client down (coordinated omission).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,7 @@ async def run_fixed_rate(
     shots: list[Shot],
     rate: float,
     timeout_s: float = 10.0,
-    during: Callable[[httpx.AsyncClient], Awaitable[dict[str, Any]]] | None = None,
+    during: Callable[[httpx.AsyncClient], Coroutine[Any, Any, dict[str, Any]]] | None = None,
 ) -> Outcome:
     """Send `shots` at `rate` per second; `during` runs alongside (e.g. an admin reload)."""
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)

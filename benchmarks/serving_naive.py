@@ -6,6 +6,8 @@ mask the history, take the top k. Same run, same JSON shape and the same uvicorn
 the real service, so the benchmark compares the scoring strategies and nothing else.
 
     python benchmarks/serving_naive.py --run runs/demo --port 8001
+
+`--smoke` answers a few requests in-process (no port) on a small constructed run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from fastapi import FastAPI, Query
 
 from recommender.inference import Recommender
 from recommender.serving import ServeSettings
+from serving_synthetic import write_synthetic_run
+from smoke import add_arguments, folder
 
 
 def create_naive_app(run_dir: str | Path) -> FastAPI:
@@ -57,11 +61,30 @@ def create_naive_app(run_dir: str | Path) -> FastAPI:
     return app
 
 
-def main() -> None:
+def smoke(where: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    run = write_synthetic_run(where / "run", n_items=500, n_users=50, n_clusters=20)
+    with TestClient(create_naive_app(run)) as client:
+        assert client.get("/readyz").status_code == 200
+        for user in ("u0", "u1", "no-such-user"):
+            response = client.get(f"/v1/users/{user}/recommendations?k=5")
+            response.raise_for_status()
+            print(response.json())
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--run", required=True)
+    parser.add_argument("--run")
     parser.add_argument("--port", type=int, default=8001)
-    args = parser.parse_args()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        with folder(args.smoke_dir) as where:
+            smoke(where)
+        return
+    if args.run is None:
+        parser.error("--run is required (or --smoke)")
     uvicorn.run(
         create_naive_app(args.run),
         host="127.0.0.1",

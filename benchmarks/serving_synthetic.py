@@ -68,8 +68,8 @@ def write_synthetic_run(
     sizes = np.bincount(item_cluster, minlength=n_clusters)
     picks = user_clusters[np.arange(n_users)[:, None], rng.integers(3, size=(n_users, history))]
     offsets = (rng.random((n_users, history)) * sizes[picks]).astype(np.int64)
-    hist = np.sort(by_cluster[starts[picks] + offsets], axis=1)
-    hist = [np.unique(row) for row in hist]
+    drawn = np.sort(by_cluster[starts[picks] + offsets], axis=1)
+    hist = [np.unique(row) for row in drawn]
     indptr = np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64)
     flat = np.concatenate(hist).astype(np.int32)
 

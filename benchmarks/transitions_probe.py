@@ -7,6 +7,8 @@ protocols on the test split. No learning, no tuning: if it comes near the models
 signal the order-blind models leave unused (docs/BENCHMARKS.md, "What the user did last").
 
     PYTHONPATH=src python benchmarks/transitions_probe.py --data-dir ../shared/data/ml-100k-loo
+
+`--smoke` probes tiny synthetic data in the NCF files' layout instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from recommender.config import load_config
 from recommender.data.pipeline import load_data
 from recommender.evaluate import evaluate_full, evaluate_sampled
 from recommender.models import RecModel
+from smoke import add_arguments, folder, tiny_ncf
 
 
 class TransitionScores(RecModel):
@@ -43,15 +46,24 @@ class TransitionScores(RecModel):
         return self.scores[user_idx]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/ml-100k-loo"))
     parser.add_argument("--prefix", default="ml-100k")
     parser.add_argument("--latest", type=int, default=5, help="latest items that vote")
-    args = parser.parse_args()
-    files = args.data_dir / args.prefix
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        probe(args.data_dir / args.prefix, args.latest)
+        return
+    with folder(args.smoke_dir) as where:
+        probe(tiny_ncf(where, args.prefix) / args.prefix, args.latest)
+
+
+def probe(files: Path, n_latest: int) -> None:
+    """Score and evaluate on FILES.train.rating, FILES.test.rating, FILES.test.negative."""
     cfg = load_config(
         None,
         [f"data.train_path={files}.train.rating", f"data.test_path={files}.test.rating",
@@ -64,9 +76,9 @@ def main() -> None:
     follows = previous < n_items
     transitions = np.zeros((n_items + 1, n_items))  # row n_items: "no item", stays zero
     np.add.at(transitions, (previous[follows], train.item_idx[follows]), 1.0)
-    latest = train.latest_items(args.latest)  # (n_users, L), n_items pads
+    latest = train.latest_items(n_latest)  # (n_users, L), n_items pads
     scores = 1e-6 * train.item_counts()[None, :]
-    for j in range(args.latest):  # one (n_users, n_items) gather per position
+    for j in range(n_latest):  # one (n_users, n_items) gather per position
         scores = scores + 0.5**j * transitions[latest[:, j]]
     model = TransitionScores(torch.from_numpy(scores).float())
     full = evaluate_full(model, train, data.test, [10]).metrics

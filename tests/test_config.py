@@ -198,6 +198,14 @@ def test_confidence_changes_what_a_run_trains(override: str):
     assert load_config(None, [override]).training_digest() == load_config(None).training_digest()
 
 
+def test_max_epochs_changes_what_a_run_trains_only_when_set():
+    capped = load_config(None, ["train.max_epochs=1"])
+    assert capped.training_digest() != load_config(None).training_digest()
+    tree = load_config(None).model_dump(mode="json")
+    del tree["train"]["max_epochs"]  # a run from before the key resumes
+    assert validate_config(tree, "old run").training_digest() == load_config(None).training_digest()
+
+
 def test_the_loss_changes_what_a_run_trains():
     bce = load_config(None, ["model.name=mf"])
     softmax = load_config(None, ["model.name=mf", "train.loss=softmax"])

@@ -39,6 +39,37 @@ def test_plan_stages():
     assert plan_stages(load_config(None, ["model.name=popularity"])) == []
 
 
+def test_max_epochs_caps_every_stage():
+    # train.epochs is the final model's budget only: NeuMF's pretraining keeps its 30.
+    one = plan_stages(load_config(None, ["train.epochs=1"]))
+    assert [s.epochs for s in one] == [30, 30, 1, 30, 30, 1]
+    capped = plan_stages(load_config(None, ["train.max_epochs=2"]))
+    assert [s.name for s in capped] == [s.name for s in one]  # pretraining and refit kept
+    assert [s.epochs for s in capped] == [2] * 6
+    low = plan_stages(load_config(None, ["train.max_epochs=50", "train.epochs=3"]))
+    assert [s.epochs for s in low] == [30, 30, 3, 30, 30, 3]  # a cap never raises a budget
+    with pytest.raises(ConfigError, match=r"train\.max_epochs"):
+        load_config(None, ["train.max_epochs=0"])
+
+
+def test_a_run_logs_its_plan_and_max_epochs_shortens_every_stage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    frame = planted_frame(n_users=30, n_items=20)
+    trainer = confidence_run(frame, tmp_path, "train.max_epochs=1")
+    with caplog.at_level("INFO", logger="recommender"):
+        trainer.fit()
+    plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan")]
+    assert plan[0] == (
+        "plan: 6 stage(s), then refit on train + validation, train.max_epochs=1 caps every stage"
+    )
+    assert plan[1].startswith("plan 1/6 select/gmf: gmf on train, up to 1 epoch(s)")
+    assert plan[6].startswith("plan 6/6 refit/neumf: neumf on train + validation, the epoch")
+    assert "initialised from refit/gmf and refit/mlp" in plan[6]
+    stages = [(r["stage"], r["epoch"]) for r in records(trainer.out)]
+    assert stages == [(s.name, 1) for s in trainer.stages]
+
+
 def test_checkpoints_exist_and_load_with_weights_only(gmf_run: Path):
     for name in ("best.pt", "last.pt"):
         payload = torch.load(gmf_run / name, map_location="cpu", weights_only=True)
@@ -346,10 +377,10 @@ def test_confidence_off_adds_nothing_and_unit_confidence_trains_alike(tmp_path: 
     frame = planted_frame(n_users=40, n_items=30).assign(rating=0.0)
     sets = ["model.name=mf", "train.epochs=2"]
     off = confidence_run(frame, tmp_path / "off", *sets)
-    assert off._epoch_source("train")[2] is None  # no weight tensor when confidence is off
+    assert off._epoch_source("train").weights is None  # no weight tensor when confidence is off
     # linear confidence of rating 0 is 1 for every positive: the same training, up to rounding.
     unit = confidence_run(frame, tmp_path / "unit", *sets, "train.confidence=linear")
-    weights = unit._epoch_source("train")[2]
+    weights = unit._epoch_source("train").weights
     assert weights is not None and torch.equal(weights, torch.ones(len(unit.data.train)))
     models = [off.fit(), unit.fit()]
     losses = [[r["loss"] for r in records(t.out)] for t in (off, unit)]
@@ -497,8 +528,9 @@ def test_context_batches_carry_each_positives_predecessors(tmp_path: Path):
     )
     data = load_data(cfg.data, cfg.seed)
     trainer = Trainer(cfg, data, tmp_path / "run", torch.device("cpu"))
-    users, _, _, context, _ = trainer._epoch_source("train")
-    assert context is not None and context.shape == (len(users), 3)
+    source = trainer._epoch_source("train")
+    context = source.context
+    assert context is not None and context.shape == (len(source.users), 3)
     inter = data.train
     order = np.lexsort((inter.item_idx, inter.timestamp, inter.user_idx))
     for row in order[:12]:  # spot-check against a per-user reading of the history

@@ -65,7 +65,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_data_synthetic(args: argparse.Namespace) -> None:
-    from recommender.data.datasets import write_synthetic
+    from recommender.data.synthetic import write_synthetic
 
     path = write_synthetic(
         args.out,

@@ -1,7 +1,8 @@
 """Typed configuration: one YAML file, dotted command-line overrides, saved with every run.
 
 Every hyperparameter and path lives here with its default and its bounds, so a typo or an
-out-of-range value fails before any data is read.
+out-of-range value fails before any data is read. The `tune.space` specs and the default search
+space are in search_space.py; this module checks each space against the settings it tunes.
 
 Example:
     >>> cfg = load_config(None, ["train.epochs=5", "model.name=gmf"])
@@ -16,11 +17,12 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from recommender.search_space import NOT_TUNABLE, PARAM_TYPES, ParamSpec, default_space
 from recommender.utils import ConfigError, atomic_write_text
 
 ModelName = Literal["neumf", "gmf", "mlp", "mf", "popularity"]
@@ -147,6 +149,12 @@ class PretrainConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
+    max_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Caps the epochs of every stage: GMF and MLP pretraining, the final model "
+        "and its refit; a short run of the whole plan (1: one epoch each). null: no cap.",
+    )
     batch_size: int = Field(
         4096, ge=1, description="Rows per step: pairs for bce, positives for softmax."
     )
@@ -208,96 +216,6 @@ class EvalConfig(_Section):
         return self
 
 
-class FloatParam(_Section):
-    """A float drawn from [low, high], uniformly or, with `log`, log-uniformly."""
-
-    type: Literal["float"] = "float"
-    low: float
-    high: float
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _range(self) -> FloatParam:
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError("a log scale needs low > 0")
-        return self
-
-    def edge_values(self) -> list[Any]:
-        return [self.low, self.high]
-
-
-class IntParam(_Section):
-    """An integer from low, low + step, ..., high, or log-uniform in [low, high] with `log`."""
-
-    type: Literal["int"] = "int"
-    low: int
-    high: int
-    step: int = Field(1, ge=1)
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _range(self) -> IntParam:
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        if (self.high - self.low) % self.step:
-            raise ValueError(f"high - low must be a multiple of step ({self.step})")
-        if self.log and (self.step != 1 or self.low < 1):
-            raise ValueError("a log scale needs step 1 and low >= 1")
-        return self
-
-    def edge_values(self) -> list[Any]:
-        return [self.low, self.high]
-
-
-class CategoricalParam(_Section):
-    """One of `choices`: scalars, or lists such as MLP layer widths."""
-
-    type: Literal["categorical"] = "categorical"
-    choices: list[Any] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _choices(self) -> CategoricalParam:
-        scalar = (str, int, float, bool, type(None))
-        for choice in self.choices:
-            items = choice if isinstance(choice, list) else [choice]
-            if not all(isinstance(x, scalar) for x in items):
-                raise ValueError(f"choice {choice!r} is neither a scalar nor a list of scalars")
-        labels = [json.dumps(c) for c in self.choices]
-        if len(set(labels)) != len(labels):
-            raise ValueError("choices must be distinct")
-        return self
-
-    def edge_values(self) -> list[Any]:
-        return list(self.choices)
-
-
-# Bounds are monotone, so a spec whose edge values are valid settings only draws valid ones.
-ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
-PARAM_TYPES = ("float", "int", "categorical")
-
-
-def _default_space() -> dict[str, Any]:
-    """A space for every model: tune.py skips the keys a trial's model does not use (the
-    pretraining rates for a plain GMF, train.lr for a pretrained NeuMF, ...)."""
-    return {
-        "model.embedding_dim": CategoricalParam(choices=[16, 32, 64, 128]),
-        "model.mlp_layers": CategoricalParam(
-            choices=[[64, 32, 16, 8], [128, 64, 32, 16], [256, 128, 64, 32]]
-        ),
-        "model.dropout": FloatParam(low=0.0, high=0.5),
-        "train.lr": FloatParam(low=3e-4, high=3e-2, log=True),
-        # Adam adds it to every embedding row's gradient: 1e-4 collapsed GMF on ml-100k.
-        "train.weight_decay": CategoricalParam(choices=[0.0, 1e-7, 1e-6, 1e-5]),
-        "train.num_negatives": IntParam(low=4, high=16, step=4),
-        "train.batch_size": CategoricalParam(choices=[1024, 2048, 4096, 8192]),
-        "train.pretrain.gmf.lr": FloatParam(low=1e-3, high=3e-2, log=True),
-        "train.pretrain.mlp.lr": FloatParam(low=1e-3, high=3e-2, log=True),
-        "train.pretrain.finetune_lr": FloatParam(low=1e-5, high=1e-3, log=True),
-    }
-
-
 class TuneConfig(_Section):
     """`recommender tune`: the search space and how Optuna searches it.
 
@@ -305,7 +223,7 @@ class TuneConfig(_Section):
     """
 
     space: dict[str, ParamSpec] = Field(
-        default_factory=_default_space,
+        default_factory=default_space,
         description="Dotted model.* / train.* key -> float, int or categorical spec.",
     )
     sampler_seed: int = Field(0, description="Seed of the TPE sampler.")
@@ -325,14 +243,6 @@ class TuneConfig(_Section):
         "the trial's value is the mean of their best validation metrics, so a setting is not "
         "chosen for one lucky initialisation. Pruning watches the first seed's curve.",
     )
-
-
-# Settings a study holds fixed: what is optimised, and what trials never do.
-_NOT_TUNABLE = {
-    "train.monitor": "it is the objective of the study",
-    "train.refit": "trials select on validation and never refit; best.yaml keeps your setting",
-    "train.progress": "it does not change training",
-}
 
 
 class Config(_Section):
@@ -373,8 +283,8 @@ class Config(_Section):
                     f"{where}: only model.* and train.* settings can be tuned "
                     "(a study loads its data once)"
                 )
-            if key in _NOT_TUNABLE:
-                raise ValueError(f"{where}: cannot be tuned: {_NOT_TUNABLE[key]}")
+            if key in NOT_TUNABLE:
+                raise ValueError(f"{where}: cannot be tuned: {NOT_TUNABLE[key]}")
             if key == "model.name" and "popularity" in spec.edge_values():
                 raise ValueError(f"{where}: popularity has nothing to tune")
             try:
@@ -420,6 +330,8 @@ class Config(_Section):
             tree["train"].pop("loss")
         if not tree["model"]["context"]:
             tree["model"].pop("context")
+        if tree["train"]["max_epochs"] is None:
+            tree["train"].pop("max_epochs")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

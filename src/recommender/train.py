@@ -4,7 +4,9 @@ A run is a list of stages. Plain training is one stage; NeuMF with pretraining t
 MLP, then NeuMF initialised from both. With `train.refit`, every stage is first run with early
 stopping on the validation split to choose its number of epochs, then re-run on train +
 validation for exactly that many epochs, so the most recent interactions (the validation split
-under leave-last-out) still reach the final model. The test split is never read here.
+under leave-last-out) still reach the final model. The test split is never read here. A run
+logs this plan when it starts; `train.max_epochs` caps every stage's epochs (pretraining and
+refit included), for a short run of the whole plan.
 
 With `train.confidence`, each positive's BCE term is weighted by a confidence computed from its
 rating (a play count on Last.fm), as implicit-feedback models do (Hu, Koren & Volinsky 2008);
@@ -68,12 +70,16 @@ log = logging.getLogger("recommender")
 # not, as the other ranks would wait for rank 0.
 EpochCallback = Callable[[dict[str, Any]], None]
 
-# A split's training positives on the device: users, items, confidences (None when
-# train.confidence is none), the items that preceded each positive (None when model.context
-# is 0), and the negative sampler that knows them.
-EpochSource = tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, NegativeSampler
-]
+
+@dataclass(frozen=True)
+class EpochSource:
+    """A split's training positives on the device, what every epoch's batches are drawn from."""
+
+    users: torch.Tensor  # (P,) user index of each positive
+    items: torch.Tensor  # (P,) its item index
+    weights: torch.Tensor | None  # (P,) its confidence; None when train.confidence is none
+    context: torch.Tensor | None  # (P, k) the items before it; None when model.context is 0
+    sampler: NegativeSampler  # draws negatives, knowing each user's positives
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,15 @@ class Stage:
 
 
 def plan_stages(cfg: Config) -> list[Stage]:
-    """The stages a config asks for, in order; the last one produces the served model."""
+    """The stages a config asks for, in order; the last one produces the served model.
+
+    `train.max_epochs` caps every stage's budget; a refit stage runs the epochs its select
+    stage chose, which the cap has already bounded.
+    """
     t, name = cfg.train, cfg.model.name
     if name == "popularity":
         return []
+    cap = t.max_epochs or math.inf
     pretrain = name == "neumf" and t.pretrain.enabled
     phases = [("select", "train", True)] + ([("refit", "full", False)] if t.refit else [])
     stages = []
@@ -102,15 +113,51 @@ def plan_stages(cfg: Config) -> list[Stage]:
         init = None
         if pretrain:
             for sub, sc in (("gmf", t.pretrain.gmf), ("mlp", t.pretrain.mlp)):
+                epochs = int(min(sc.epochs, cap))
                 stages.append(
-                    Stage(f"{phase}/{sub}", sub, data, sc.epochs, sc.lr, sc.weight_decay, early)
+                    Stage(f"{phase}/{sub}", sub, data, epochs, sc.lr, sc.weight_decay, early)
                 )
             init = (f"{phase}/gmf", f"{phase}/mlp")
         lr = t.pretrain.finetune_lr if pretrain else t.lr
-        stages.append(
-            Stage(f"{phase}/{name}", name, data, t.epochs, lr, t.weight_decay, early, init)
-        )
+        epochs = int(min(t.epochs, cap))
+        stages.append(Stage(f"{phase}/{name}", name, data, epochs, lr, t.weight_decay, early, init))
     return stages
+
+
+def log_plan(cfg: Config, stages: Sequence[Stage]) -> None:
+    """Say what a run will do before it does it: one INFO line per stage, with its data and
+    epoch budget, so a run that will take hours (NeuMF's pretraining and refit) says so."""
+    if not stages:
+        log.info(
+            "plan: %s counts the items of train + validation; nothing to train", cfg.model.name
+        )
+        return
+    cap = cfg.train.max_epochs
+    refit = "then refit on train + validation" if cfg.train.refit else "no refit"
+    capped = f", train.max_epochs={cap} caps every stage" if cap is not None else ""
+    log.info("plan: %d stage(s), %s%s", len(stages), refit, capped)
+    for number, stage in enumerate(stages, 1):
+        if stage.early_stopping:
+            budget = (
+                f"up to {stage.epochs} epoch(s), early stopping on validation "
+                f"{cfg.train.monitor} (patience {cfg.train.patience})"
+            )
+        else:
+            select = stage.name.replace("refit/", "select/", 1)
+            budget = f"the epoch count {select} chooses (at most {stage.epochs})"
+        data = "train" if stage.data == "train" else "train + validation"
+        init = f", initialised from {' and '.join(stage.init_from)}" if stage.init_from else ""
+        log.info(
+            "plan %d/%d %s: %s on %s, %s, lr %g%s",
+            number,
+            len(stages),
+            stage.name,
+            stage.model,
+            data,
+            budget,
+            stage.lr,
+            init,
+        )
 
 
 def confidence_weights(
@@ -241,7 +288,7 @@ class Trainer:
         return self.data.train if which == "train" else self.data.train_full
 
     def _epoch_source(self, which: str) -> EpochSource:
-        """(users, items, confidences, contexts, sampler) of a split, on the device."""
+        """The positives of a split ("train" or "full") on the device, built once per split."""
         if which not in self._tensors:
             self._tensors.clear()  # stages run all on "train", then all on "full": keep one
             inter = self._split(which)
@@ -260,7 +307,7 @@ class Trainer:
                 weights = to_device(conf, self.device)
             k = self.cfg.model.context
             context = to_device(inter.previous_items(k), self.device) if k else None
-            self._tensors[which] = (users, items, weights, context, sampler)
+            self._tensors[which] = EpochSource(users, items, weights, context, sampler)
         return self._tensors[which]
 
     # -- models and optimisers ---------------------------------------------------------------
@@ -325,7 +372,7 @@ class Trainer:
     ) -> tuple[float, int, float]:
         """One epoch of this rank's share; `net` is the module to step through (DDP's wrapper
         around `model` when distributed). Returns (mean loss, samples, seconds) of this rank."""
-        users, items, weights, context, sampler = self._epoch_source(stage.data)
+        source = self._epoch_source(stage.data)
         t = self.cfg.train
         # softmax batches are positives only: the whole catalog is every row's negatives
         negatives = t.num_negatives if t.loss == "bce" else 0
@@ -333,18 +380,18 @@ class Trainer:
         model.train()
         start = time.perf_counter()
         batches = epoch_batches(
-            users,
-            items,
-            sampler,
+            source.users,
+            source.items,
+            source.sampler,
             num_negatives=negatives,
             batch_size=t.batch_size,
             generator=generator,
-            weights=weights,
-            context=context,
+            weights=source.weights,
+            context=source.context,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        share = len(users) // self.dist.world_size
+        share = len(source.users) // self.dist.world_size
         n_batches = math.ceil(share * (1 + negatives) / t.batch_size)
         total_loss = torch.zeros((), device=self.device)
         total_weight = torch.zeros((), device=self.device)  # with confidences only
@@ -352,8 +399,9 @@ class Trainer:
         quiet = not t.progress or not self.dist.is_main
         bar = tqdm(total=n_batches, desc=desc, leave=False, disable=quiet, unit="batch")
         for step, (u, i, y, *rest) in enumerate(batches):
-            weight = rest[0] if weights is not None else None
-            ctx = rest[-1] if context is not None else None
+            # epoch_batches appends a batch's weights, then its contexts, when the source has them
+            weight = rest[0] if source.weights is not None else None
+            ctx = rest[-1] if source.context is not None else None
             loss = train_step(
                 net, optimizers, u, i, y, weight, amp=self.amp, loss_kind=t.loss, context=ctx
             )
@@ -371,7 +419,7 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - start
         # Confidences are >= 1, so their sum is 0 only in an empty epoch.
-        denominator = seen if weights is None else float(total_weight)
+        denominator = seen if source.weights is None else float(total_weight)
         return float(total_loss) / max(denominator, 1), seen, seconds
 
     def _validate(self, model: RecModel) -> dict[str, float]:
@@ -387,6 +435,8 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> RecModel:
         """Run every stage (continuing from last.pt when resuming); return the final model."""
+        if self.dist.is_main:
+            log_plan(self.cfg, self.stages)
         state = self._load_resume_state() if resume else None
         if self.dist.is_main:
             write_config(self.out, self.cfg)

@@ -48,8 +48,9 @@ import pandas as pd
 import torch
 
 from recommender.checkpoint import BEST_FILE, CONFIG_FILE, LAST_FILE, prepare_run_dir
-from recommender.config import CategoricalParam, Config, FloatParam, IntParam
+from recommender.config import Config
 from recommender.data.pipeline import DataBundle
+from recommender.search_space import CategoricalParam, FloatParam, IntParam
 from recommender.tracking import mlflow_run
 from recommender.train import EpochCallback, Trainer, plan_stages
 from recommender.utils import RecommenderError, atomic_path
