@@ -19,7 +19,8 @@ from recommender.config import load_config
 from recommender.data.pipeline import load_data
 from recommender.evaluate import evaluate_full
 from recommender.models import MF, Popularity
-from recommender.train import Trainer, confidence_weights, plan_stages, train_step
+from recommender.stages import plan_stages
+from recommender.train import Trainer, confidence_weights, train_step
 from recommender.utils import ConfigError, DataError, RecommenderError
 
 TIMING = {"train_seconds", "samples_per_second"}

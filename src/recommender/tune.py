@@ -51,8 +51,9 @@ from recommender.checkpoint import BEST_FILE, CONFIG_FILE, LAST_FILE, prepare_ru
 from recommender.config import Config
 from recommender.data.pipeline import DataBundle
 from recommender.search_space import CategoricalParam, FloatParam, IntParam
+from recommender.stages import plan_stages
 from recommender.tracking import mlflow_run
-from recommender.train import EpochCallback, Trainer, plan_stages
+from recommender.train import EpochCallback, Trainer
 from recommender.utils import RecommenderError, atomic_path
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ SWITCHES = ("model.name", "train.pretrain.enabled", "train.sampling")
 def inert_keys(cfg: Config) -> set[str]:
     """Dotted keys (or whole sections) that cannot change what `cfg` trains.
 
-    Mirrors models.build_model (which model reads which size) and train.plan_stages (which
+    Mirrors models.build_model (which model reads which size) and stages.plan_stages (which
     stage reads which rate).
     """
     name, t = cfg.model.name, cfg.train
