@@ -8,12 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recommender.data.readers import (
-    FORMATS,
-    read_interactions,
-    read_item_titles,
-    read_ncf_split,
-)
+from recommender.data.presplit import read_presplit
+from recommender.data.readers import FORMATS, read_interactions, read_item_titles
 from recommender.utils import ConfigError, DataError
 
 EXPECTED = pd.DataFrame(
@@ -151,7 +147,7 @@ def test_file_level_errors(tmp_path: Path):
     with pytest.raises(DataError, match=r"nope\.csv: file not found"):
         read_interactions(tmp_path / "nope.csv")
     with pytest.raises(DataError, match="cannot tell the format.*" + ", ".join(FORMATS)):
-        read_interactions(write(tmp_path, "a.txt", "1 2\n"))
+        read_interactions(write(tmp_path, "a.txt", "1;2\n"))
     with pytest.raises(DataError, match="unknown format 'xml'"):
         read_interactions(write(tmp_path, "a.csv", "user_id,item_id\n1,2\n"), format="xml")
     with pytest.raises(DataError, match="missing column\\(s\\) 'stars'"):
@@ -185,7 +181,7 @@ def ncf_files(tmp_path: Path, negatives: str) -> tuple[Path, Path, Path]:
 
 
 def test_ncf_split_exact_values(tmp_path: Path):
-    split = read_ncf_split(*ncf_files(tmp_path, "(0,3)\t4\t5\t6\n(1,0)\t3\t5\t6\n"))
+    split = read_presplit(*ncf_files(tmp_path, "(0,3)\t4\t5\t6\n(1,0)\t3\t5\t6\n"))
     assert split.train["item_id"].tolist() == ["1", "2", "2"]
     assert split.train["timestamp"].tolist() == [100, 101, 102]
     assert split.test["user_id"].tolist() == ["0", "1"]
@@ -194,7 +190,7 @@ def test_ncf_split_exact_values(tmp_path: Path):
     assert split.negatives.to_dict("list") == {"user_id": ["0", "1"], "item_id": ["3", "0"]}
     assert split.negative_items.shape == (2, 3)
     assert split.negative_items.tolist() == [["4", "5", "6"], ["3", "5", "6"]]
-    assert read_ncf_split(*ncf_files(tmp_path, "")[:2]).negatives is None
+    assert read_presplit(*ncf_files(tmp_path, "")[:2]).negatives is None
 
 
 @pytest.mark.parametrize(
@@ -210,11 +206,11 @@ def test_ncf_split_exact_values(tmp_path: Path):
 )
 def test_ncf_negatives_errors(tmp_path: Path, text: str, message: str):
     with pytest.raises(DataError, match=message):
-        read_ncf_split(*ncf_files(tmp_path, text))
+        read_presplit(*ncf_files(tmp_path, text))
 
 
 def test_ncf_negatives_tolerate_trailing_tab_and_crlf(tmp_path: Path):
-    split = read_ncf_split(*ncf_files(tmp_path, "(0,3)\t4\t5\t\r\n(1,0)\t3\t5\t\r\n"))
+    split = read_presplit(*ncf_files(tmp_path, "(0,3)\t4\t5\t\r\n(1,0)\t3\t5\t\r\n"))
     assert split.negative_items is not None
     assert split.negative_items.tolist() == [["4", "5"], ["3", "5"]]
 

@@ -45,10 +45,18 @@ class ColumnsConfig(_Section):
 class DataConfig(_Section):
     dataset: str | None = Field("ml-100k", description="Built-in dataset name, or null.")
     path: str | None = Field(None, description="One interactions file, split here.")
-    train_path: str | None = Field(None, description="Pre-split train file (NCF format).")
-    test_path: str | None = Field(None, description="Pre-split test file (NCF format).")
+    train_path: str | None = Field(
+        None, description="Pre-split train file (NCF .train.rating or LightGCN train.txt)."
+    )
+    test_path: str | None = Field(
+        None, description="Pre-split test file (NCF .test.rating or LightGCN test.txt)."
+    )
     test_negatives_path: str | None = Field(None, description="NCF .test.negative file.")
-    format: str = Field("auto", description="Reader format of `path` (see readers.FORMATS).")
+    format: str = Field(
+        "auto",
+        description="Reader format of `path` (see readers.FORMATS), or of the pre-split files: "
+        "auto, ml-100k (NCF .rating) or lightgcn (`user item item ...` lines).",
+    )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     sep: str | None = None
     root: str = Field("data", description="Cache directory for downloads and processed data.")
@@ -59,7 +67,18 @@ class DataConfig(_Section):
     min_item_interactions: int = Field(0, ge=0, description="k-core filter on items (0: off).")
     split: SplitName = "leave_last_out"
     test_ratio: float = Field(0.2, gt=0, lt=1, description="For temporal / random splits.")
-    valid_ratio: float = Field(0.1, gt=0, lt=1, description="For temporal / random splits.")
+    valid_ratio: float = Field(
+        0.1, gt=0, lt=1, description="For temporal / random splits and valid_rule=random_ratio."
+    )
+    valid_rule: Literal["auto", "latest", "random_one", "random_ratio"] = Field(
+        "auto",
+        description="Pre-split files: how validation is carved from the train file. latest: "
+        "each user's latest item; random_one: one random item per user; random_ratio: a random "
+        "valid_ratio of each user's items (at least one of a user with two or more). auto: "
+        "latest when every test item is at or after its user's latest training timestamp (and "
+        "the timestamps are not all equal), else random_one when the test holds one item per "
+        "user, else random_ratio. The rule used and why are logged.",
+    )
     cache: bool | Literal["auto"] = Field(
         "auto",
         description="Save the processed data (vocabularies, splits, histories) under "
@@ -74,6 +93,11 @@ class DataConfig(_Section):
             raise ValueError("give either path or train_path/test_path, not both")
         if self.test_negatives_path is not None and self.train_path is None:
             raise ValueError("test_negatives_path needs train_path and test_path")
+        if self.valid_rule != "auto" and self.train_path is None:
+            raise ValueError(
+                f"valid_rule={self.valid_rule} applies to pre-split files (train_path / "
+                "test_path); a single file's validation follows data.split"
+            )
         return self
 
 
@@ -332,6 +356,8 @@ class Config(_Section):
             tree["model"].pop("context")
         if tree["train"]["max_epochs"] is None:
             tree["train"].pop("max_epochs")
+        if tree["data"]["valid_rule"] == "auto":
+            tree["data"].pop("valid_rule")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

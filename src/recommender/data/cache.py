@@ -53,6 +53,7 @@ class Processed:
     test_negatives: np.ndarray | None
     item_info: pd.DataFrame | None
     source: str
+    sampled: bool = True  # DataBundle.sampled
 
 
 def input_files(cfg: DataConfig) -> list[Path]:
@@ -114,6 +115,7 @@ def save(folder: Path, data: Processed) -> None:
         meta = {
             "version": CACHE_VERSION,
             "source": data.source,
+            "sampled": data.sampled,
             "n_train": len(data.train),
             "n_users": len(data.users),
             "n_items": len(data.items),
@@ -176,4 +178,5 @@ def load(folder: Path) -> Processed | None:
         test_negatives=arr("test_negatives"),
         item_info=pd.read_parquet(info_path) if info_path.is_file() else None,
         source=meta["source"],
+        sampled=meta.get("sampled", True),
     )

@@ -1,10 +1,11 @@
 """From a data config to ready training data: read, label, de-duplicate, filter, index, split.
 
-file / built-in dataset / NCF split files
+file / built-in dataset / pre-split files (NCF, LightGCN: data/presplit.py)
   -> canonical frame (user_id, item_id, rating, timestamp; raw ids as strings)
   -> implicit positives (rating >= threshold), duplicate pairs collapsed, k-core filter
   -> Vocabulary for users and items, Interactions of indices
-  -> test split, then a validation split carved from train (never from test)
+  -> test split, then a validation split carved from train (never from test); pre-split files
+     keep their test split and carve validation by data.valid_rule
 
 Large csv / tsv / parquet files take the columnar path (data/columnar.py: same result, a
 fraction of the time and memory), and the processed result is cached (data/cache.py) so the
@@ -20,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from recommender.config import DataConfig
-from recommender.data import cache, splits
+from recommender.data import cache, presplit, splits
 from recommender.data.columnar import read_indexed
 from recommender.data.datasets import load_builtin
 from recommender.data.interactions import Interactions, Vocabulary
-from recommender.data.readers import read_interactions, read_ncf_split, requested_columns
+from recommender.data.readers import read_interactions, requested_columns
 from recommender.utils import DataError
 
 log = logging.getLogger("recommender")
@@ -47,6 +48,8 @@ class DataBundle:
     test_negatives: np.ndarray | None  # (len(test), m) item indices, aligned with test rows
     item_info: pd.DataFrame | None  # item_id, title, genres
     source: str
+    # False where the SAMPLED protocol does not apply (LightGCN files without negatives).
+    sampled: bool = True
     # train + valid, when the builder already has it (load_data: the two sides of one split).
     _full: Interactions | None = field(default=None, repr=False, compare=False)
 
@@ -137,6 +140,7 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
                 bundle.test_negatives,
                 bundle.item_info,
                 bundle.source,
+                bundle.sampled,
             ),
         )
         log.info("data: processed data cached in %s", folder)
@@ -155,6 +159,7 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         cached.test_negatives,
         cached.item_info,
         cached.source,
+        cached.sampled,
         cached.train_full,
     )
     _log_sizes(bundle)
@@ -185,72 +190,52 @@ def _load_file(cfg: DataConfig, seed: int) -> DataBundle:
     # train and valid become views of full: one copy of the rows in memory, not two.
     n_train = len(train)
     train, valid = full.subset(slice(0, n_train)), full.subset(slice(n_train, None))
-    return DataBundle(users, items, train, valid, test, None, item_info, source, full)
+    return DataBundle(users, items, train, valid, test, None, item_info, source, _full=full)
 
 
 def _load_presplit(cfg: DataConfig, seed: int) -> DataBundle:
-    """NCF-format files used exactly as given; the catalog is every item in any of them.
+    """Pre-split files used exactly as given; the catalog is every item in any of them.
 
-    Validation mirrors the test file's leave-one-out: each user's latest training item, or a
-    random one (seeded) when the timestamps carry no order, as in random-LOO copies whose
-    timestamps are all 0: "latest" there would be the largest item id, a biased choice.
+    Validation is carved from the training file by data.valid_rule, chosen (auto) to match how
+    the test split was made; the rule and the reason are logged and kept in the source.
     """
     assert cfg.train_path is not None and cfg.test_path is not None
-    ncf = read_ncf_split(cfg.train_path, cfg.test_path, cfg.test_negatives_path)
-    all_items = [ncf.train["item_id"], ncf.test["item_id"]]
-    if ncf.negative_items is not None:
-        all_items.append(pd.Series(ncf.negative_items.ravel()))
-    users = Vocabulary.from_values(pd.concat([ncf.train["user_id"], ncf.test["user_id"]]), "user")
+    files = presplit.read_presplit(
+        cfg.train_path, cfg.test_path, cfg.test_negatives_path, cfg.format
+    )
+    all_items = [files.train["item_id"], files.test["item_id"]]
+    if files.negative_items is not None:
+        all_items.append(pd.Series(files.negative_items.ravel()))
+    user_ids = pd.concat([files.train["user_id"], files.test["user_id"]])
+    users = Vocabulary.from_values(user_ids, "user")
     items = Vocabulary.from_values(pd.concat(all_items), "item")
-    train_all = to_interactions(collapse_duplicates(ncf.train), users, items)
-    test = to_interactions(collapse_duplicates(ncf.test), users, items)
+    train_all = to_interactions(collapse_duplicates(files.train), users, items)
+    test = to_interactions(collapse_duplicates(files.test), users, items)
     negatives = None
-    if ncf.negatives is not None and ncf.negative_items is not None:
-        negatives = _align_negatives(ncf.negatives, ncf.negative_items, test, users, items, cfg)
-    ts = train_all.timestamp
-    if ts is not None and len(ts) and ts.min() < ts.max():
-        train, valid = splits.leave_last_out(train_all)
-        split = "leave_last_out"
-    else:
-        train, valid = splits.random_leave_one_out(train_all, np.random.default_rng(seed))
-        split = "random leave-one-out"
-    source = f"NCF split files {cfg.train_path}, {cfg.test_path} (validation: {split})"
-    _check_nonempty(source, split, valid, test)
+    if files.negatives is not None and files.negative_items is not None:
+        assert cfg.test_negatives_path is not None
+        negatives = presplit.align_negatives(
+            files.negatives,
+            files.negative_items,
+            test,
+            users,
+            items,
+            cfg.test_negatives_path,
+            cfg.test_path,
+        )
+    kind = "LightGCN" if files.format == "lightgcn" else "NCF"
+    names = f"{kind} split files {cfg.train_path}, {cfg.test_path}"
+    rule, why = presplit.choose_valid_rule(cfg.valid_rule, train_all, test)
+    held = presplit.describe_rule(rule, cfg.valid_ratio)
+    log.info("data: validation rule %s, %s: %s", rule, held, why)
+    rng = np.random.default_rng(seed)
+    train, valid = presplit.carve_validation(train_all, rule, cfg.valid_ratio, rng, names)
+    source = f"{names} (validation: {rule}, {held})"
+    _check_nonempty(source, "leave_last_out" if rule == "latest" else "random", valid, test)
     full = train.concat(valid, disjoint=True)
-    return DataBundle(users, items, train, valid, test, negatives, None, source, full)
-
-
-def _align_negatives(
-    pairs: pd.DataFrame,
-    negative_items: np.ndarray,
-    test: Interactions,
-    users: Vocabulary,
-    items: Vocabulary,
-    cfg: DataConfig,
-) -> np.ndarray:
-    n_items = len(items)
-    user_idx = users.lookup(pairs["user_id"].to_numpy())
-    item_idx = items.lookup(pairs["item_id"].to_numpy())
-    neg_keys = user_idx * n_items + item_idx
-    test_keys = test.keys
-    stray = (user_idx < 0) | (item_idx < 0) | ~np.isin(neg_keys, test_keys)
-    if stray.any():
-        row = int(np.flatnonzero(stray)[0])
-        raise DataError(
-            f"{cfg.test_negatives_path}: negatives line for ({pairs['user_id'].iloc[row]},"
-            f"{pairs['item_id'].iloc[row]}), which is not a pair of {cfg.test_path}"
-        )
-    order = np.argsort(neg_keys, kind="stable")
-    pos = np.searchsorted(neg_keys[order], test_keys).clip(max=len(order) - 1)
-    found = neg_keys[order][pos] == test_keys
-    if not found.all():
-        row = int(np.flatnonzero(~found)[0])
-        raise DataError(
-            f"{cfg.test_negatives_path}: no negatives line for test pair "
-            f"({users.ids[test.user_idx[row]]},{items.ids[test.item_idx[row]]})"
-        )
-    flat = items.index(negative_items.ravel()).reshape(negative_items.shape)
-    return flat[order[pos]]
+    return DataBundle(
+        users, items, train, valid, test, negatives, None, source, files.sampled, full
+    )
 
 
 def _check_nonempty(source: str, split: str, valid: Interactions, test: Interactions) -> None:

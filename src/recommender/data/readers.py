@@ -3,7 +3,8 @@
 Besides generic csv / tsv / parquet, the readers know the files of the built-in datasets: the
 MovieLens formats (u.data, ratings.dat, ratings.csv and their item files, LF or CRLF) and
 Last.fm HetRec 2011's `user_artists.dat` (`hetrec-lastfm`: the play count, `weight`, becomes the
-rating column) and `artists.dat` (`hetrec-lastfm-artists`: artist names as titles).
+rating column) and `artists.dat` (`hetrec-lastfm-artists`: artist names as titles), and the
+adjacency lists of NGCF / LightGCN (`lightgcn`, data/adjacency.py: `user item item ...`).
 
 The canonical interactions frame has columns `user_id` and `item_id` (raw ids, always strings, so
 "0012" keeps its zeros) and, when the file has them, `rating` (float64) and `timestamp` (int64).
@@ -32,10 +33,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from recommender.data.adjacency import looks_like_adjacency, read_adjacency
 from recommender.utils import ConfigError, DataError
 
 FORMATS = ("auto", "csv", "tsv", "parquet", "ml-100k", "ml-dat", "ml-csv", "recbole",
-           "hetrec-lastfm")  # fmt: skip
+           "hetrec-lastfm", "lightgcn")  # fmt: skip
 ITEM_FORMATS = ("ml-100k-item", "ml-dat-movies", "ml-csv-movies", "recbole-item",
                 "hetrec-lastfm-artists")  # fmt: skip
 
@@ -267,13 +269,14 @@ def detect_format(
     columns: Mapping[str, str] | None = None,
     sep: str | None = None,
 ) -> FileFormat:
-    """Resolve `format` (auto: from the file name, and a .csv or .dat file's header) and the
-    column mapping (see read_interactions); raises DataError or ConfigError."""
+    """Resolve `format` (auto: from the file name, and a .csv or .dat file's header; else a
+    first line of space-separated integers is `lightgcn`) and the column mapping (see
+    read_interactions); raises DataError or ConfigError."""
     fmt = _resolve_format(path, format)
     if sep is not None and fmt not in ("csv", "tsv"):
         raise ConfigError(f"sep applies to csv and tsv only, not to format {fmt!r}")
     # Dataset formats fix their own column names; the generic default mapping means "as is".
-    if columns is not None and fmt in ("ml-100k", "ml-dat", "ml-csv", "hetrec-lastfm"):
+    if columns is not None and fmt in ("ml-100k", "ml-dat", "ml-csv", "hetrec-lastfm", "lightgcn"):
         if all(_KEYS.get(key) == name for key, name in columns.items()):
             columns = None
         elif fmt not in ("ml-csv", "hetrec-lastfm"):
@@ -323,6 +326,8 @@ def _resolve_format(path: Path, format: str) -> str:
         header = header_columns(path, ",")
         ml_csv = [_ML_CSV_COLUMNS["user_id"], _ML_CSV_COLUMNS["item_id"]]
         return "ml-csv" if header[:2] == ml_csv else "csv"
+    if looks_like_adjacency(path):
+        return "lightgcn"
     raise DataError(
         f"{path}: cannot tell the format from the file name; pass format= one of "
         f"{', '.join(FORMATS)}"
@@ -353,7 +358,9 @@ def read_interactions(
 
     Args:
         path: the file.
-        format: one of FORMATS; `auto` decides from the file name (and a .csv file's header).
+        format: one of FORMATS; `auto` decides from the file name (and a .csv file's header);
+            a name it does not know whose first line is integers separated by spaces
+            (`train.txt`) is `lightgcn`.
         columns: canonical key (user, item, rating, timestamp) -> column name in the file, for
             csv, tsv, parquet, ml-csv, hetrec-lastfm and recbole. Without it the columns
             user_id, item_id and, when present, rating and timestamp are used (ml-csv:
@@ -363,7 +370,7 @@ def read_interactions(
     Returns:
         Frame with user_id, item_id (str) and, when available, rating (float64) and
         timestamp (int64), in file order. `hetrec-lastfm` gives the play count as the rating
-        and no timestamp.
+        and no timestamp; `lightgcn` neither rating nor timestamp.
 
     Raises:
         DataError: missing or empty file, missing column, empty id, non-numeric rating or
@@ -373,6 +380,8 @@ def read_interactions(
     path = _existing(path)
     file = detect_format(path, format, columns, sep)
     fmt, mapping = file.name, file.columns
+    if fmt == "lightgcn":
+        return read_adjacency(path)[0]
     numeric = tuple(mapping[c] for c in _OPTIONAL if c in mapping)
 
     source: _TextSource | _ParquetSource
@@ -450,41 +459,15 @@ def _canonical(
     return pd.DataFrame(out, index=frame.index).reset_index(drop=True)
 
 
-@dataclass(frozen=True)
-class NcfSplit:
-    """A train/test split in the format of the NCF paper's reference code (He et al. 2017).
+def read_negatives(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read the NCF paper's NAME.test.negative: each line `(user,item)<TAB>neg1<TAB>neg2...`,
+    with the same number of negatives on every line.
 
-    Attributes:
-        train, test: canonical frames (user_id, item_id, rating, timestamp).
-        negatives: the (user_id, item_id) test positive each negatives row belongs to, or None.
-        negative_items: (n_rows, n_neg) str ids; row r holds the given negatives of
-            `negatives.iloc[r]`, or None.
+    Returns:
+        The (user_id, item_id) test pair of each line, and the (n_lines, n_neg) negative item
+        ids (str), row r holding the negatives of line r's pair.
     """
-
-    train: pd.DataFrame
-    test: pd.DataFrame
-    negatives: pd.DataFrame | None
-    negative_items: np.ndarray | None
-
-
-def read_ncf_split(
-    train: str | Path, test: str | Path, negatives: str | Path | None = None
-) -> NcfSplit:
-    """Read NAME.train.rating, NAME.test.rating and optionally NAME.test.negative as given.
-
-    The .rating files are `user<TAB>item<TAB>rating<TAB>timestamp` without a header. Each line of
-    the .negative file is `(user,item)<TAB>neg1<TAB>neg2...`, with the same number of negatives
-    on every line; they are used exactly as published, so sampled metrics match the paper's.
-    """
-    train_frame = read_interactions(train, format="ml-100k")
-    test_frame = read_interactions(test, format="ml-100k")
-    if negatives is None:
-        return NcfSplit(train_frame, test_frame, None, None)
-    heads, items = _read_negatives(_existing(negatives))
-    return NcfSplit(train_frame, test_frame, heads, items)
-
-
-def _read_negatives(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    path = _existing(path)
     source = _TextSource(path, _Layout("\t", header=False, quoting=csv.QUOTE_NONE))
     frame = source.read()
     # A trailing tab on every line adds an all-empty last column; it is not a negative.

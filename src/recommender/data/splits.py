@@ -61,15 +61,16 @@ def temporal(data: Interactions, ratio: float) -> tuple[Interactions, Interactio
 
 
 def random_per_user(
-    data: Interactions, ratio: float, rng: np.random.Generator
+    data: Interactions, ratio: float, rng: np.random.Generator, minimum: int = 0
 ) -> tuple[Interactions, Interactions]:
-    """Hold out round(ratio * n_u) random interactions of each user, keeping at least one."""
+    """Hold out round(ratio * n_u) random interactions of each user, but at least `minimum`
+    (validation on every user with two or more), and keep at least one."""
     order = np.lexsort((rng.random(len(data)), data.user_idx))
     users = data.user_idx[order]
     counts = data.user_counts()
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(len(order)) - starts[users]
-    n_test = np.minimum(np.round(counts * ratio), np.maximum(counts - 1, 0))
+    n_test = np.minimum(np.maximum(np.round(counts * ratio), minimum), np.maximum(counts - 1, 0))
     test_mask = np.zeros(len(data), dtype=bool)
     test_mask[order[rank < n_test[users]]] = True
     return data.subset(~test_mask), data.subset(test_mask)
