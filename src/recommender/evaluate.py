@@ -147,12 +147,18 @@ def _cold_warning(n_cold: int, protocol: str) -> list[str]:
 def _count_below(scores: torch.Tensor, pos_scores: torch.Tensor) -> torch.Tensor:
     """(B, n) scores, (B, P) positive scores -> (B, P) counts of scores strictly below.
 
-    One comparison pass per positive column costs O(n); sorting the row costs O(n log n), so
-    sort only when users hold more positives than log2(n) (random and temporal splits).
+    On CPU each row is sorted by numpy, whose vectorised sort beats even a single torch
+    comparison pass over the block (a 512 x 41k block of Gowalla scores: 0.07 s against 0.13 s;
+    torch.sort takes 1.2 s), so one sort serves any number of positives. On a GPU one comparison
+    pass per positive column costs O(n) and sorting O(n log n): sort only when users hold more
+    positives than log2(n) (random and temporal splits).
     """
-    if pos_scores.shape[1] <= max(1, scores.shape[1].bit_length()):
+    if scores.device.type == "cpu":
+        ascending = torch.from_numpy(np.sort(scores.numpy(), axis=1))
+    elif pos_scores.shape[1] <= max(1, scores.shape[1].bit_length()):
         return torch.stack([(scores < col[:, None]).sum(1) for col in pos_scores.T], 1)
-    ascending = torch.sort(scores, dim=1).values
+    else:
+        ascending = torch.sort(scores, dim=1).values
     return torch.searchsorted(ascending, pos_scores.contiguous())
 
 
