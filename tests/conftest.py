@@ -141,6 +141,25 @@ def write_ncf_split(
     return paths
 
 
+def write_lightgcn_split(
+    frame: pd.DataFrame, folder: Path, test_share: float = 0.25, seed: int = 0
+) -> tuple[Path, Path]:
+    """NGCF / LightGCN files: train.txt and test.txt, one line per user, `user item item ...`;
+    a random `test_share` of each user's items (never the first) goes to test, so users have
+    several test items. User ids lose their "u" (the format's ids are integers)."""
+    rng = np.random.default_rng(seed)
+    users = frame["user_id"].str.lstrip("u").astype(int).to_numpy()
+    is_test = rng.random(len(frame)) < test_share
+    is_test[np.unique(users, return_index=True)[1]] = False
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = (folder / "train.txt", folder / "test.txt")
+    for path, part in zip(paths, (~is_test, is_test), strict=True):
+        rows = pd.DataFrame({"user": users[part], "item": frame["item_id"].to_numpy()[part]})
+        lines = rows.groupby("user", sort=True)["item"].apply(lambda s: " ".join(map(str, s)))
+        path.write_text("".join(f"{u} {items}\n" for u, items in lines.items()))
+    return paths
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> None:
     """The CI machine has two shared cores; one intra-op thread is faster and reproducible."""

@@ -21,6 +21,7 @@ from conftest import (
     run_cli,
     walk_successors,
     write_csv,
+    write_lightgcn_split,
     write_ncf_split,
 )
 from recommender.inference import Recommender
@@ -87,6 +88,28 @@ def test_neumf_on_ncf_split_files_end_to_end(tmp_path: Path, capsys):
         ours = report["results"][f"neumf/{protocol}"]["metrics"]["hr@10"]
         pop = report["results"][f"popularity/{protocol}"]["metrics"]["hr@10"]
         assert ours > pop + 0.25, (protocol, ours, pop)
+
+
+@pytest.mark.parametrize("model", ["popularity", "mf"])
+def test_lightgcn_files_report_recall_and_ndcg_at_20(tmp_path: Path, capsys, model: str):
+    train, test = write_lightgcn_split(planted_frame(), tmp_path / "gowalla-like")
+    out = tmp_path / "runs" / model
+    args = ["train", "--train", str(train), "--test", str(test), "--model", model]
+    code, stdout, err = run_cli([*args, "--out", str(out), *fast_sets("train.epochs=2")], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["evaluate", "--run", str(out), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    # no negatives file: FULL ranking only, SAMPLED said to be not applicable
+    assert set(report["results"]) == {f"{model}/full", "popularity/full"}
+    assert any(n.startswith("SAMPLED: not applicable") for n in report["notes"])
+    assert any(n.startswith("several test items per user: recall@K") for n in report["notes"])
+    metrics = report["results"][f"{model}/full"]["metrics"]
+    assert 0 < metrics["recall@20"] <= 1 and 0 < metrics["ndcg@20"] <= 1
+    code, stdout, _ = run_cli(["evaluate", "--run", str(out)], capsys)
+    table = stdout.split("note:")[0]
+    assert "recall@20" in table and "ndcg@20" in table and "sampled" not in table
+    assert "note: SAMPLED: not applicable" in stdout
 
 
 def test_recommend_for_one_user(gmf_run: Path, capsys):
@@ -285,6 +308,28 @@ def test_negatives_that_do_not_match_the_test_file(tmp_path: Path, capsys, edit,
             str(negatives), "--out", str(out), *fast_sets()]  # fmt: skip
     code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, str(negatives), fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("train_text", "test_text", "bad", "fragments"),
+    [
+        ("0 1 2\n1 2 3\n", "0 4\n1 x\n", "test", ["line 2", "'x'"]),
+        ("0 1 2\n1 2 3.0\n", "0 4\n", "train", ["line 2", "'3.0'"]),
+        ("", "0 4\n", "train", ["file is empty"]),
+        ("0 1 2\n1 2 3\n", "0 4\n2 5\n", "test", ["line 2", "user '2'", "no training items"]),
+    ],
+    ids=["non_integer_test", "non_integer_train", "empty_train", "test_user_without_training"],
+)
+def test_bad_lightgcn_files(tmp_path: Path, capsys, train_text, test_text, bad, fragments):
+    files = {"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"}
+    files["train"].write_text(train_text)
+    files["test"].write_text(test_text)
+    out = tmp_path / "run"
+    args = ["train", "--train", str(files["train"]), "--test", str(files["test"]), "--set",
+            "data.format=lightgcn", "--out", str(out), *fast_sets()]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, str(files[bad]), *fragments)
     assert not out.exists()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import planted_frame, write_ncf_split
+from conftest import planted_frame, write_lightgcn_split, write_ncf_split
 from recommender.config import load_config
 from recommender.data import presplit, splits
 from recommender.data.adjacency import looks_like_adjacency, read_adjacency
@@ -32,19 +32,6 @@ def write_lightgcn(folder: Path, train: dict[int, list[int]], test: dict[int, li
         return "".join(" ".join(map(str, [u, *items])) + "\n" for u, items in rows.items())
 
     return write(folder / "train.txt", lines(train)), write(folder / "test.txt", lines(test))
-
-
-def planted_lightgcn(folder: Path, test_share: float = 0.25) -> tuple[Path, Path]:
-    """The planted data as LightGCN files: a random quarter of each user's items to test."""
-    frame = planted_frame()
-    rng = np.random.default_rng(0)
-    users = frame["user_id"].str[1:].astype(int).to_numpy()
-    items = frame["item_id"].to_numpy()
-    is_test = rng.random(len(frame)) < test_share
-    is_test[np.unique(users, return_index=True)[1]] = False  # every user keeps a training item
-    train = {u: items[(users == u) & ~is_test].tolist() for u in np.unique(users)}
-    test = {u: items[(users == u) & is_test].tolist() for u in np.unique(users)}
-    return write_lightgcn(folder, train, {u: i for u, i in test.items() if i})
 
 
 def write_random_loo(frame: pd.DataFrame, folder: Path) -> tuple[Path, Path]:
@@ -168,7 +155,7 @@ def test_auto_rule_follows_the_test_split(tmp_path: Path, caplog: pytest.LogCapt
     assert "older than their user's latest training item" in caplog.text
     np.testing.assert_array_equal(one.valid.user_counts(), np.ones(30))
     # LightGCN files: no timestamps, several test items per user -> a random fraction
-    many = load(*planted_lightgcn(tmp_path / "lightgcn"))
+    many = load(*write_lightgcn_split(planted_frame(), tmp_path / "lightgcn"))
     assert "validation: random_ratio" in many.source
     counts, before = many.valid.user_counts(), many.train_full.user_counts()
     np.testing.assert_array_equal(counts, np.maximum(np.round(before * 0.1), 1))

@@ -56,7 +56,8 @@ def check_vocabularies(run_dir: Path, rec: Recommender, data: DataBundle) -> Non
 def evaluate_run(
     run_dir: Path, loaded: tuple[Config, Recommender, DataBundle] | None = None
 ) -> dict[str, Any]:
-    """Test metrics of a run's model and of Popularity, under both protocols.
+    """Test metrics of a run's model and of Popularity, under both protocols (FULL only where
+    SAMPLED does not apply: LightGCN files without negatives, see DataBundle.sampled).
 
     The run is rebuilt by `load_run` unless the caller already has it (`loaded`). The report
     is written to `run_dir/eval.json` and returned.
@@ -65,10 +66,18 @@ def evaluate_run(
     history = data.train_full
     popularity = Popularity(len(data.users), len(data.items)).fit(history.item_counts())
     negatives = data.test_negatives
-    negatives_note = "given negatives file"
-    if negatives is None:
+    sampled_note = "SAMPLED: test item against the given negatives file"
+    if not data.sampled:
+        sampled_note = (
+            "SAMPLED: not applicable (no negatives file; the literature of this format ranks the "
+            "full catalog)"
+        )
+    elif negatives is None:
         negatives = sample_negatives(history, data.test, cfg.eval.num_negatives, cfg.seed)
-        negatives_note = f"{cfg.eval.num_negatives} sampled negatives (seed {cfg.seed})"
+        sampled_note = (
+            f"SAMPLED: test item against {cfg.eval.num_negatives} sampled negatives "
+            f"(seed {cfg.seed})"
+        )
     models: dict[str, RecModel] = {rec.model_name: rec.model}
     if rec.model_name != "popularity":
         models["popularity"] = popularity
@@ -78,14 +87,21 @@ def evaluate_run(
         results[f"{name}/full"] = evaluate_full(
             model, history, data.test, ks, batch_users=cfg.eval.batch_users, fallback=popularity
         )
-        results[f"{name}/sampled"] = evaluate_sampled(
-            model, history, data.test, negatives, ks, fallback=popularity
-        )
+        if negatives is not None:
+            results[f"{name}/sampled"] = evaluate_sampled(
+                model, history, data.test, negatives, ks, fallback=popularity
+            )
     shown = ["auc", "mrr"] + [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
     shown += [f"{m}@{max(ks)}" for m in ("recall", "precision", "map", "map_all", "coverage")]
     notes = sorted({n for r in results.values() for n in r.notes})
     notes.append("FULL: ranked against every item outside the user's training history")
-    notes.append(f"SAMPLED: test item against {negatives_note}")
+    notes.append(sampled_note)
+    if data.test.user_counts().max(initial=0) > 1:
+        notes.append(
+            "several test items per user: recall@K = hits in the top K / the user's test items; "
+            "ndcg@K with binary gains over an ideal DCG of min(test items, K) hits; means over "
+            "users with a test item"
+        )
     report: dict[str, Any] = {
         "run": str(run_dir),
         "model": rec.model_name,
