@@ -157,6 +157,51 @@ def test_evaluate_full_masks_training_items():
     assert result.metrics["coverage@1"] == pytest.approx(1 / 5)
 
 
+def test_recall_and_ndcg_at_20_over_several_test_items_hand_computed():
+    """The graph-recommendation literature's definitions (NGCF, LightGCN): Recall@K = hits /
+    |test items|, NDCG@K with binary gains over an ideal DCG of min(|test items|, K) hits, the
+    mean over users with a test item; training items are excluded from the ranking."""
+    n_items = 40
+    scores = np.tile(-np.arange(n_items, dtype=np.float32), (4, 1))  # item 0 first for everyone
+    # user 0's training items 0 and 1 score highest and are excluded: item j ranks j - 2
+    history = as_interactions({0: {0, 1}, 3: {5}}, 4, n_items)
+    targets = as_interactions({0: {2, 6, 27}, 1: set(range(22)), 2: {3}}, 4, n_items)
+    result = evaluate_full(FixedScores(scores), history, targets, [20], batch_users=2)
+    assert result.n_users == 3  # user 3 has no test item: not in the means
+    # user 0: ranks 0, 4, 25 -> 2 hits of 3; user 1: 22 items at ranks 0..21 -> 20 of 22, all
+    # 20 slots relevant (ideal DCG over 20 positions, so NDCG 1); user 2: one item at rank 3.
+    recall = [2 / 3, 20 / 22, 1.0]
+    ndcg = [(1 + 1 / math.log2(6)) / (1 + 1 / math.log2(3) + 1 / math.log2(4)), 1.0,
+            1 / math.log2(5)]  # fmt: skip
+    assert result.metrics["recall@20"] == pytest.approx(np.mean(recall))
+    assert result.metrics["ndcg@20"] == pytest.approx(np.mean(ndcg))
+    assert result.metrics["hr@20"] == pytest.approx(1.0)
+    assert result.metrics["precision@20"] == pytest.approx((2 + 20 + 1) / 20 / 3)
+
+
+def test_one_test_item_recall_is_hit_rate_and_ndcg_is_ncfs():
+    """With one test item per user (the NCF protocol) Recall@K is HR@K and NDCG@K is
+    1 / log2(rank + 2) for a hit: the single-item metrics are unchanged."""
+    rng = np.random.default_rng(3)
+    n_users, n_items = 50, 60
+    scores = rng.normal(size=(n_users, n_items)).astype(np.float32)
+    history = as_interactions({u: set(rng.choice(n_items, 5, replace=False).tolist())
+                               for u in range(n_users)}, n_users, n_items)  # fmt: skip
+    seen = {u: set(history.item_idx[history.user_idx == u].tolist()) for u in range(n_users)}
+    target = {u: int(next(i for i in rng.permutation(n_items) if i not in seen[u]))
+              for u in range(n_users)}  # fmt: skip
+    targets = as_interactions({u: {i} for u, i in target.items()}, n_users, n_items)
+    result = evaluate_full(FixedScores(scores), history, targets, [5, 10, 20])
+    others = [[c for c in range(n_items) if c not in seen[u] and c != target[u]]
+              for u in range(n_users)]  # fmt: skip
+    ranks = np.array([(scores[u, others[u]] >= scores[u, target[u]]).sum() for u in range(n_users)])
+    for k in (5, 10, 20):
+        assert result.metrics[f"recall@{k}"] == result.metrics[f"hr@{k}"]
+        assert result.metrics[f"hr@{k}"] == pytest.approx(np.mean(ranks < k))
+        ncf_ndcg = np.where(ranks < k, 1 / np.log2(ranks + 2), 0.0).mean()
+        assert result.metrics[f"ndcg@{k}"] == pytest.approx(ncf_ndcg)
+
+
 def constant_setup(n_users=6, n_items=40, seed=0):
     rng = np.random.default_rng(seed)
     history, targets = {}, {}
