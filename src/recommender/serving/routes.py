@@ -21,7 +21,9 @@ from recommender.serving.metrics import Metrics
 from recommender.serving.schemas import (
     MAX_K,
     ErrorResponse,
+    Item,
     ItemExplanation,
+    ItemSearch,
     ModelInfo,
     RecommendationList,
     RecommendationsRequest,
@@ -33,6 +35,8 @@ from recommender.serving.schemas import (
     ScoreResponse,
     SimilarItems,
     Status,
+    UserHistory,
+    UserList,
 )
 from recommender.serving.settings import ServeSettings
 from recommender.utils import RecommenderError
@@ -174,6 +178,46 @@ async def similar_items(item_id: str, served: Served, k: K = 10) -> SimilarItems
         for i, s in zip(ranked.item_ids, ranked.scores, strict=True)
     ]
     return SimilarItems(item_id=item_id, items=items, model_version=served.version)
+
+
+def _items(served: ServedModel, item_ids: list[str]) -> list[Item]:
+    return [Item(item_id=i, title=served.title(i)) for i in item_ids]
+
+
+@router.get("/v1/items", tags=["items"])
+async def search_items(
+    served: Served,
+    q: Annotated[str, Query(max_length=200, description="Part of a title, or an id.")] = "",
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> ItemSearch:
+    """Items whose title contains `q` (any case) or whose id is `q`, most popular first; an
+    empty `q` lists the most popular items. A run without titles matches ids."""
+    items = _items(served, served.search(q, limit))
+    return ItemSearch(query=q, items=items, model_version=served.version)
+
+
+@router.get("/v1/users", tags=["users"])
+async def users(served: Served, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> UserList:
+    """Some known users to look at: the longest training histories first."""
+    return UserList(
+        user_ids=served.most_active_users(limit),
+        n_users=served.info()["n_users"],
+        model_version=served.version,
+    )
+
+
+@router.get("/v1/users/{user_id}/history", tags=["users"])
+async def user_history(user_id: str, served: Served, n: K = 20) -> UserHistory:
+    """The items a user trained with (their recommendations leave these out); an unknown user
+    has none."""
+    history = served.user_history(user_id)
+    return UserHistory(
+        user_id=user_id,
+        known=bool(served.known_users([user_id])[0]),
+        n_items=len(history),
+        items=_items(served, history[:n]),
+        model_version=served.version,
+    )
 
 
 @router.post("/v1/score", tags=["recommendations"])
