@@ -434,6 +434,16 @@ def test_users_and_their_history(client: TestClient, rec: Recommender):
     assert error_field(client.get(f"/v1/users/{USER}/history?n=0")) == "n"
 
 
+def test_page_and_its_assets(client: TestClient):
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>recommender</title>" in page.text
+    assert client.get("/static/page.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/static/page.css").headers["content-type"].startswith("text/css")
+    assert client.get("/static/../app.py").status_code == 404
+    assert error_field(client.get("/static/app.py")) == "name"
+    assert 'route="/static/{name}",status="200"} 2' in client.get("/metrics").text
+
+
 # -- the real process --------------------------------------------------------------------------
 
 

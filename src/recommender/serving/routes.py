@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from recommender.serving.engine import Ranked, ServedModel
@@ -42,6 +43,10 @@ from recommender.serving.settings import ServeSettings
 from recommender.utils import RecommenderError
 
 log = logging.getLogger("recommender")
+
+# The page at `/`: plain HTML, CSS and JS shipped in the package, served as they are.
+STATIC = Path(__file__).parent / "static"
+ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
 
 
 class ApiError(Exception):
@@ -218,6 +223,20 @@ async def user_history(user_id: str, served: Served, n: K = 20) -> UserHistory:
         items=_items(served, history[:n]),
         model_version=served.version,
     )
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    """The web page: pick a user, search items, click a session (see static/page.js)."""
+    return FileResponse(STATIC / "index.html")
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def page_asset(name: str) -> FileResponse:
+    """The page's script and style sheet; a route of its own, so /metrics labels it."""
+    if name not in ASSETS:
+        raise ApiError(404, f"no file '{name}'", "name")
+    return FileResponse(STATIC / name, media_type=ASSETS[name])
 
 
 @router.post("/v1/score", tags=["recommendations"])
