@@ -4,6 +4,7 @@
 
 const K = 10;
 const HISTORY_SHOWN = 20;
+const CARD_METRICS = ["hr@10", "ndcg@10", "coverage@10"]; // of the run's validation metrics
 const HISTORY_FETCHED = 1000; // enough to find the items behind the explanations
 const session = []; // item ids an anonymous visitor clicked, oldest first
 let firstRecommendations = true;
@@ -58,11 +59,12 @@ async function loadModelCard() {
   const rows = [
     ["model", info.model],
     ["version", info.version],
-    ["trained", info.created_at || "?"],
+    ["trained", info.created_at ? info.created_at.slice(0, 16).replace("T", " ") : "?"],
     ["users", info.n_users.toLocaleString("en")],
     ["items", info.n_items.toLocaleString("en")],
     ["retrieval", info.retrieval],
-    ...Object.entries(info.valid_metrics).map(([name, v]) => [`valid ${name}`, v.toFixed(4)]),
+    ...CARD_METRICS.filter((name) => name in info.valid_metrics)
+      .map((name) => [`valid ${name}`, info.valid_metrics[name].toFixed(4)]),
   ];
   $("model-card").replaceChildren(...rows.flatMap(([name, value]) => {
     const dd = el("dd", "", String(value));
