@@ -268,3 +268,21 @@ def test_explanations_of_a_list_after_given_items_read_those_items(walks_run: Pa
     stored = rec.explain_many(user, nxt, n=3)[0]  # the walk is not in the stored history
     assert not set(stored.supporting_items) & set(walk)
     assert why.score is not None and stored.score is not None and why.score > stored.score
+
+
+def test_search_users_and_history(rec: Recommender, walks_run: Path):
+    hits = rec.search_items("5", limit=200).tolist()
+    assert set(hits) == {i for i in rec.items.to_list() if "5" in i}  # no titles: ids
+    counts = rec.item_counts[rec.items.index(hits)]
+    assert (np.diff(counts) <= 0).all() and len(rec.search_items("", limit=7)) == 7
+    active = rec.most_active_users(3).tolist()
+    assert [len(history_ids(rec, u)) for u in active] == sorted(np.diff(rec.indptr))[::-1][:3]
+    assert set(rec.user_history("u10").tolist()) == history_ids(rec, "u10")
+    assert len(rec.user_history("stranger")) == 0
+    with pytest.raises(RecommenderError, match="limit"):
+        rec.search_items("5", limit=0)
+    # a model.context run keeps each user's latest items: they come first, latest first
+    walks = Recommender.from_run(walks_run)
+    items = walks.user_history("u10").tolist()
+    assert set(items) == history_ids(walks, "u10") and len(items) == len(set(items))
+    assert walk_successors()[items[1]] == items[0]

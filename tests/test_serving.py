@@ -403,6 +403,47 @@ def test_settings_round_trip_through_the_environment():
         ServeSettings.from_env({f"{ENV_PREFIX}MAX_BATCH": "0"})
 
 
+# -- browsing: the catalog, users and their histories (what the page at / reads) -------------
+
+
+def test_item_search_matches_ids_when_the_run_has_no_titles(client: TestClient, rec: Recommender):
+    body = client.get("/v1/items?q=15&limit=50").json()
+    ids = [i["item_id"] for i in body["items"]]
+    assert ids == rec.search_items("15", limit=50).tolist()
+    assert set(ids) == {i for i in rec.items.to_list() if "15" in i}
+    counts = rec.item_counts[rec.items.index(ids)]
+    assert (counts[:-1] >= counts[1:]).all()  # most popular first
+    assert all(i["title"] is None for i in body["items"])
+    popular = client.get("/v1/items?limit=3").json()["items"]
+    assert [i["item_id"] for i in popular] == rec.recommend("nobody", k=3)[0].tolist()
+    assert client.get("/v1/items?q=no-such-thing").json()["items"] == []
+    assert error_field(client.get("/v1/items?limit=0")) == "limit"
+
+
+def test_users_and_their_history(client: TestClient, rec: Recommender):
+    body = client.get("/v1/users?limit=5").json()
+    assert body["n_users"] == len(rec.users) and len(body["user_ids"]) == 5
+    lengths = [len(history(rec, u)) for u in body["user_ids"]]
+    assert lengths == sorted(lengths, reverse=True)
+    assert max(lengths) == int(np.diff(rec.indptr).max())
+    seen = client.get(f"/v1/users/{USER}/history?n=4").json()
+    assert seen["known"] and seen["n_items"] == len(history(rec, USER))
+    assert len(seen["items"]) == 4 and {i["item_id"] for i in seen["items"]} <= history(rec, USER)
+    stranger = client.get("/v1/users/stranger/history").json()
+    assert stranger == {**stranger, "known": False, "n_items": 0, "items": []}
+    assert error_field(client.get(f"/v1/users/{USER}/history?n=0")) == "n"
+
+
+def test_page_and_its_assets(client: TestClient):
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>recommender</title>" in page.text
+    assert client.get("/static/page.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/static/page.css").headers["content-type"].startswith("text/css")
+    assert client.get("/static/../app.py").status_code == 404
+    assert error_field(client.get("/static/app.py")) == "name"
+    assert 'route="/static/{name}",status="200"} 2' in client.get("/metrics").text
+
+
 # -- the real process --------------------------------------------------------------------------
 
 

@@ -452,3 +452,50 @@ class Recommender:
 
     def title(self, item_id: str) -> str:
         return self.titles.get(item_id, item_id) if self.titles else item_id
+
+    # -- browsing the catalog (the service's page) -------------------------------------------
+
+    @cached_property
+    def _search_keys(self) -> np.ndarray:
+        """(n_items,) lower-case titles, the id where an item has none: what search reads."""
+        ids = np.asarray(self.items.to_list(), dtype=str)
+        if not self.titles:
+            return ids
+        names = np.asarray(list(self.titles.values()), dtype=str)
+        return np.char.lower(np.where(names == "", ids, names))
+
+    def search_items(self, query: str, limit: int = 20) -> np.ndarray:
+        """(≤ limit,) raw ids of the items whose title contains `query` (any case), or whose
+        id is `query`, most popular first; an empty query lists the most popular items. A run
+        without titles is searched by id."""
+        if limit < 1:
+            raise RecommenderError(f"limit must be >= 1, got {limit}")
+        text = query.strip().lower()
+        found = np.char.find(self._search_keys, text) >= 0
+        exact = self.items.lookup([query.strip()])[0]
+        if exact >= 0:
+            found[exact] = True
+        hits = np.flatnonzero(found)
+        order = np.argsort(-self.item_counts[hits], kind="stable")[:limit]
+        return self.items.to_ids(hits[order])
+
+    def user_history(self, user_id: str | int) -> np.ndarray:
+        """A known user's training items as raw ids (empty for an unknown user). The checkpoint
+        keeps a history as a set, so the order is the catalog's, except that a model.context
+        run's stored latest items come first, latest first."""
+        user_idx = int(self.users.lookup([str(user_id)])[0])
+        if user_idx < 0:
+            return np.array([], dtype=object)
+        items = self.history_of(user_idx)
+        if self.reads_context:
+            latest = self.model.latest[user_idx].cpu().numpy()
+            latest = latest[latest != len(self.items)]
+            items = np.concatenate([latest, items[~np.isin(items, latest)]])
+        return self.items.to_ids(items)
+
+    def most_active_users(self, n: int = 20) -> np.ndarray:
+        """(≤ n,) raw ids of the users with the longest training histories, longest first."""
+        if n < 1:
+            raise RecommenderError(f"n must be >= 1, got {n}")
+        lengths = np.diff(self.indptr)
+        return self.users.to_ids(np.argsort(-lengths, kind="stable")[:n])

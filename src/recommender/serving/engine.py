@@ -162,3 +162,18 @@ class ServedModel:
             }
             for e in self.rec.explain_many(user_id, item_ids, after=after)
         ]
+
+    def search(self, query: str, limit: int) -> list[str]:
+        """Items whose title contains `query`, most popular first (see Recommender.search_items)."""
+        return [str(i) for i in self.rec.search_items(query, limit)]
+
+    def user_history(self, user_id: str) -> list[str]:
+        """A known user's training items, none for an unknown one (Recommender.user_history)."""
+        return [str(i) for i in self.rec.user_history(user_id)]
+
+    def most_active_users(self, n: int) -> list[str]:
+        return [str(u) for u in self.rec.most_active_users(n)]
+
+    def known_users(self, user_ids: list[str]) -> np.ndarray:
+        """(U,) bool: which users the model trained on (the others get the fallback)."""
+        return self.rec.known_users(user_ids)

@@ -133,3 +133,31 @@ class FieldError(BaseModel):
 class ErrorResponse(BaseModel):
     detail: str
     errors: list[FieldError]
+
+
+class Item(BaseModel):
+    item_id: str
+    title: str | None = None
+
+
+class ItemSearch(BaseModel):
+    query: str
+    items: list[Item] = Field(description="Most popular first.")
+    model_version: str
+
+
+class UserHistory(BaseModel):
+    user_id: str
+    known: bool = Field(description="False: the model has not trained on this user.")
+    n_items: int = Field(description="Items in the user's training history.")
+    items: list[Item] = Field(
+        description="The first n of them: a model.context run's latest items first, then the "
+        "rest in catalog order (the run keeps no other time order)."
+    )
+    model_version: str
+
+
+class UserList(BaseModel):
+    user_ids: list[str] = Field(description="Longest training history first.")
+    n_users: int = Field(description="Users the model has trained on.")
+    model_version: str
