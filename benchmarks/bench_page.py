@@ -31,6 +31,7 @@ from selenium import webdriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 import recommender
+from smoke import add_arguments, folder, tiny_run
 
 MARK = "return performance.getEntriesByName('first-recommendations')[0]?.startTime"
 
@@ -100,16 +101,32 @@ def screenshot(browser: Any, base: str, user: str, query: str, path: Path) -> in
     return path.stat().st_size
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, help="run directory to serve")
+    parser.add_argument("--run", help="run directory to serve (required unless --smoke)")
     parser.add_argument("--user", help="user to open the page on (default: the most active)")
     parser.add_argument("--rounds", type=int, default=10, help="warm page loads timed")
     parser.add_argument("--screenshot", type=Path, help="write the page's screenshot here (PNG)")
     parser.add_argument("--query", default="star wars", help="search shown in the screenshot")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here too")
-    args = parser.parse_args()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        # A tiny run, two warm loads; where no browser is installed, says so and stops.
+        if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+            print("smoke: no chromium here (apt-get install chromium chromium-driver); skipped")
+            return
+        with folder(args.smoke_dir) as where:
+            args.run, args.rounds, args.screenshot, args.out = str(tiny_run(where)), 2, None, None
+            measure(args)
+        return
+    if args.run is None:
+        parser.error("--run is required")
+    measure(args)
 
+
+def measure(args: argparse.Namespace) -> None:
+    """Time the page's first recommendations on `args.run` and print (and write) the figures."""
     proc, base = start_server(args.run)
     browser = open_browser(1280, 860)
     try:
