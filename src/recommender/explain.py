@@ -88,6 +88,14 @@ class Attribution:
     fidelity: float
 
 
+def _flush(x: torch.Tensor) -> torch.Tensor:
+    """`x` with its subnormal floats set to 0. Products of small trained weights (NeuMF's item
+    embeddings times its output layer) land there, and CPU arithmetic on subnormals is slow:
+    one NeuMF fold-in Hessian on MovieLens-100K took 109 ms with them, 1.5 ms without. They
+    are far below any score's resolution."""
+    return x.masked_fill(x.abs() < torch.finfo(x.dtype).tiny, 0.0)
+
+
 def supports(model: RecModel) -> bool:
     """Whether `model` has a user vector to fold in (every model but Popularity)."""
     return isinstance(model, (GMF, MF, MLP, NeuMF))
@@ -125,7 +133,7 @@ class _UserSide:
                 self._freeze_tower(model.tower, model.out.weight[0])
             else:
                 raise RecommenderError(f"{type(model).__name__} has no user vector to fold in")
-            self.features = features.detach().float()  # (N, d_lin)
+            self.features = _flush(features.detach().float())  # (N, d_lin)
             self.offset = offset.detach().float()  # (N,)
             self.trained = torch.cat(users, 1).detach().float()  # (n_users, D)
             self.d_lin = self.features.shape[1]
