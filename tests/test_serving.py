@@ -6,6 +6,7 @@ popularity run trained here, so a reload has a genuinely different model to swap
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -509,3 +510,12 @@ def test_real_server_serves_reloads_and_drains_on_sigterm(gmf_run: Path, pop_run
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_fold_in_benchmark_runs(gmf_run: Path, monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/bench_foldin.py --smoke: a few new users, in the library and the service."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    bench = importlib.import_module("bench_foldin")
+    results = bench.main(["--run", str(gmf_run), "--smoke", "--history", "5"])
+    assert results["requests"] == 10 and results["library"]["folded_in"]["p99_ms"] > 0
+    assert results["service"]["ok"] == 10 and results["service"]["5xx"] == 0
