@@ -102,12 +102,23 @@ def _check_items(served: ServedModel, item_ids: list[str], field: str, status: i
         raise ApiError(status, f"unknown item '{item_ids[pos]}'", field.format(pos))
 
 
+def _check_histories(histories: dict[str, list[str]], users: list[str], cap: int) -> None:
+    """Every history names a user of the batch and holds at most `cap` items (unknown items
+    are not checked: the Recommender leaves them out)."""
+    asked = set(users)
+    for user, items in histories.items():
+        if user not in asked:
+            raise ApiError(422, f"user '{user}' is not in user_ids", f"histories.{user}")
+        _check_size(f"histories.{user}", len(items), cap)
+
+
 def _as_list(
     served: ServedModel, ranked: Ranked, explain: bool, after: list[str] | None = None
 ) -> RecommendationList:
     whys: list[dict[str, Any] | None] = [None] * len(ranked.item_ids)
     if explain and ranked.user_id is not None:
-        whys = list(served.explain_many(ranked.user_id, list(ranked.item_ids), after))
+        ids = list(ranked.item_ids)
+        whys = list(served.explain_many(ranked.user_id, ids, after, ranked.history))
     items = [
         RecommendedItem(
             item_id=item,
@@ -121,6 +132,7 @@ def _as_list(
         user_id=ranked.user_id,
         items=items,
         fallback="popularity" if ranked.fallback else None,
+        representation=ranked.representation,
         model_version=served.version,
     )
 
@@ -144,13 +156,18 @@ async def user_recommendations(
 async def batch_recommendations(
     body: RecommendationsRequest, served: Served, limits: Settings, registry: Registry
 ) -> RecommendationsResponse:
-    """A batch of users; an anonymous session (what follows its items under a model.context
-    run's Markov term, else item similarity); or one user with their recent items."""
+    """A batch of users, new ones with the items they interacted with (`histories`: a user
+    vector folded in from them); an anonymous session (what follows its items under a
+    model.context run's Markov term, else item similarity); or one user with their recent
+    items. Each list says what it was scored from (`representation`)."""
     after = None  # the recent items of one user's list, which its explanations read
     if body.session_item_ids is None:
-        users = body.user_ids or []
+        histories = body.histories
+        users = body.user_ids if body.user_ids is not None else list(histories or {})
         _check_size("user_ids", len(users), limits.max_batch)
-        ranked = served.recommend(users, body.k, body.exclude_seen)
+        if histories is not None:
+            _check_histories(histories, users, limits.max_session_items)
+        ranked = served.recommend(users, body.k, body.exclude_seen, histories)
         registry.fallback(sum(r.fallback for r in ranked))
     else:
         session = body.session_item_ids
