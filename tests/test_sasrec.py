@@ -162,7 +162,10 @@ def test_training_logits_agree_with_serving_scores() -> None:
     sampled = net(seq, targets, negatives)  # (2, 6, 4)
     real = targets != N_ITEMS
     assert torch.allclose(sampled[real][:, 0], catalog.gather(1, targets[real][:, None])[:, 0])
-    assert torch.allclose(sampled[real][:, 1:], catalog[:, negatives], atol=1e-6)
+    own = negatives == targets[real][:, None]  # a negative drawn as the position's target
+    assert own.any()
+    assert torch.isneginf(sampled[real][:, 1:][own]).all()
+    assert torch.allclose(sampled[real][:, 1:][~own], catalog[:, negatives][~own], atol=1e-6)
     assert torch.allclose(catalog[-1], net.score_after(seq[1:, :6]), atol=1e-5)
 
 

@@ -66,7 +66,7 @@ class _Block(nn.Module):
 
 
 class SASRec(RecModel):
-    """Next-item logits: encode(seq)[position] · item_emb[item]."""
+    """Next-item logits: encode(seq)[position] · item_emb[item] + bias."""
 
     latest: torch.Tensor  # (n_users, max_len) each user's latest items, latest last
 
@@ -94,6 +94,11 @@ class SASRec(RecModel):
         self.emb_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(dim, n_heads, dropout) for _ in range(n_blocks))
         self.final_norm = nn.LayerNorm(dim)
+        # One offset for every logit: no effect on a ranking or a softmax, but BCE-type losses
+        # (gbce_loss) want most logits far below zero from the start; left at zero, gBCE spent
+        # its first hundreds of steps pushing every hidden state into one shared direction
+        # and stayed near a popularity model on ml-100k.
+        self.bias = nn.Parameter(torch.tensor(-math.log(n_items)))
         self.register_buffer("latest", torch.full((n_users, max_len), n_items))
 
     def set_latest(self, latest: np.ndarray) -> None:
@@ -137,9 +142,10 @@ class SASRec(RecModel):
           an item after their stored latest sequence (evaluation, serving).
         - x (B, L) input sequences, items (B, L) their targets (n_items where none), training:
           with `negatives` (K,) -> (B, L, 1 + K): each position's target, then K negatives
-          shared by every position (gbce_loss); without -> (N, n_items): the catalog at the N
-          positions with a target, row-major, labels `items[items != n_items]`
-          (sequence_softmax_loss). Padded positions are never scored.
+          shared by every position, -inf where a negative is that target (gbce_loss);
+          without -> (N, n_items): the catalog at the N positions with a target, row-major,
+          labels `items[items != n_items]` (sequence_softmax_loss). Padded positions are never
+          scored.
         Training goes through forward so that DDP's wrapper synchronises the gradients.
         """
         if x.dim() == 1:
@@ -147,19 +153,24 @@ class SASRec(RecModel):
                 raise ValueError("scoring users needs items (B,)")
             users, inverse = torch.unique(x, return_inverse=True)  # a user once, not per item
             hidden = self.last_hidden(self.latest[users])[inverse]  # (B, d)
-            return (hidden * self.item_emb(items)).sum(-1)
+            return (hidden * self.item_emb(items)).sum(-1) + self.bias
         if items is None:
             raise ValueError("training on sequences needs their targets (B, L)")
         hidden = self.encode(x)  # (B, L, d)
         if negatives is None:
-            return hidden[items != self.n_items] @ self.item_emb.weight[: self.n_items].T
+            catalog = self.item_emb.weight[: self.n_items]
+            return hidden[items != self.n_items] @ catalog.T + self.bias
         positive = (hidden * self.item_emb(items)).sum(-1, keepdim=True)  # (B, L, 1)
-        return torch.cat([positive, hidden @ self.item_emb(negatives).T], -1)
+        negative = hidden @ self.item_emb(negatives).T  # (B, L, K)
+        # A drawn negative that is the position's own target is no negative: with K/n_items
+        # of 15% it would otherwise push down the very item it should raise.
+        negative = negative.masked_fill(negatives == items.unsqueeze(-1), -torch.inf)
+        return torch.cat([positive, negative], -1) + self.bias
 
     def score_after(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, L) items in time order, latest last, left-padded with n_items -> (B, n_items)
         logits of the next item (a session, or a user's history with new items appended)."""
-        return self.last_hidden(seq) @ self.item_emb.weight[: self.n_items].T
+        return self.last_hidden(seq) @ self.item_emb.weight[: self.n_items].T + self.bias
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         return (self.item_emb.weight[: self.n_items],)
@@ -167,17 +178,22 @@ class SASRec(RecModel):
     def _score_cached(
         self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        return self.last_hidden(self.latest[user_idx]) @ cache[0].T
+        return self.last_hidden(self.latest[user_idx]) @ cache[0].T + self.bias
 
     def item_representation(self) -> torch.Tensor:
         return self.item_emb.weight[: self.n_items]
 
     @torch.no_grad()
     def retrieval_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n_users, d) outputs after each user's latest sequence, (n_items, d) item table."""
+        """(n_users, d + 1) outputs after each user's latest sequence and a 1, (n_items, d + 1)
+        item table and the bias."""
         rows = max(1, SCORE_BUDGET // (self.max_len * self.dim))
         users = torch.cat([self.last_hidden(chunk) for chunk in self.latest.split(rows)])
-        return users, self.item_emb.weight[: self.n_items]
+        items = self.item_emb.weight[: self.n_items]
+        return (
+            torch.cat([users, torch.ones_like(users[:, :1])], 1),
+            torch.cat([items, self.bias.expand(self.n_items, 1)], 1),
+        )
 
 
 def sequence_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
