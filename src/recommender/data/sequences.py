@@ -79,7 +79,7 @@ def last_two_out(data: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray
         >>> [m.tolist() for m in last_two_out(inter)]
         [[False, True, False, True], [False, False, True, False], [True, False, False, False]]
     """
-    order = _ordered(data)._time_order()
+    order = _ordered(data).time_order()
     users = data.user_idx[order]
     counts = data.user_counts()
     ends = np.cumsum(counts)[users] - 1  # the sorted position of each row's user's latest row
