@@ -167,9 +167,13 @@ class SASRec(RecModel):
         negative = negative.masked_fill(negatives == items.unsqueeze(-1), -torch.inf)
         return torch.cat([positive, negative], -1) + self.bias
 
-    def score_after(self, seq: torch.Tensor) -> torch.Tensor:
-        """(B, L) items in time order, latest last, left-padded with n_items -> (B, n_items)
-        logits of the next item (a session, or a user's history with new items appended)."""
+    def score_after(
+        self, context: torch.Tensor, user_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L) items in time order, latest last, left-padded with n_items [, (B,) users] ->
+        (B, n_items) logits of the next item: after the items alone (a session) or, with
+        users, after each user's stored sequence followed by these items."""
+        seq = context if user_idx is None else torch.cat([self.latest[user_idx], context], 1)
         return self.last_hidden(seq) @ self.item_emb.weight[: self.n_items].T + self.bias
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
