@@ -42,6 +42,7 @@ serve: install
 
 # Needs the demo run (make demo) for the serving benchmark; see docs/BENCHMARKS.md.
 bench: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_serving.py --run $(RUN)

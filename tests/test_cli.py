@@ -132,6 +132,16 @@ def test_recommend_with_explanations_and_fallback(gmf_run: Path, capsys):
     assert out.splitlines()[0] == "top-10 for user stranger (popularity fallback)"
 
 
+def test_recommend_for_a_new_users_history(gmf_run: Path, capsys):
+    base = ["recommend", "--run", str(gmf_run), "--k", "3", "--explain"]
+    code, out, err = run_cli([*base, "--history", "15", "25", "no-such-item"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == "top-3 for user new (folded in from 3 items)"
+    assert out.count("because you liked") == 3
+    code, out, err = run_cli([*base, "--history", "15", "--after", "25"], capsys)
+    assert code == 2 and "--history is a new user's" in err
+
+
 def test_recommend_after_given_items(walks_run: Path, gmf_run: Path, capsys):
     rec = Recommender.from_run(walks_run)
     first = rec.items.to_list()[3]

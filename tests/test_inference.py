@@ -87,6 +87,48 @@ def test_unknown_user_gets_the_popularity_fallback(rec: Recommender):
     assert batch_items[1].tolist() == items.tolist()
 
 
+def test_a_new_users_history_is_folded_in(rec: Recommender):
+    """An unknown user with a history gets a list from it, not the popularity list; known
+    users keep their trained vector; unknown items in a history are dropped, and a history with
+    no known item leaves the user on popularity. `representations` says which is which."""
+    history = sorted(history_ids(rec, "u10"))
+    histories = {"new": history, "u7": history, "strangers": ["no-such-item"], "gone": []}
+    users = ["u7", "new", "nobody", "strangers", "gone"]
+    assert rec.representations(users, histories).tolist() == [
+        "trained", "folded_in", "popularity", "popularity", "popularity"
+    ]  # fmt: skip
+    items, scores = rec.recommend(users, k=10, histories=histories)
+    alone, _ = rec.recommend("new", k=10, histories={"new": [*history, "no-such-item"]})
+    assert items[1].tolist() == alone.tolist()  # one user and a batch alike, unknown item dropped
+    assert not set(items[1]) & set(history)
+    assert len(set(items[1]) & set(rec.recommend("u10", k=10)[0])) >= 7  # u10's own history
+    assert items[0].tolist() == rec.recommend("u7", k=10)[0].tolist()
+    popular = rec.recommend("nobody", k=10)[0].tolist()
+    assert [row.tolist() for row in items[2:]] == [popular] * 3
+    assert np.all(np.diff(scores[1]) <= 0) and np.all((scores[1] > 0) & (scores[1] < 1))
+    everything, _ = rec.recommend("new", k=len(rec.items), exclude_seen=False, histories=histories)
+    assert set(everything[:20]) & set(history)  # the history itself ranks high when kept
+
+
+def test_a_new_users_list_is_explained_by_their_history(rec: Recommender):
+    history = sorted(history_ids(rec, "u10"))
+    items, _ = rec.recommend("new", k=3, histories={"new": history})
+    whys = rec.explain_many("new", items, history=[*history, "no-such-item"])
+    assert [why.method for why in whys] == [ATTRIBUTION] * 3
+    assert all(set(why.supporting_items) <= set(history) and why.weights for why in whys)
+    assert all(why.fidelity is None and why.score is not None for why in whys)
+    assert rec.explain_many("new", items, history=["no-such-item"])[0].method == "popularity"
+
+
+def test_a_popularity_run_folds_nobody_in(rec: Recommender):
+    model = Popularity(len(rec.users), len(rec.items)).fit(rec.item_counts)
+    popular = Recommender(model, rec.users, rec.items, rec.indptr, rec.history, rec.item_counts, {})
+    histories = {"new": ["15", "25"]}
+    assert popular.representations(["u10", "new"], histories).tolist() == ["popularity"] * 2
+    items, _ = popular.recommend("new", k=5, histories=histories)
+    assert items.tolist() == popular.recommend("nobody", k=5)[0].tolist()
+
+
 def test_unknown_item_is_a_clear_error(rec: Recommender):
     with pytest.raises(RecommenderError, match="unknown item 'no-such-item'"):
         rec.score(["u10"], ["no-such-item"])
@@ -268,3 +310,21 @@ def test_explanations_of_a_list_after_given_items_read_those_items(walks_run: Pa
     stored = rec.explain_many(user, nxt, n=3)[0]  # the walk is not in the stored history
     assert not set(stored.supporting_items) & set(walk)
     assert why.score is not None and stored.score is not None and why.score > stored.score
+
+
+def test_search_users_and_history(rec: Recommender, walks_run: Path):
+    hits = rec.search_items("5", limit=200).tolist()
+    assert set(hits) == {i for i in rec.items.to_list() if "5" in i}  # no titles: ids
+    counts = rec.item_counts[rec.items.index(hits)]
+    assert (np.diff(counts) <= 0).all() and len(rec.search_items("", limit=7)) == 7
+    active = rec.most_active_users(3).tolist()
+    assert [len(history_ids(rec, u)) for u in active] == sorted(np.diff(rec.indptr))[::-1][:3]
+    assert set(rec.user_history("u10").tolist()) == history_ids(rec, "u10")
+    assert len(rec.user_history("stranger")) == 0
+    with pytest.raises(RecommenderError, match="limit"):
+        rec.search_items("5", limit=0)
+    # a model.context run keeps each user's latest items: they come first, latest first
+    walks = Recommender.from_run(walks_run)
+    items = walks.user_history("u10").tolist()
+    assert set(items) == history_ids(walks, "u10") and len(items) == len(set(items))
+    assert walk_successors()[items[1]] == items[0]

@@ -6,6 +6,7 @@ popularity run trained here, so a reload has a genuinely different model to swap
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -117,6 +118,7 @@ def test_user_recommendations_match_the_recommender(client: TestClient, rec: Rec
     body = client.get(f"/v1/users/{USER}/recommendations?k=5").json()
     items, scores = rec.recommend(USER, k=5)
     assert body["user_id"] == USER and body["fallback"] is None
+    assert body["representation"] == "trained"
     assert [i["item_id"] for i in body["items"]] == items.tolist()
     np.testing.assert_allclose([i["score"] for i in body["items"]], scores, rtol=1e-6)
     assert body["model_version"] == client.get("/v1/model").json()["version"]
@@ -140,6 +142,7 @@ def test_exclude_seen_and_explanations(client: TestClient, rec: Recommender):
 def test_unknown_user_gets_the_popularity_fallback(client: TestClient, rec: Recommender):
     body = client.get("/v1/users/stranger/recommendations?k=4&explain=true").json()
     assert body["fallback"] == "popularity" and body["user_id"] == "stranger"
+    assert body["representation"] == "popularity"
     assert [i["item_id"] for i in body["items"]] == rec.recommend("stranger", k=4)[0].tolist()
     assert body["items"][0]["explanation"]["method"] == "popularity"
 
@@ -161,10 +164,34 @@ def test_batch_keeps_order_and_marks_fallbacks(client: TestClient, rec: Recommen
     assert [[i["item_id"] for i in r["items"]] for r in body["results"]] == expected.tolist()
 
 
+def test_a_new_users_history_is_folded_in(gmf_run: Path, rec: Recommender):
+    """A user the model has never seen, sent with the items they interacted with, gets a list
+    folded in from them, explained by them; the batch says how each user was represented."""
+    seen = sorted(history(rec, USER))
+    histories = {"new": [*seen, "an-item-newer-than-the-model"], "u7": seen}
+    body = {"user_ids": ["u7", "new", "nobody"], "histories": histories, "k": 5}
+    with TestClient(create_app(gmf_run)) as client:
+        results = client.post("/v1/recommendations", json=body).json()["results"]
+        alone = {"histories": {"new": seen}, "k": 3, "explain": True}
+        (result,) = client.post("/v1/recommendations", json=alone).json()["results"]
+    assert [r["representation"] for r in results] == ["trained", "folded_in", "popularity"]
+    assert [r["fallback"] for r in results] == [None, None, "popularity"]
+    expected, _ = rec.recommend(["u7", "new", "nobody"], k=5, histories=histories)
+    assert [[i["item_id"] for i in r["items"]] for r in results] == expected.tolist()
+    # histories alone: their users are the batch; explanations read the history
+    assert result["user_id"] == "new" and result["representation"] == "folded_in"
+    assert [i["item_id"] for i in result["items"]] == expected[1][:3].tolist()
+    for item in result["items"]:
+        why = item["explanation"]
+        assert why["method"] == "fold-in integrated gradients" and why["fidelity"] is None
+        assert why["supporting_items"] and set(why["supporting_items"]) <= set(seen)
+
+
 def test_session_is_answered_by_item_similarity(client: TestClient, rec: Recommender):
     body = client.post("/v1/recommendations", json={"session_item_ids": ["15", "95"], "k": 5})
     result = body.json()["results"][0]
     assert result["user_id"] is None and result["fallback"] is None
+    assert result["representation"] == "session"
     ids = [i["item_id"] for i in result["items"]]
     assert ids == rec.similar_to_items(["15", "95"], k=5)[0].tolist()
     assert not {"15", "95"} & set(ids)
@@ -215,6 +242,9 @@ def test_session_on_a_popularity_model_falls_back(pop_run: Path):
     with TestClient(create_app(pop_run)) as c:
         result = c.post("/v1/recommendations", json={"session_item_ids": ["15"]}).json()
         assert result["results"][0]["fallback"] == "popularity"
+        body = {"user_ids": ["u7", "new"], "histories": {"new": ["15"]}}
+        results = c.post("/v1/recommendations", json=body).json()["results"]
+        assert [r["representation"] for r in results] == ["popularity", "popularity"]
         response = c.get("/v1/items/15/similar")
         assert response.status_code == 409 and "no item representation" in response.text
 
@@ -233,6 +263,11 @@ def test_session_on_a_popularity_model_falls_back(pop_run: Path):
         ({"user_ids": ["u7"], "session_item_ids": ["15"]}, 409, "session_item_ids"),  # no context
         ({"session_item_ids": ["15", "no-such-item"]}, 422, "session_item_ids.1"),
         ({"session_item_ids": ["15", "25", "35", "45"]}, 413, "session_item_ids"),
+        ({"user_ids": ["u7"], "histories": {"new": ["15"]}}, 422, "histories.new"),
+        ({"histories": {"new": ["15", "25", "35", "45"]}}, 413, "histories.new"),
+        ({"histories": {"new": "15"}}, 422, "histories.new"),
+        ({"histories": {}}, 422, "histories"),
+        ({"histories": {"new": ["15"]}, "session_item_ids": ["15"]}, 422, "body"),
         ([1, 2], 422, "body"),
     ],
 )
@@ -403,6 +438,47 @@ def test_settings_round_trip_through_the_environment():
         ServeSettings.from_env({f"{ENV_PREFIX}MAX_BATCH": "0"})
 
 
+# -- browsing: the catalog, users and their histories (what the page at / reads) -------------
+
+
+def test_item_search_matches_ids_when_the_run_has_no_titles(client: TestClient, rec: Recommender):
+    body = client.get("/v1/items?q=15&limit=50").json()
+    ids = [i["item_id"] for i in body["items"]]
+    assert ids == rec.search_items("15", limit=50).tolist()
+    assert set(ids) == {i for i in rec.items.to_list() if "15" in i}
+    counts = rec.item_counts[rec.items.index(ids)]
+    assert (counts[:-1] >= counts[1:]).all()  # most popular first
+    assert all(i["title"] is None for i in body["items"])
+    popular = client.get("/v1/items?limit=3").json()["items"]
+    assert [i["item_id"] for i in popular] == rec.recommend("nobody", k=3)[0].tolist()
+    assert client.get("/v1/items?q=no-such-thing").json()["items"] == []
+    assert error_field(client.get("/v1/items?limit=0")) == "limit"
+
+
+def test_users_and_their_history(client: TestClient, rec: Recommender):
+    body = client.get("/v1/users?limit=5").json()
+    assert body["n_users"] == len(rec.users) and len(body["user_ids"]) == 5
+    lengths = [len(history(rec, u)) for u in body["user_ids"]]
+    assert lengths == sorted(lengths, reverse=True)
+    assert max(lengths) == int(np.diff(rec.indptr).max())
+    seen = client.get(f"/v1/users/{USER}/history?n=4").json()
+    assert seen["known"] and seen["n_items"] == len(history(rec, USER))
+    assert len(seen["items"]) == 4 and {i["item_id"] for i in seen["items"]} <= history(rec, USER)
+    stranger = client.get("/v1/users/stranger/history").json()
+    assert stranger == {**stranger, "known": False, "n_items": 0, "items": []}
+    assert error_field(client.get(f"/v1/users/{USER}/history?n=0")) == "n"
+
+
+def test_page_and_its_assets(client: TestClient):
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>recommender</title>" in page.text
+    assert client.get("/static/page.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/static/page.css").headers["content-type"].startswith("text/css")
+    assert client.get("/static/../app.py").status_code == 404
+    assert error_field(client.get("/static/app.py")) == "name"
+    assert 'route="/static/{name}",status="200"} 2' in client.get("/metrics").text
+
+
 # -- the real process --------------------------------------------------------------------------
 
 
@@ -475,3 +551,12 @@ def test_real_server_serves_reloads_and_drains_on_sigterm(gmf_run: Path, pop_run
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_fold_in_benchmark_runs(gmf_run: Path, monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/bench_foldin.py --smoke: a few new users, in the library and the service."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    bench = importlib.import_module("bench_foldin")
+    results = bench.main(["--run", str(gmf_run), "--smoke", "--history", "5"])
+    assert results["requests"] == 10 and results["library"]["folded_in"]["p99_ms"] > 0
+    assert results["service"]["ok"] == 10 and results["service"]["5xx"] == 0

@@ -190,6 +190,8 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     from recommender.runs import write_all_recommendations
 
     rec = _open_recommender(args.run)
+    if args.history and (args.all_users or args.after):
+        raise RecommenderError("--history is a new user's, not with --all-users or --after")
     if args.all_users:
         if args.after:
             raise RecommenderError("--after takes one --user (or none), not --all-users")
@@ -204,14 +206,24 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         items, scores = rec.recommend_next(args.after, k=args.k, user_id=args.user)
         who = "an anonymous session" if args.user is None else f"user {args.user}"
         print(f"top-{args.k} for {who} after {', '.join(map(str, args.after))}")
-    elif args.user is None:
-        raise RecommenderError("give --user USER_ID, --all-users or --after ITEM_ID ...")
+    elif args.user is None and not args.history:
+        raise RecommenderError(
+            "give --user USER_ID, --history ITEM_ID ..., --all-users or --after ITEM_ID ..."
+        )
     else:
-        items, scores = rec.recommend(args.user, k=args.k)
-        fallback = not rec.known_users(args.user)[0]
-        print(f"top-{args.k} for user {args.user}" + (" (popularity fallback)" if fallback else ""))
+        user = args.user = "new" if args.user is None else args.user
+        histories = {user: args.history} if args.history else None
+        items, scores = rec.recommend(user, k=args.k, histories=histories)
+        note = ""
+        if rec.representations(user, histories)[0] == "folded_in":
+            note = f" (folded in from {len(args.history)} items)"
+        elif not rec.known_users(user)[0]:
+            note = " (popularity fallback)"
+        print(f"top-{args.k} for user {user}{note}")
     shown = [item for item in items if item is not None]
-    whys = rec.explain_many(args.user, shown, after=args.after) if args.explain else []
+    whys = []
+    if args.explain:
+        whys = rec.explain_many(args.user, shown, after=args.after, history=args.history)
     for rank, (item, score) in enumerate(zip(shown, scores, strict=False), 1):
         line = f"{rank:>3}. {item:>8}  {score:.4f}  {rec.title(item)}"
         if args.explain:
@@ -367,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ITEM_ID",
         help="items just interacted with, oldest first: what follows them (model.context runs; "
         "with --user, that user's list, else an anonymous session's)",
+    )
+    recommend.add_argument(
+        "--history",
+        nargs="+",
+        metavar="ITEM_ID",
+        help="items a user the run has never seen interacted with, oldest first: their list "
+        "from a user vector folded in from them (--user names them; default 'new')",
     )
     recommend.add_argument("--out", help="CSV for --all-users: user_id,item_id,rank,score")
     recommend.set_defaults(func=cmd_recommend)

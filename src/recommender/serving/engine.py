@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from recommender.inference import Recommender
+from recommender.inference import FOLDED_IN, POPULARITY, TRAINED, Recommender
 from recommender.serving.retrieval import TwoStageRetriever
 from recommender.serving.settings import ServeSettings
 
@@ -25,20 +25,36 @@ log = logging.getLogger("recommender")
 ANONYMOUS = ""
 
 
+# Ranked.representation of a list scored from items alone (a session, similar items).
+SESSION = "session"
+
+
 @dataclass(frozen=True)
 class Ranked:
-    """One ranked list: raw item ids and scores, best first; `fallback` marks popularity."""
+    """One ranked list: raw item ids and scores, best first; `fallback` marks popularity for
+    an unknown user; `representation` says what the list was scored from (TRAINED, FOLDED_IN,
+    POPULARITY or SESSION); `history`: a folded-in user's items, which explain the list."""
 
     user_id: str | None
     item_ids: list[str]
     scores: list[float]
     fallback: bool = False
+    representation: str = TRAINED
+    history: list[str] | None = None
 
 
-def _ranked(user_id: str | None, ids: np.ndarray, scores: np.ndarray, fallback: bool) -> Ranked:
+def _ranked(
+    user_id: str | None,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    fallback: bool,
+    representation: str,
+    history: list[str] | None = None,
+) -> Ranked:
     """Drop the empty slots (id None) that pad a list shorter than k."""
     keep = [i for i, item in enumerate(ids) if item is not None]
-    return Ranked(user_id, [str(ids[i]) for i in keep], [float(scores[i]) for i in keep], fallback)
+    items, kept = [str(ids[i]) for i in keep], [float(scores[i]) for i in keep]
+    return Ranked(user_id, items, kept, fallback, representation, history)
 
 
 class ServedModel:
@@ -108,11 +124,30 @@ class ServedModel:
     def title(self, item_id: str) -> str | None:
         return self.rec.titles.get(item_id) if self.rec.titles else None
 
-    def recommend(self, user_ids: list[str], k: int, exclude_seen: bool) -> list[Ranked]:
-        """Top-k per user; unknown users get the popularity list with `fallback` set."""
-        ids, scores = self.rec.recommend(user_ids, k, exclude_seen, retriever=self.retriever)
-        known = self.rec.known_users(user_ids)
-        return [_ranked(u, ids[r], scores[r], not known[r]) for r, u in enumerate(user_ids)]
+    def recommend(
+        self,
+        user_ids: list[str],
+        k: int,
+        exclude_seen: bool,
+        histories: dict[str, list[str]] | None = None,
+    ) -> list[Ranked]:
+        """Top-k per user; unknown users get a list folded in from their history in
+        `histories`, else the popularity list with `fallback` set."""
+        rec = self.rec
+        ids, scores = rec.recommend(user_ids, k, exclude_seen, self.retriever, histories)
+        kinds = rec.representations(user_ids, histories)
+        known = rec.known_users(user_ids)
+        return [
+            _ranked(
+                u,
+                ids[r],
+                scores[r],
+                not known[r] and kinds[r] == POPULARITY,
+                kinds[r],
+                (histories or {}).get(u) if kinds[r] == FOLDED_IN else None,
+            )
+            for r, u in enumerate(user_ids)
+        ]
 
     def session(self, item_ids: list[str], k: int) -> Ranked:
         """An anonymous visitor: what follows the session's items (oldest first) under a
@@ -122,12 +157,12 @@ class ServedModel:
         """
         if not self.rec.personalised:
             ids, scores = self.rec.recommend(ANONYMOUS, k=k, exclude_seen=False)
-            return _ranked(None, ids, scores, True)
+            return _ranked(None, ids, scores, True, POPULARITY)
         if self.rec.reads_context:
             ids, scores = self.rec.recommend_next(item_ids, k=k)
         else:
             ids, scores = self.rec.similar_to_items(item_ids, k=k)
-        return _ranked(None, ids, scores, False)
+        return _ranked(None, ids, scores, False, SESSION)
 
     def after(self, user_id: str, item_ids: list[str], k: int, exclude_seen: bool) -> Ranked:
         """One user's list after the items they just interacted with (oldest first), for a
@@ -136,20 +171,26 @@ class ServedModel:
         ids, scores = self.rec.recommend_next(
             item_ids, k=k, user_id=user_id, exclude_seen=exclude_seen
         )
-        return _ranked(user_id, ids, scores, False)
+        known = bool(self.rec.known_users([user_id])[0])
+        return _ranked(user_id, ids, scores, False, TRAINED if known else SESSION)
 
     def similar(self, item_id: str, k: int) -> Ranked:
         ids, scores = self.rec.similar_items(item_id, k=k)
-        return _ranked(None, ids, scores, False)
+        return _ranked(None, ids, scores, False, SESSION)
 
     def score(self, user_ids: list[str], item_ids: list[str]) -> list[float]:
         return [float(s) for s in self.rec.score(user_ids, item_ids)]
 
     def explain_many(
-        self, user_id: str, item_ids: list[str], after: list[str] | None = None
+        self,
+        user_id: str,
+        item_ids: list[str],
+        after: list[str] | None = None,
+        history: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """One fold-in of the user explains the whole list (see explain.py); `after`: the
-        recent items an `after` list was scored with."""
+        recent items an `after` list was scored with; `history`: a new user's items, which
+        their list was folded in from."""
         return [
             {
                 "supporting_items": e.supporting_items,
@@ -160,5 +201,20 @@ class ServedModel:
                 "baseline_score": e.baseline_score,
                 "fidelity": e.fidelity,
             }
-            for e in self.rec.explain_many(user_id, item_ids, after=after)
+            for e in self.rec.explain_many(user_id, item_ids, after=after, history=history)
         ]
+
+    def search(self, query: str, limit: int) -> list[str]:
+        """Items whose title contains `query`, most popular first (see Recommender.search_items)."""
+        return [str(i) for i in self.rec.search_items(query, limit)]
+
+    def user_history(self, user_id: str) -> list[str]:
+        """A known user's training items, none for an unknown one (Recommender.user_history)."""
+        return [str(i) for i in self.rec.user_history(user_id)]
+
+    def most_active_users(self, n: int) -> list[str]:
+        return [str(u) for u in self.rec.most_active_users(n)]
+
+    def known_users(self, user_ids: list[str]) -> np.ndarray:
+        """(U,) bool: which users the model trained on (the others get the fallback)."""
+        return self.rec.known_users(user_ids)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from recommender.serving.engine import Ranked, ServedModel
@@ -21,7 +22,9 @@ from recommender.serving.metrics import Metrics
 from recommender.serving.schemas import (
     MAX_K,
     ErrorResponse,
+    Item,
     ItemExplanation,
+    ItemSearch,
     ModelInfo,
     RecommendationList,
     RecommendationsRequest,
@@ -33,11 +36,17 @@ from recommender.serving.schemas import (
     ScoreResponse,
     SimilarItems,
     Status,
+    UserHistory,
+    UserList,
 )
 from recommender.serving.settings import ServeSettings
 from recommender.utils import RecommenderError
 
 log = logging.getLogger("recommender")
+
+# The page at `/`: plain HTML, CSS and JS shipped in the package, served as they are.
+STATIC = Path(__file__).parent / "static"
+ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
 
 
 class ApiError(Exception):
@@ -93,12 +102,23 @@ def _check_items(served: ServedModel, item_ids: list[str], field: str, status: i
         raise ApiError(status, f"unknown item '{item_ids[pos]}'", field.format(pos))
 
 
+def _check_histories(histories: dict[str, list[str]], users: list[str], cap: int) -> None:
+    """Every history names a user of the batch and holds at most `cap` items (unknown items
+    are not checked: the Recommender leaves them out)."""
+    asked = set(users)
+    for user, items in histories.items():
+        if user not in asked:
+            raise ApiError(422, f"user '{user}' is not in user_ids", f"histories.{user}")
+        _check_size(f"histories.{user}", len(items), cap)
+
+
 def _as_list(
     served: ServedModel, ranked: Ranked, explain: bool, after: list[str] | None = None
 ) -> RecommendationList:
     whys: list[dict[str, Any] | None] = [None] * len(ranked.item_ids)
     if explain and ranked.user_id is not None:
-        whys = list(served.explain_many(ranked.user_id, list(ranked.item_ids), after))
+        ids = list(ranked.item_ids)
+        whys = list(served.explain_many(ranked.user_id, ids, after, ranked.history))
     items = [
         RecommendedItem(
             item_id=item,
@@ -112,6 +132,7 @@ def _as_list(
         user_id=ranked.user_id,
         items=items,
         fallback="popularity" if ranked.fallback else None,
+        representation=ranked.representation,
         model_version=served.version,
     )
 
@@ -135,13 +156,18 @@ async def user_recommendations(
 async def batch_recommendations(
     body: RecommendationsRequest, served: Served, limits: Settings, registry: Registry
 ) -> RecommendationsResponse:
-    """A batch of users; an anonymous session (what follows its items under a model.context
-    run's Markov term, else item similarity); or one user with their recent items."""
+    """A batch of users, new ones with the items they interacted with (`histories`: a user
+    vector folded in from them); an anonymous session (what follows its items under a
+    model.context run's Markov term, else item similarity); or one user with their recent
+    items. Each list says what it was scored from (`representation`)."""
     after = None  # the recent items of one user's list, which its explanations read
     if body.session_item_ids is None:
-        users = body.user_ids or []
+        histories = body.histories
+        users = body.user_ids if body.user_ids is not None else list(histories or {})
         _check_size("user_ids", len(users), limits.max_batch)
-        ranked = served.recommend(users, body.k, body.exclude_seen)
+        if histories is not None:
+            _check_histories(histories, users, limits.max_session_items)
+        ranked = served.recommend(users, body.k, body.exclude_seen, histories)
         registry.fallback(sum(r.fallback for r in ranked))
     else:
         session = body.session_item_ids
@@ -174,6 +200,60 @@ async def similar_items(item_id: str, served: Served, k: K = 10) -> SimilarItems
         for i, s in zip(ranked.item_ids, ranked.scores, strict=True)
     ]
     return SimilarItems(item_id=item_id, items=items, model_version=served.version)
+
+
+def _items(served: ServedModel, item_ids: list[str]) -> list[Item]:
+    return [Item(item_id=i, title=served.title(i)) for i in item_ids]
+
+
+@router.get("/v1/items", tags=["items"])
+async def search_items(
+    served: Served,
+    q: Annotated[str, Query(max_length=200, description="Part of a title, or an id.")] = "",
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> ItemSearch:
+    """Items whose title contains `q` (any case) or whose id is `q`, most popular first; an
+    empty `q` lists the most popular items. A run without titles matches ids."""
+    items = _items(served, served.search(q, limit))
+    return ItemSearch(query=q, items=items, model_version=served.version)
+
+
+@router.get("/v1/users", tags=["users"])
+async def users(served: Served, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> UserList:
+    """Some known users to look at: the longest training histories first."""
+    return UserList(
+        user_ids=served.most_active_users(limit),
+        n_users=served.info()["n_users"],
+        model_version=served.version,
+    )
+
+
+@router.get("/v1/users/{user_id}/history", tags=["users"])
+async def user_history(user_id: str, served: Served, n: K = 20) -> UserHistory:
+    """The items a user trained with (their recommendations leave these out); an unknown user
+    has none."""
+    history = served.user_history(user_id)
+    return UserHistory(
+        user_id=user_id,
+        known=bool(served.known_users([user_id])[0]),
+        n_items=len(history),
+        items=_items(served, history[:n]),
+        model_version=served.version,
+    )
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    """The web page: pick a user, search items, click a session (see static/page.js)."""
+    return FileResponse(STATIC / "index.html")
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def page_asset(name: str) -> FileResponse:
+    """The page's script and style sheet; a route of its own, so /metrics labels it."""
+    if name not in ASSETS:
+        raise ApiError(404, f"no file '{name}'", "name")
+    return FileResponse(STATIC / name, media_type=ASSETS[name])
 
 
 @router.post("/v1/score", tags=["recommendations"])

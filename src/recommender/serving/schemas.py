@@ -45,6 +45,11 @@ class RecommendationList(BaseModel):
     user_id: str | None = Field(description="None for an anonymous session.")
     items: list[RecommendedItem]
     fallback: Literal["popularity"] | None = None
+    representation: Literal["trained", "folded_in", "popularity", "session"] = Field(
+        description="What the list was scored from: the user's trained vector, a vector folded"
+        " in from the history given in the request, the popularity list (an unknown user"
+        " without one, or a model with no user vectors), or the session's items alone."
+    )
     model_version: str
 
 
@@ -52,18 +57,32 @@ class RecommendationsRequest(_Body):
     """`user_ids` (a batch of known or unknown users), `session_item_ids` (an anonymous
     visitor's recent items, oldest first: answered by what follows them for a run trained with
     model.context, else by item similarity), or both with one user: that user's list after
-    the items they just interacted with (model.context runs only)."""
+    the items they just interacted with (model.context runs only).
+
+    `histories` gives users the model has never seen the items they interacted with: each is
+    answered from a user vector folded in from them. Its users are the batch when `user_ids`
+    is absent, else they must be among `user_ids`."""
 
     user_ids: list[str] | None = Field(None, min_length=1)
     session_item_ids: list[str] | None = Field(None, min_length=1)
+    histories: dict[str, list[str]] | None = Field(
+        None,
+        min_length=1,
+        description="User id -> the items they interacted with, oldest first (at most the"
+        " server's max_session_items each). A user the model was trained on keeps their"
+        " trained vector; items the model does not know are left out (they may be newer than"
+        " the model), and with none left the user gets the popularity list.",
+    )
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_seen: bool = True
     explain: bool = False
 
     @model_validator(mode="after")
     def _sources(self) -> RecommendationsRequest:
-        if self.user_ids is None and self.session_item_ids is None:
-            raise ValueError("give user_ids, session_item_ids, or both with one user")
+        if self.user_ids is None and self.session_item_ids is None and self.histories is None:
+            raise ValueError("give user_ids, histories, session_item_ids, or both with one user")
+        if self.histories is not None and self.session_item_ids is not None:
+            raise ValueError("histories are for lists of users, not with session_item_ids")
         both = self.user_ids is not None and self.session_item_ids is not None
         if both and len(self.user_ids or []) != 1:
             raise ValueError("session_item_ids with user_ids: one user, whose recent items")
@@ -133,3 +152,31 @@ class FieldError(BaseModel):
 class ErrorResponse(BaseModel):
     detail: str
     errors: list[FieldError]
+
+
+class Item(BaseModel):
+    item_id: str
+    title: str | None = None
+
+
+class ItemSearch(BaseModel):
+    query: str
+    items: list[Item] = Field(description="Most popular first.")
+    model_version: str
+
+
+class UserHistory(BaseModel):
+    user_id: str
+    known: bool = Field(description="False: the model has not trained on this user.")
+    n_items: int = Field(description="Items in the user's training history.")
+    items: list[Item] = Field(
+        description="The first n of them: a model.context run's latest items first, then the "
+        "rest in catalog order (the run keeps no other time order)."
+    )
+    model_version: str
+
+
+class UserList(BaseModel):
+    user_ids: list[str] = Field(description="Longest training history first.")
+    n_users: int = Field(description="Users the model has trained on.")
+    model_version: str
