@@ -290,8 +290,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--dataset", help="built-in dataset, e.g. ml-100k")
     source.add_argument("--data", help="one interactions file (CSV/TSV/Parquet/MovieLens)")
-    source.add_argument("--train", help="pre-split train file (NCF .train.rating)")
-    parser.add_argument("--test", help="pre-split test file (NCF .test.rating)")
+    source.add_argument(
+        "--train", help="pre-split train file (NCF .train.rating, or LightGCN / NGCF train.txt)"
+    )
+    parser.add_argument("--test", help="pre-split test file (NCF .test.rating, or test.txt)")
     parser.add_argument("--test-negatives", help="NCF .test.negative file")
     parser.add_argument("--model", choices=["neumf", "gmf", "mlp", "mf", "popularity"])
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
