@@ -1,0 +1,572 @@
+"""Explanations that attribute a recommendation's score to the user's history items.
+
+The models are ID-based: a score comes from a learned user vector, not from the history itself.
+To ask which history items make a score high, the user vector is re-derived from the history
+(a fold-in) and the score is differentiated through that derivation:
+
+1. Fold-in. With the item side, the MLP and the output layer frozen, the user vector theta (all
+   of the model's user parameters: p_u for GMF; p_u and b_u for MF; the GMF and the MLP
+   embedding for NeuMF) is the MAP fit to the history of the loss the model was trained with
+   (train.loss), history item j a positive with weight alpha_j in [0, 1]. BCE: every other
+   item is a negative, weighted as the training sampler draws them (num_negatives per unit of
+   positive weight, uniform or by popularity), so there is no sample to draw and the explained
+   item is never over-weighted by landing in one. Softmax: item j's term is its cross-entropy
+   against the whole catalog, history included, as the full softmax trains it. The prior is a
+   Gaussian fitted to the trained users' vectors (their mean and covariance): training's L2
+   penalty, centred and scaled where trained users live. Solved by Newton's method with a line
+   search, all weightings of one user in one batch.
+2. Integrated gradients over alpha from 0 (no history: the mean user) to 1 (the history):
+   weight_j = integral over t of d score / d alpha_j at alpha = t * 1, by Gauss-Legendre
+   quadrature. The derivative comes from the implicit function theorem at the optimum,
+   d theta / d alpha_j = -H^-1 g_j (H the objective's Hessian, g_j the gradient of item j's
+   terms), so the path's m points are m folded users and every explained item shares them.
+   The weights sum to score(1) - score(0) up to the quadrature error (completeness).
+3. GMF and MF are linear in theta, so steps 1 and 2 are exact for them. The ReLU layers of MLP
+   and NeuMF make the fold-in objective piecewise smooth: Newton stalls on kinks with a large
+   gradient left, and the fold-in jumps as alpha changes (measured on MovieLens-100K: finite
+   differences at steps 1e-5 to 1e-2 disagreed with each other and with the implicit
+   derivative, in sign too). For those models the user is first refitted to the whole history
+   with the real model (Gauss-Newton steps from the mean and from the trained user, the lower
+   objective kept), and steps 1 and 2 run on the model linearised in theta around that
+   refit: exact at the refitted user, an approximation towards the no-history end. Influence
+   functions for neural networks make the same choice (the Gauss-Newton Hessian).
+4. MF with context adds its Markov term c_u . t_i, c_u the mean context embedding of the
+   user's n latest items: a sum of one exact share per latest item l, context_l . t_i / n. The
+   fold-in leaves it out, and the explained logit adds each latest item's share times that
+   item's alpha: no Markov term at the baseline, all of it at alpha = 1. Its derivative in
+   alpha_l, sigmoid'(logit) times l's share, is exact and adds to the path through theta.
+   Only latest items in the history count (a run's latest items come from its training data,
+   which serving's history holds): one outside it has no alpha, so it is left out of the
+   score too, and the fidelity shows the gap.
+
+Every attribution reports its fidelity: the Spearman correlation over the catalog between the
+folded user's scores and the trained user's. On MovieLens-100K (50 users): 0.996 for MF and
+0.979 for NeuMF, against 0.80 and 0.76 for the mean user; top-10 overlaps 0.83 and 0.63.
+
+Example:
+    >>> fold_in = FoldIn(model, num_negatives=16)                       # doctest: +SKIP
+    >>> user = fold_in.user(user_idx, history)                          # doctest: +SKIP
+    >>> attribution = user.attribute(torch.tensor([10, 42]))            # weights: (2, H)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recommender.models import GMF, MF, MLP, NeuMF, RecModel
+from recommender.models.mlp import MLPTower
+from recommender.utils import RecommenderError
+
+# Newton step fractions of the line search; 0 last, so a step never raises the objective.
+STEP_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+# Ridge added to the trained users' covariance, as a share of its mean variance, so the prior's
+# precision exists even with fewer users than dimensions.
+COVARIANCE_RIDGE = 1e-3
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Integrated-gradients attribution of T folded scores to a user's H history items.
+
+    weights: (T, H) signed, in units of the score; row t sums to score[t] - baseline[t] up to
+    the quadrature error. score: (T,) sigmoid of the logit of the user folded in from the whole
+    history, with MF's Markov term (a probability under BCE, a ranking score under softmax).
+    baseline: (T,) the same with no history (the mean trained user, no Markov term). fidelity:
+    Spearman correlation over the catalog between the folded user's scores and the model's.
+    """
+
+    weights: torch.Tensor
+    score: torch.Tensor
+    baseline: torch.Tensor
+    fidelity: float
+
+
+def supports(model: RecModel) -> bool:
+    """Whether `model` has a user vector to fold in: GMF, MF, MLP and NeuMF, but not an MF
+    that scores by cosine (train.loss=ccl), which no linear fold-in reproduces."""
+    return isinstance(model, (GMF, MF, MLP, NeuMF)) and not getattr(model, "cosine", False)
+
+
+class _UserSide:
+    """A model as a function of an explicit user vector theta, with the item side frozen.
+
+    logit(theta, i) = offset_i + features_i . theta_lin + w_out . tower(W1u theta_mlp + c_i),
+    where theta = [theta_lin, theta_mlp]; with MF's Markov term added (`markov`), the model's
+    own scores at its trained user vectors.
+    """
+
+    def __init__(self, model: RecModel) -> None:
+        self.nonlinear = False
+        if getattr(model, "cosine", False):
+            raise RecommenderError(
+                f"{type(model).__name__} scores by cosine (train.loss=ccl): no linear fold-in "
+                "reproduces it"
+            )
+        with torch.no_grad():
+            if isinstance(model, GMF):
+                features = model.item_emb.weight * model.out.weight[0]
+                offset = model.out.bias.expand(model.n_items)
+                users = [model.user_emb.weight]
+            elif isinstance(model, MF):
+                ones = torch.ones_like(model.item_bias.weight)
+                features = torch.cat([model.item_emb.weight, ones], 1)
+                offset = model.item_bias.weight[:, 0] + model.bias
+                users = [model.user_emb.weight, model.user_bias.weight]
+            elif isinstance(model, NeuMF):
+                features = model.item_emb.weight * model.out.weight[0, : model.dim]
+                offset = model.out.bias.expand(model.n_items)
+                users = [model.user_emb.weight, model.tower.user_emb.weight]
+                self._freeze_tower(model.tower, model.out.weight[0, model.dim :])
+            elif isinstance(model, MLP):
+                features = model.out.weight.new_zeros(model.n_items, 0)
+                offset = model.out.bias.expand(model.n_items)
+                users = [model.tower.user_emb.weight]
+                self._freeze_tower(model.tower, model.out.weight[0])
+            else:
+                raise RecommenderError(f"{type(model).__name__} has no user vector to fold in")
+            self.features = features.detach().float()  # (N, d_lin)
+            self.offset = offset.detach().float()  # (N,)
+            self.trained = torch.cat(users, 1).detach().float()  # (n_users, D)
+            self.d_lin = self.features.shape[1]
+            if isinstance(model, MF) and model.context:
+                latest = model.latest
+                context, target = model.context_emb.weight, model.target_emb.weight
+            else:  # no Markov term: no latest items, zero-width embeddings
+                latest = torch.zeros(len(self.trained), 0, dtype=torch.long)
+                context, target = features.new_zeros(len(offset) + 1, 0), features[:, :0]
+            self.latest = latest.to(self.offset.device)  # (n_users, k), n_items pads
+            self.context_emb = context.detach().float()  # (N + 1, d_ctx), zero padding row
+            self.target_emb = target.detach().float()  # (N, d_ctx)
+
+    def _freeze_tower(self, tower: MLPTower, w_out: torch.Tensor) -> None:
+        """Keep the MLP branch's tensors; the item half of layer one is computed once."""
+        half = tower.user_emb.embedding_dim
+        self.nonlinear = True
+        self.w_user = tower.first.weight[:, :half].detach().float()  # (w1, d_mlp)
+        self.item_half = (tower.item_half() + tower.first.bias).detach().float()  # (N, w1)
+        linears = cast("list[nn.Linear]", list(tower.linears))
+        self.layers = [(lin.weight.detach().float(), lin.bias.detach().float()) for lin in linears]
+        self.w_out = w_out.detach().float()  # (w_last,)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.offset)
+
+    def logits(self, theta: torch.Tensor) -> torch.Tensor:
+        """(B, D) user vectors -> (B, N) logits over the catalog."""
+        z = self.offset + theta[:, : self.d_lin] @ self.features.T
+        if self.nonlinear:
+            z = z + self._tower(theta)[0][-1] @ self.w_out
+        return z
+
+    def markov(
+        self, user_idx: torch.Tensor, latest: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) users -> their latest items (B, k) and each one's share of the users' Markov
+        term (B, k, N), context_l . t_i / n for n non-padding items (padding's share is 0):
+        the shares sum to c_u . t_i. k = 0 for a model without the term. `latest` ((B, k),
+        n_items pads) replaces the users' stored latest items."""
+        latest = self.latest[user_idx] if latest is None else latest
+        present = (latest != self.n_items).float()  # (B, k): padding masked, as the model does
+        count = present.sum(1).clamp(min=1)
+        shares = (
+            self.context_emb[latest] @ self.target_emb.T * (present / count[:, None])[..., None]
+        )
+        return latest, shares
+
+    def trained_logits(
+        self, user_idx: torch.Tensor, latest: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) users -> (B, N) the model's logits for its trained users, Markov term included
+        (over `latest` instead of the stored latest items when given)."""
+        return self.logits(self.trained[user_idx]) + self.markov(user_idx, latest)[1].sum(1)
+
+    def jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) -> logits (B, N) and their Jacobian in theta (B, N, D)."""
+        z = self.offset + theta[:, : self.d_lin] @ self.features.T
+        parts = [self.features.expand(len(theta), -1, -1)]
+        if self.nonlinear:
+            hidden, masks = self._tower(theta)
+            z = z + hidden[-1] @ self.w_out
+            # Backpropagate by hand through the ReLU masks: delta is d logit / d pre-activation.
+            delta = self.w_out * masks[-1]  # (B, N, w_last)
+            for (weight, _), mask in zip(reversed(self.layers), reversed(masks[:-1]), strict=True):
+                delta = (delta @ weight) * mask
+            parts.append(delta @ self.w_user)  # (B, N, d_mlp)
+        return z, torch.cat(parts, -1)
+
+    def _tower(self, theta: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Hidden activations and ReLU masks of every layer, (B, N, width) each."""
+        pre = (theta[:, self.d_lin :] @ self.w_user.T)[:, None, :] + self.item_half
+        hidden, masks = [torch.relu(pre)], [pre > 0]
+        for weight, bias in self.layers:
+            pre = hidden[-1] @ weight.T + bias
+            hidden.append(torch.relu(pre))
+            masks.append(pre > 0)
+        return hidden, masks
+
+
+class FoldIn:
+    """Fold-in and integrated gradients for one trained GMF, MF, MLP or NeuMF model (MF with
+    its Markov term too, module doc step 4).
+
+    Args:
+        model: the trained model. Its item side is computed here: build a new FoldIn after
+            training it further.
+        num_negatives: negatives per positive in training (train.num_negatives); BCE only.
+        negative_weights: (N,) relative odds of drawing each item as a negative in training
+            (ones for uniform sampling, count ** power for popularity sampling); None: uniform.
+            BCE only: the full softmax draws no negatives.
+        prior_strength: scale of the prior's precision; 1 is the trained users' own spread.
+        path_points: Gauss-Legendre points on the alpha path (folded users per explanation);
+            12 keep the completeness error under 0.01 on MovieLens-100K, 8 did not.
+        max_steps: steps per fold-in of the (local) model, stopped once every step is below
+            `tolerance` (about 10 are taken on MovieLens-100K).
+        refit_steps: Gauss-Newton steps of the MLP / NeuMF refit with the real model; ReLU
+            kinks keep it from converging, and fidelity gains little after 6.
+        loss: the model's training loss (train.loss), which the fold-in fits the history with.
+    """
+
+    def __init__(
+        self,
+        model: RecModel,
+        num_negatives: int = 16,
+        negative_weights: torch.Tensor | None = None,
+        prior_strength: float = 1.0,
+        path_points: int = 12,
+        max_steps: int = 40,
+        refit_steps: int = 6,
+        tolerance: float = 1e-4,
+        loss: Literal["bce", "softmax"] = "bce",
+    ) -> None:
+        counts = {"num_negatives": num_negatives, "path_points": path_points}
+        counts |= {"max_steps": max_steps, "refit_steps": refit_steps}
+        for name, value in counts.items():
+            if value < 1:
+                raise RecommenderError(f"FoldIn: {name} must be >= 1, got {value}")
+        if prior_strength <= 0 or tolerance <= 0:
+            raise RecommenderError("FoldIn: prior_strength and tolerance must be > 0")
+        if loss not in ("bce", "softmax"):
+            raise RecommenderError(f"FoldIn: loss must be 'bce' or 'softmax', got {loss!r}")
+        self.side = _UserSide(model)
+        users = self.side.trained
+        cov = torch.cov(users.T, correction=0)
+        ridge = COVARIANCE_RIDGE * cov.diagonal().mean() + 1e-8
+        self.mean = users.mean(0)  # (D,)
+        self.precision = prior_strength * torch.linalg.inv(
+            cov + ridge * torch.eye(len(cov), device=cov.device)
+        )  # (D, D)
+        n_items = self.side.n_items
+        if negative_weights is None:
+            negative_weights = torch.ones(n_items, device=users.device)
+        if negative_weights.shape != (n_items,) or bool((negative_weights < 0).any()):
+            raise RecommenderError(f"negative_weights must be {n_items} non-negative numbers")
+        self.negative_weights = negative_weights.float().to(users.device)
+        self.num_negatives = num_negatives
+        self.path_points = path_points
+        self.max_steps = max_steps
+        self.refit_steps = refit_steps
+        self.tolerance = tolerance
+        self.loss = loss
+
+    @torch.no_grad()
+    def user(
+        self,
+        user_idx: int,
+        history: torch.Tensor | np.ndarray,
+        latest: torch.Tensor | np.ndarray | None = None,
+    ) -> UserFold:
+        """The fold-in of one user's history (item indices, each once). `latest` ((k,) item
+        indices, latest first, n_items pads) replaces the user's stored latest items in MF's
+        Markov term: a list after items given now, which then belong in `history` too."""
+        device = self.mean.device
+        history = torch.as_tensor(history, dtype=torch.long, device=device)
+        if not len(history):
+            raise RecommenderError(f"user {user_idx} has no history to explain with")
+        given = None if latest is None else torch.as_tensor(latest, dtype=torch.long, device=device)
+        return UserFold(self, user_idx, history, given)
+
+
+class UserFold:
+    """One user's history, folded in under the (locally linear) model; see the module doc.
+
+    The local model is logit(theta) = offset + theta @ jacobian.T: the model itself for GMF and
+    MF, its linearisation around the user's full-history refit for MLP and NeuMF. The explained
+    logits add MF's Markov term, each latest item's share weighted by its alpha (`markov`).
+    """
+
+    def __init__(
+        self,
+        fold_in: FoldIn,
+        user_idx: int,
+        history: torch.Tensor,
+        latest: torch.Tensor | None = None,
+    ) -> None:
+        self.fold_in, self.user_idx, self.history = fold_in, user_idx, history
+        self.latest = None if latest is None else latest[None]  # (1, k): given, not stored
+        self.softmax = fold_in.loss == "softmax"
+        side = fold_in.side
+        self.labels = torch.zeros(side.n_items, device=history.device)
+        self.labels[history] = 1.0
+        # Each negative's share of the training sampler's draws for this user (BCE).
+        share = fold_in.negative_weights * (1 - self.labels)
+        self.negative_share = share / share.sum().clamp(min=1e-12)  # (N,)
+        whole = self._weights(self.labels.new_ones(1, len(history)))
+        self.whole_weight = float(whole.sum())  # the data term's total weight at alpha = 1
+        start = fold_in.mean[None]
+        if side.nonlinear:
+            start = self._refit(whole)
+            logits, jacobian = side.jacobian(start)
+            self.jacobian = jacobian[0]  # (N, D)
+            self.offset = logits[0] - self.jacobian @ start[0]
+        else:
+            self.jacobian = side.features
+            self.offset = side.offset
+        self.full = self._newton(start, whole, local=True)  # (1, D): the whole history's fold-in
+        prob = self._prob(self.logits(self.full))
+        # The history's curvature at the full fold-in, without the prior: other weightings
+        # scale it by their mean weight as a fixed Newton matrix (a chord method), which spares
+        # a Hessian over every item at every step and converges to the same optimum.
+        self.curvature = self._hessian(whole, prob, self.jacobian)[0] - fold_in.precision
+        # The Markov term stays out of the fold-in's objective: training fitted p_u with each
+        # positive's own preceding items as context, not with the user's latest items.
+        user = torch.tensor([user_idx], device=history.device)
+        latest, shares = side.markov(user, self.latest)
+        found = latest[0, :, None] == history  # (k, H)
+        kept = found.any(1)
+        self.markov_at = found[kept].int().argmax(1)  # (k',) history positions of latest items
+        self.markov_shares = shares[0, kept]  # (k', N)
+
+    def _refit(self, whole: torch.Tensor) -> torch.Tensor:
+        """(1, N) the whole history's weights -> (1, D) the MLP / NeuMF user refitted to them
+        with the real model, from the mean user and from the trained user at once; the lower
+        objective wins.
+
+        ReLUs make the objective non-convex: a history item whose units are dead for the
+        current user has a zero Jacobian row, so Gauss-Newton cannot pull the user towards it.
+        From the mean user alone the refit can stall in such a basin, the user's own cluster
+        dead and scored as one constant (planted data: fidelity 0.05 to 0.5 for one user in
+        eight, its objective well above the trained user's). The trained user is the model's
+        own answer for that user, so starting there too only ever lowers the objective.
+        """
+        side = self.fold_in.side
+        starts = torch.cat([self.fold_in.mean[None], side.trained[self.user_idx][None]])
+        weights = whole.expand(len(starts), -1)
+        refits = self._newton(starts, weights, local=False)
+        best = int(self._objective(refits, weights, local=False).argmin())
+        return refits[best : best + 1]
+
+    def logits(self, theta: torch.Tensor) -> torch.Tensor:
+        """(B, D) folded user vectors -> (B, N) logits of the local model, the fold-in's."""
+        return self.offset + theta @ self.jacobian.T
+
+    def markov(self, alpha: torch.Tensor) -> torch.Tensor:
+        """(B, H) history weights -> (B, N) MF's Markov term, each latest item's share times
+        its weight; zero for other models."""
+        return alpha[:, self.markov_at] @ self.markov_shares
+
+    @torch.no_grad()
+    def explained_logits(self, alpha: torch.Tensor) -> torch.Tensor:
+        """(B, H) history weights -> (B, N) the logits that `attribute` explains: the fold-in's
+        plus the Markov term at those weights."""
+        return self.logits(self.fold(alpha)) + self.markov(alpha.to(self.labels))
+
+    @torch.no_grad()
+    def fold(self, alpha: torch.Tensor) -> torch.Tensor:
+        """(B, H) weights of the history items -> (B, D) user vectors fitted to them."""
+        if alpha.ndim != 2 or alpha.shape[1] != len(self.history):
+            raise RecommenderError(f"alpha must be (B, {len(self.history)}), got {alpha.shape}")
+        alpha = alpha.to(self.labels)
+        if bool(((alpha < 0) | (alpha > 1)).any()):
+            raise RecommenderError("alpha must lie in [0, 1]")
+        scale = alpha.sum(1) / len(self.history)  # (B,)
+        chord = scale[:, None, None] * self.curvature + self.fold_in.precision
+        start = self.full.expand(len(alpha), -1)
+        return self._newton(start, self._weights(alpha), local=True, chord=chord)
+
+    @torch.no_grad()
+    def attribute(self, targets: torch.Tensor) -> Attribution:
+        """Integrated gradients of the (T,) target items' folded probabilities."""
+        fold_in, history = self.fold_in, self.history
+        if len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < len(self.labels):
+            raise RecommenderError(f"target item indices must lie in [0, {len(self.labels)})")
+        nodes, quad = self._path()
+        alpha = nodes[:, None].expand(-1, len(history))  # (m, H): the path's points
+        theta = self.fold(alpha)
+        weights, jac = self._weights(alpha), self.jacobian
+        prob = self._prob(self.logits(theta))  # (m, N)
+        hessian = self._hessian(weights, prob, jac)  # (m, D, D)
+        # One exact Newton step finishes the chord method's linear convergence; the implicit
+        # gradients below need the optimum, and the Hessian barely moves in that step.
+        theta = theta - torch.linalg.solve(hessian, self._gradient(theta, weights, prob, jac))
+        local = self.logits(theta)
+        g = self._item_gradients(self._prob(local))  # (m, H, D)
+        # The score is the sigmoid whichever loss trained the model: what serving shows.
+        p_t = torch.sigmoid((local + self.markov(alpha))[:, targets])
+        slope = p_t * (1 - p_t)  # (m, T)
+        solved = torch.linalg.solve(hessian, (slope[..., None] * jac[targets]).transpose(1, 2))
+        grads = -(g @ solved)  # (m, H, T): d score_t / d alpha_j at each path point
+        # The Markov term is linear in alpha: a latest item adds its share of the targets' logits.
+        grads.index_add_(1, self.markov_at, slope[:, None, :] * self.markov_shares[:, targets])
+        attributions = torch.einsum("m,mht->th", quad, grads)
+        full = self.logits(self.full)[0] + self.markov(self.labels.new_ones(1, len(history)))[0]
+        score = torch.sigmoid(full[targets])
+        baseline = torch.sigmoid(self.logits(fold_in.mean[None])[0, targets])
+        return Attribution(attributions, score, baseline, self._fidelity(full))
+
+    def _path(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gauss-Legendre nodes and weights for t in (0, 1), spaced geometrically.
+
+        The fold-in's data term grows like t * W against a fixed prior, W the total weight of
+        its terms at t = 1: H (1 + num_negatives) for BCE, H for softmax (whose negatives sit
+        inside each positive's term). So scores move mostly at small t;
+        t = (e^(k u) - 1) / (e^k - 1) with k = ln(1 + W) spreads that change evenly over u.
+        """
+        u, w = np.polynomial.legendre.leggauss(self.fold_in.path_points)
+        u = (u + 1) / 2
+        k = math.log1p(self.whole_weight)
+        t = np.expm1(k * u) / math.expm1(k)
+        dt = w / 2 * k * np.exp(k * u) / math.expm1(k)
+        device = self.history.device
+        return (
+            torch.as_tensor(t, dtype=torch.float32, device=device),
+            torch.as_tensor(dt, dtype=torch.float32, device=device),
+        )
+
+    def _prob(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, N) logits -> the training loss's probabilities: each item's sigmoid (BCE), or
+        the softmax over the catalog."""
+        return logits.softmax(1) if self.softmax else torch.sigmoid(logits)
+
+    def _weights(self, alpha: torch.Tensor) -> torch.Tensor:
+        """(B, H) history weights -> (B, N) weights of the items' loss terms: alpha on the
+        history. BCE adds the negatives, num_negatives per unit of total history weight, shared
+        as the sampler draws them; softmax has none, each positive's term spans the catalog."""
+        if self.softmax:
+            weights = alpha.new_zeros(len(alpha), len(self.labels))
+        else:
+            weights = self.fold_in.num_negatives * alpha.sum(1, keepdim=True) * self.negative_share
+        weights[:, self.history] = alpha
+        return weights
+
+    def _objective(self, theta: torch.Tensor, weights: torch.Tensor, local: bool) -> torch.Tensor:
+        """(B, D), (B, N) -> (B,): the weighted training loss plus the Gaussian prior."""
+        logits = self.logits(theta) if local else self.fold_in.side.logits(theta)
+        if self.softmax:
+            loss = -logits.log_softmax(1)  # item i's cross-entropy as the positive
+        else:
+            loss = F.binary_cross_entropy_with_logits(
+                logits, self.labels.expand_as(logits), reduction="none"
+            )
+        centred = theta - self.fold_in.mean
+        prior = 0.5 * ((centred @ self.fold_in.precision) * centred).sum(1)
+        return (weights * loss).sum(1) + prior
+
+    def _gradient(
+        self, theta: torch.Tensor, weights: torch.Tensor, prob: torch.Tensor, jac: torch.Tensor
+    ) -> torch.Tensor:
+        """The objective's gradient (B, D) from the probabilities (B, N) at theta (B, D):
+        J^T r plus the prior's, r = w (p - labels) for BCE, A p - w for softmax (A = sum w)."""
+        if self.softmax:
+            residual = weights.sum(1, keepdim=True) * prob - weights
+        else:
+            residual = weights * (prob - self.labels)
+        grad = (residual[:, None, :] @ jac)[:, 0]  # (B, D)
+        return grad + (theta - self.fold_in.mean) @ self.fold_in.precision
+
+    def _hessian(
+        self, weights: torch.Tensor, prob: torch.Tensor, jac: torch.Tensor
+    ) -> torch.Tensor:
+        """Gauss-Newton Hessian plus the prior precision, (B, D, D): J^T diag(w p (1 - p)) J
+        for BCE, A J^T (diag(p) - p p^T) J for softmax (A = sum w)."""
+        if self.softmax:
+            # As A Jc^T diag(p) Jc with Jc = J - p^T J (the same, since p sums to 1): no
+            # difference of two near-equal matrices, as for MF's user bias, which no softmax
+            # can see (its derivative is 1 for every item) and whose curvature must be 0.
+            jac = jac - prob[:, None, :] @ jac  # (B, N, D)
+            curvature = weights.sum(1, keepdim=True) * prob
+        else:
+            curvature = weights * prob * (1 - prob)
+        return (jac.transpose(-1, -2) * curvature[:, None, :]) @ jac + self.fold_in.precision
+
+    def _item_gradients(self, prob: torch.Tensor) -> torch.Tensor:
+        """(B, N) probabilities of the local model -> (B, H, D): g_j = d/d alpha_j of the
+        objective's gradient. BCE: item j's own gradient, plus the num_negatives draws per unit
+        of its weight, spread over the negatives. Softmax: J^T (p - e_j)."""
+        jac, history = self.jacobian, self.history
+        if self.softmax:
+            return (prob @ jac)[:, None, :] - jac[history]
+        negatives = self.fold_in.num_negatives * ((self.negative_share * prob) @ jac)  # (B, D)
+        return (prob[:, history] - 1)[..., None] * jac[history] + negatives[:, None, :]
+
+    def _newton(
+        self,
+        theta: torch.Tensor,
+        weights: torch.Tensor,
+        local: bool = False,
+        chord: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Minimise the fold-in objective for B weightings at once, with a line search.
+
+        Newton's method, or with `chord` (B, D, D) a fixed stand-in for the Hessian.
+        """
+        fold_in = self.fold_in
+        factor = torch.linalg.cholesky(chord) if chord is not None else None
+        objective = self._objective(theta, weights, local)  # (B,)
+        for _ in range(fold_in.max_steps if local else fold_in.refit_steps):
+            if local:
+                logits, jac = self.logits(theta), self.jacobian
+            else:
+                logits, jac = fold_in.side.jacobian(theta)
+            prob = self._prob(logits)
+            grad = self._gradient(theta, weights, prob, jac)
+            if factor is None:
+                step = torch.linalg.solve(self._hessian(weights, prob, jac), grad)  # (B, D)
+            else:
+                step = torch.cholesky_solve(grad[..., None], factor)[..., 0]
+            step, objective = self._line_search(theta, step, weights, objective, local)
+            theta = theta - step
+            if float(step.norm(dim=1).max()) < fold_in.tolerance:
+                break
+        return theta
+
+    def _line_search(
+        self,
+        theta: torch.Tensor,
+        step: torch.Tensor,
+        weights: torch.Tensor,
+        objective: torch.Tensor,
+        local: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full step where it lowers every row's objective (one evaluation, the usual
+        case), else each row's best of STEP_FRACTIONS; returns the steps and new objectives."""
+        full = self._objective(theta - step, weights, local)
+        if bool((full < objective).all()):
+            return step, full
+        fractions = torch.tensor(STEP_FRACTIONS, device=theta.device)
+        trial = theta - fractions[1:, None, None] * step  # (S - 1, B, D)
+        b, d = theta.shape
+        scores = self._objective(trial.reshape(-1, d), weights.repeat(len(fractions) - 1, 1), local)
+        scores = torch.cat([full[None], scores.view(-1, b)])  # (S, B)
+        best = scores.argmin(0)
+        return fractions[best][:, None] * step, scores.gather(0, best[None])[0]
+
+    def _fidelity(self, folded: torch.Tensor) -> float:
+        """Spearman correlation over the catalog: the folded user's explained logits (N,)
+        against the model's own for the trained user."""
+        user = torch.tensor([self.user_idx], device=folded.device)
+        return spearman(folded, self.fold_in.side.trained_logits(user, self.latest)[0])
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two (N,) score vectors (an explanation's fidelity)."""
+    ranks = torch.stack([a, b]).argsort(1).argsort(1).float()
+    ranks = ranks - ranks.mean(1, keepdim=True)
+    return float((ranks[0] @ ranks[1]) / (ranks[0].norm() * ranks[1].norm()).clamp(min=1e-12))
