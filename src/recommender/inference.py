@@ -4,7 +4,7 @@ The `Recommender` speaks raw ids only; it maps them through the vocabularies sav
 model. Item-side tensors are computed once at load, so scoring a user against the whole catalog
 is a single batched pass. Unknown users get the popularity fallback (and are reported as such by
 `known_users`); unknown items are an error. Explanations attribute the model's score to the
-user's history items (explain.py).
+user's history items (explain/).
 
 Example:
     >>> rec = Recommender.from_run("runs/demo")                    # doctest: +SKIP
@@ -30,7 +30,7 @@ from recommender.checkpoint import load_best
 from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.evaluate import exact_top_k
-from recommender.explain import FoldIn, supports
+from recommender.explain import FoldIn, GraphExplainer, explainer
 from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError
 
@@ -55,7 +55,7 @@ ATTRIBUTION = "fold-in integrated gradients"
 class Explanation:
     """The history items that raise a recommendation's score most, strongest first.
 
-    The weights are integrated-gradients attributions (explain.py), in units of the score (a
+    The weights are integrated-gradients attributions (explain/), in units of the score (a
     probability under train.loss=bce, a ranking score under softmax): how much each history
     item raises the item's score for the user refitted to the history ("fold-in"), against a
     user with no history. All history items' weights, negative ones included, sum to
@@ -139,7 +139,11 @@ class Recommender:
     def from_run(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> Recommender:
         """Rebuild model and vocabularies from `run_dir/best.pt` alone."""
         ckpt = load_best(Path(run_dir))
-        model = build_model(ModelConfig(**ckpt.model_config), ckpt.n_users, ckpt.n_items)
+        # a model trained with ccl scores by cosine (models.build_model)
+        loss = TrainConfig.model_validate((ckpt.config or {}).get("train", {})).loss
+        model = build_model(
+            ModelConfig(**ckpt.model_config), ckpt.n_users, ckpt.n_items, cosine=loss == "ccl"
+        )
         if isinstance(model, Popularity):
             model.fit(ckpt.item_counts.numpy())
         else:
@@ -383,17 +387,11 @@ class Recommender:
         return self.items.to_ids(top.indices), top.values.cpu().numpy()
 
     @cached_property
-    def _fold_in(self) -> FoldIn | None:
-        """The explainer, built on first use; None for a model without user vectors."""
-        if not supports(self.model):
-            return None
+    def _fold_in(self) -> FoldIn | GraphExplainer | None:
+        """The explainer, built on first use; None for a model without a user to explain."""
         # the loss and negatives as training used them (the saved config, else the defaults)
         train = TrainConfig.model_validate((self.meta.get("config") or {}).get("train", {}))
-        odds = None
-        if train.sampling == "popularity":
-            counts = torch.as_tensor(self.item_counts, dtype=torch.float32, device=self.device)
-            odds = counts**train.popularity_power
-        return FoldIn(self.model, train.num_negatives, odds, loss=train.loss)
+        return explainer(self.model, train, self.item_counts)
 
     def explain(self, user_id: str | int, item_id: str | int, n: int = 3) -> Explanation:
         """The user's history items that raise `item_id`'s score most; see `explain_many`."""

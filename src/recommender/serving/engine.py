@@ -148,7 +148,7 @@ class ServedModel:
     def explain_many(
         self, user_id: str, item_ids: list[str], after: list[str] | None = None
     ) -> list[dict[str, Any]]:
-        """One fold-in of the user explains the whole list (see explain.py); `after`: the
+        """One fold-in of the user explains the whole list (see explain/); `after`: the
         recent items an `after` list was scored with."""
         return [
             {
