@@ -48,7 +48,7 @@ class Retriever(Protocol):
 
 
 # Explanation.method of an attribution; "popularity" marks the fallback.
-ATTRIBUTION = "fold-in integrated gradients"
+ATTRIBUTION = FoldIn.method  # the ID models'; LightGCN's is GraphExplainer.method
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,10 @@ class Explanation:
     user with no history. All history items' weights, negative ones included, sum to
     `score - baseline_score`; only the top positive ones are listed. `fidelity` is the Spearman
     correlation over the catalog between the refitted user's scores and the trained user's, so
-    a reader can tell how closely the refit stands in for the model. The last three fields are
-    None for the popularity fallback.
+    a reader can tell how closely the refit stands in for the model. LightGCN is explained
+    over its graph instead (`method` says which): each history edge re-weighted, the user's
+    layers recomputed, so the full-history score is the model's own (fidelity 1). The last
+    three fields are None for the popularity fallback.
     """
 
     item_id: str
@@ -440,7 +442,7 @@ class Recommender:
                     item,
                     [str(x) for x in self.items.to_ids(supporting[row][positive])],
                     [round(float(w), 4) for w in weights[row][positive]],
-                    ATTRIBUTION,
+                    fold_in.method,
                     round(scores[row], 4),
                     round(baselines[row], 4),
                     round(why.fidelity, 4),

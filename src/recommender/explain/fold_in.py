@@ -234,6 +234,8 @@ class FoldIn:
         loss: the model's training loss (train.loss), which the fold-in fits the history with.
     """
 
+    method = "fold-in integrated gradients"  # what an Explanation says produced it
+
     def __init__(
         self,
         model: RecModel,

@@ -45,6 +45,8 @@ class GraphExplainer:
         path_points: Gauss-Legendre points on the alpha path.
     """
 
+    method = "graph-edge integrated gradients"  # what an Explanation says produced it
+
     def __init__(self, model: LightGCN, path_points: int = 12) -> None:
         if path_points < 1:
             raise RecommenderError(f"GraphExplainer: path_points must be >= 1, got {path_points}")
