@@ -10,9 +10,9 @@ import torch
 
 from conftest import FixedScores, planted_frame
 from recommender.data.interactions import Interactions
-from recommender.data.sampling import NegativeSampler
+from recommender.data.sampling import NegativeSampler, PoolSampler
 from recommender.evaluate import evaluate_full
-from recommender.losses import PoolSampler, bpr, ccl, sampled_softmax
+from recommender.losses import bpr, ccl, sampled_softmax
 from recommender.models import Popularity, RecModel
 
 # (B,) users, (B, K) items -> (B, K) scores: logits, or cosines for ccl.

@@ -216,6 +216,59 @@ def test_the_loss_changes_what_a_run_trains():
     assert validate_config(tree, "old run").training_digest() == bce.training_digest()
 
 
+NEW_KEYS = {
+    "model": ["layers"],
+    "train": ["pool", "pool_size", "logq", "ccl_margin", "ccl_neg_weight", "embedding_l2"],
+}
+
+
+def test_settings_of_another_loss_or_model_leave_the_digest_alone():
+    bce = load_config(None, ["model.name=mf"])
+    for key in ("train.pool_size=8", "train.ccl_margin=0.1", "model.layers=1"):
+        assert load_config(None, ["model.name=mf", key]).training_digest() == bce.training_digest()
+    # Runs from before these keys existed still resume.
+    tree = bce.model_dump(mode="json")
+    for section, keys in NEW_KEYS.items():
+        for key in keys:
+            del tree[section][key]
+    assert validate_config(tree, "old run").training_digest() == bce.training_digest()
+    sampled = load_config(None, ["model.name=mf", "train.loss=sampled_softmax"])
+    smaller = load_config(
+        None, ["model.name=mf", "train.loss=sampled_softmax", "train.pool_size=8"]
+    )
+    assert smaller.training_digest() != sampled.training_digest()
+    graph = load_config(None, ["model.name=lightgcn"])
+    assert load_config(None, ["model.name=lightgcn", "model.layers=1"]).training_digest() != (
+        graph.training_digest()
+    )
+
+
+@pytest.mark.parametrize(
+    ("loss", "model"),
+    [("ccl", "gmf"), ("ccl", "mlp"), ("ccl", "neumf"), ("softmax", "mlp"), ("softmax", "neumf")],
+)
+def test_a_loss_a_model_cannot_train_is_refused(loss: str, model: str, tmp_path: Path):
+    with pytest.raises(ConfigError, match=f"train.loss={loss} with model.name={model}: {loss}"):
+        load_config(None, [f"train.loss={loss}", f"model.name={model}"])
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        f"tune:\n  space:\n    model.name: {{type: categorical, choices: [mf, {model}]}}\n"
+    )
+    with pytest.raises(ConfigError, match=f"tune.space can draw train.loss={loss} with model"):
+        load_config(path, [f"train.loss={loss}"])
+
+
+@pytest.mark.parametrize("loss", ["bce", "softmax", "sampled_softmax", "bpr", "ccl"])
+def test_lightgcn_and_mf_take_every_loss(loss: str):
+    for model in ("mf", "lightgcn"):
+        assert load_config(None, [f"train.loss={loss}", f"model.name={model}"]).train.loss == loss
+
+
+def test_lightgcn_refuses_sparse_gradients():
+    with pytest.raises(ConfigError, match=r"train\.sparse=true with model\.name=lightgcn"):
+        load_config(None, ["model.name=lightgcn", "train.sparse=true"])
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [("train: [1, 2\n", "invalid YAML"), ("- 1\n- 2\n", "top level must be a mapping")],

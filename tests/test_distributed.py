@@ -91,6 +91,8 @@ def _hr10(run: Path, capsys) -> tuple[float, float]:
         ("gmf", []),
         ("gmf", ["train.loss=softmax"]),
         ("mf", ["train.loss=softmax", "model.context=2"]),
+        # the graph buffer, the L2 penalty beside DDP's forward, and a shared pool per rank
+        ("lightgcn", ["train.loss=sampled_softmax", "train.pool=mix", "train.pool_size=32"]),
     ],
 )
 def test_two_process_ddp_matches_single_process_and_loads_alone(

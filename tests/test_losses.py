@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ranking_fixtures import hit_rate, planted_split, popularity_hit_rate, train_ranking
-from recommender.losses import PoolSampler, bce, bpr, ccl, sampled_softmax, softmax
+from recommender.data.sampling import PoolSampler
+from recommender.losses import bce, bpr, ccl, sampled_softmax, softmax
 from recommender.models import MF
 
 

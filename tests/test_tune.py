@@ -279,8 +279,21 @@ def test_a_tuned_model_name_decides_the_other_keys():
     mlp = suggest(optuna.trial.FixedTrial({**params, "model.name": "mlp"}), cfg)
     assert gmf == {"model.name": "gmf", "model.embedding_dim": 8}
     assert mlp == {"model.name": "mlp", "model.dropout": 0.1}
-    assert inert_keys(load_config(None)) == {"train.lr", "train.popularity_power"}
-    assert inert_keys(load_config(None, ["train.sampling=popularity"])) == {"train.lr"}
+    # NeuMF with BCE reads no LightGCN, sampled-softmax or CCL setting
+    others = {"model.layers", "train.embedding_l2", "train.pool", "train.pool_size", "train.logq"}
+    others |= {"train.ccl_margin", "train.ccl_neg_weight"}
+    assert inert_keys(load_config(None)) == {"train.lr", "train.popularity_power", *others}
+    assert inert_keys(load_config(None, ["train.sampling=popularity"])) == {"train.lr", *others}
+
+
+def test_a_tuned_loss_decides_the_loss_settings():
+    cfg = load_config(None, ["model.name=lightgcn", "train.loss=sampled_softmax"])
+    inert = inert_keys(cfg)
+    assert {"train.num_negatives", "train.sampling", "train.ccl_margin"} <= inert
+    assert not {"train.pool", "train.pool_size", "model.layers"} & inert
+    assert "train.pool_size" in inert_keys(cfg.with_overrides({"train.pool": "in_batch"}))
+    ccl = inert_keys(cfg.with_overrides({"train.loss": "ccl"}))
+    assert not {"train.ccl_margin", "train.num_negatives"} & ccl and "train.pool" in ccl
 
 
 @pytest.mark.parametrize(

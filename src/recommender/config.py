@@ -25,7 +25,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from recommender.search_space import NOT_TUNABLE, PARAM_TYPES, ParamSpec, default_space
 from recommender.utils import ConfigError, atomic_write_text
 
-ModelName = Literal["neumf", "gmf", "mlp", "mf", "popularity"]
+ModelName = Literal["neumf", "gmf", "mlp", "mf", "lightgcn", "popularity"]
+LossName = Literal["bce", "softmax", "sampled_softmax", "bpr", "ccl"]
+
+# Which models each loss can train, and why not the others (the models missing from a list).
+# bce, sampled_softmax and bpr score pairs, which every trainable model does.
+LOSS_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
+    "softmax": (
+        ("mf", "gmf", "lightgcn"),
+        "softmax scores the whole catalog at every step, one matmul for the dot-product models "
+        "(mf, gmf, lightgcn) but a pass of the MLP tower per item for {name}; use "
+        "train.loss=sampled_softmax (a pool of sampled items) or bce for it",
+    ),
+    "ccl": (
+        ("mf", "lightgcn"),
+        "ccl trains the cosine of a user vector and an item vector (SimpleX), and mf and "
+        "lightgcn score by that cosine after it; {name} scores a pair through its own output "
+        "layer, which has no such cosine; use train.loss=bpr or sampled_softmax for it",
+    ),
+}
 SplitName = Literal["leave_last_out", "temporal", "random"]
 
 
@@ -116,6 +134,12 @@ class ModelConfig(_Section):
         description="mf only: also score how well an item follows the user's `context` latest "
         "items (a factorised Markov term, FPMC); needs timestamps. 0: off, the plain model.",
     )
+    layers: int = Field(
+        3,
+        ge=0,
+        description="lightgcn: propagation layers over the user-item graph (He et al. use 3); "
+        "0 is plain MF without biases.",
+    )
 
     @model_validator(mode="after")
     def _layers(self) -> ModelConfig:
@@ -180,23 +204,67 @@ class TrainConfig(_Section):
         "and its refit; a short run of the whole plan (1: one epoch each). null: no cap.",
     )
     batch_size: int = Field(
-        4096, ge=1, description="Rows per step: pairs for bce, positives for softmax."
+        4096, ge=1, description="Rows per step: pairs for bce, positives for the other losses."
     )
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    loss: Literal["bce", "softmax"] = Field(
+    loss: LossName = Field(
         "bce",
         description="bce: pointwise binary cross-entropy on each positive and its num_negatives "
         "sampled negatives (the NCF paper; the sigmoid output is an interaction probability). "
-        "softmax: cross-entropy of each positive against the whole catalog (every other item a "
-        "negative, no sampling); a ranking objective whose sigmoid output is a score, not a "
-        "calibrated probability. Costs a batch x catalog score matrix per step.",
+        "The others are ranking objectives, whose sigmoid output is a score, not a calibrated "
+        "probability. softmax: cross-entropy of each positive against the whole catalog (a "
+        "batch x catalog score matrix per step; mf, gmf, lightgcn). sampled_softmax: against a "
+        "pool of pool_size items shared by the batch, drawn as `pool` says, with the logQ "
+        "correction (every model; the MLP towers score batch x pool pairs per step). bpr: "
+        "each positive above each of its num_negatives negatives (Rendle et al. 2009). ccl: "
+        "SimpleX's cosine contrastive loss over num_negatives negatives (Mao et al. 2021; mf "
+        "and lightgcn, which then score by cosine).",
     )
     num_negatives: int = Field(
-        16, ge=1, description="Negatives drawn per positive each epoch (loss=bce)."
+        16,
+        ge=1,
+        description="Negatives drawn per positive each epoch, none a positive of its user "
+        "(bce, bpr, ccl).",
     )
-    sampling: Literal["uniform", "popularity"] = "uniform"
-    popularity_power: float = Field(0.75, ge=0, description="Exponent for popularity sampling.")
+    sampling: Literal["uniform", "popularity"] = Field(
+        "uniform", description="How num_negatives are drawn (bce, bpr, ccl)."
+    )
+    popularity_power: float = Field(
+        0.75, ge=0, description="Exponent for popularity sampling, and for pool=popularity."
+    )
+    pool: Literal["uniform", "popularity", "in_batch", "mix"] = Field(
+        "uniform",
+        description="sampled_softmax's negatives, shared by a batch: pool_size items drawn "
+        "uniformly or by count ** popularity_power; in_batch: the batch's own positives (free, "
+        "but popularity-biased, no long tail); mix: uniform draws plus the batch's positives "
+        "(Yang et al. 2020). A negative equal to its row's positive is dropped.",
+    )
+    pool_size: int = Field(
+        1024,
+        ge=1,
+        description="Items drawn into each batch's pool (sampled_softmax, not in_batch).",
+    )
+    logq: bool = Field(
+        True,
+        description="sampled_softmax: subtract from each negative's logit the log of its "
+        "expected copies in the pool (Yi et al. 2019), so the sampled loss follows the full "
+        "softmax; the positive's too when the pool holds the batch's positives (in_batch, mix), "
+        "which are then draws from the pool themselves.",
+    )
+    ccl_margin: float = Field(
+        0.8, ge=-1, lt=1, description="ccl: negatives with a cosine below it cost nothing."
+    )
+    ccl_neg_weight: float = Field(
+        10.0, gt=0, description="ccl: weight of the negatives' mean term against the positive's."
+    )
+    embedding_l2: float = Field(
+        1e-4,
+        ge=0,
+        description="lightgcn: L2 penalty on the layer-0 embeddings a step touches (per row: "
+        "its user, its positive and the mean of its negatives; He et al. use 1e-4). Other "
+        "models use weight_decay.",
+    )
     confidence: Literal["none", "log", "linear"] = Field(
         "none",
         description="Weight each positive's BCE term by a confidence from its rating (a play "
@@ -279,19 +347,31 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
+    def _drawn(self, key: str, value: Any) -> list[Any]:
+        """Every value `key` can take in a run of this config: the tune space's, else `value`."""
+        space = self.tune.space
+        return space[key].edge_values() if key in space else [value]
+
     @model_validator(mode="after")
     def _loss_fits_model(self) -> Config:
-        """Softmax only for the dot-product models, here and in every trial a study can draw."""
-        space = self.tune.space
-        losses = space["train.loss"].edge_values() if "train.loss" in space else [self.train.loss]
-        names = space["model.name"].edge_values() if "model.name" in space else [self.model.name]
-        towers = [n for n in names if n in ("mlp", "neumf")]
-        if "softmax" in losses and towers:
-            where = "tune.space can draw " if len(losses) > 1 or len(names) > 1 else ""
+        """Each loss only for the models it can train (LOSS_MODELS), here and in every trial a
+        study can draw; NeuMF's pretrained GMF and MLP train with the same loss."""
+        losses = self._drawn("train.loss", self.train.loss)
+        names = self._drawn("model.name", self.model.name)
+        where = "tune.space can draw " if len(losses) > 1 or len(names) > 1 else ""
+        for loss in losses:
+            fits, reason = LOSS_MODELS.get(loss, ((), ""))
+            for name in names:
+                if reason and name not in (*fits, "popularity"):
+                    raise ValueError(
+                        f"{where}train.loss={loss} with model.name={name}: "
+                        + reason.format(name=name)
+                    )
+        if "lightgcn" in names and True in self._drawn("train.sparse", self.train.sparse):
             raise ValueError(
-                f"{where}train.loss=softmax with model.name={towers[0]}: softmax scores the "
-                f"whole catalog at every step, one matmul for the dot-product models (mf, gmf) "
-                f"but a pass of the MLP tower per item for {towers[0]}; use train.loss=bce for it"
+                f"{where}train.sparse=true with model.name=lightgcn: every step propagates the "
+                "whole embedding tables over the graph, so their gradients are dense; set "
+                "train.sparse=false"
             )
         return self
 
@@ -358,6 +438,17 @@ class Config(_Section):
             tree["train"].pop("max_epochs")
         if tree["data"]["valid_rule"] == "auto":
             tree["data"].pop("valid_rule")
+        unused: dict[str, list[str]] = {"model": [], "train": []}  # of another model, loss
+        if tree["model"]["name"] != "lightgcn":
+            unused["model"].append("layers")
+            unused["train"].append("embedding_l2")
+        if tree["train"].get("loss") != "sampled_softmax":
+            unused["train"] += ["pool", "pool_size", "logq"]
+        if tree["train"].get("loss") != "ccl":
+            unused["train"] += ["ccl_margin", "ccl_neg_weight"]
+        for section, keys in unused.items():
+            for key in keys:
+                tree[section].pop(key)
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

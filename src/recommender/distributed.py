@@ -98,11 +98,14 @@ class Dist:
         """The module to train through: DDP around `model` when distributed, else `model`.
 
         Checkpoints always take `model` itself, so state_dict keys carry no `module.` prefix.
+        Buffers are not re-broadcast at every step: each one (MF's latest items, LightGCN's
+        graph edges) is built by every rank from the same data and never changes in training,
+        and the graph's edges would cost a copy of the whole training set per step.
         """
         if not self.enabled:
             return model
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (small picklable objects: metrics, decisions)."""

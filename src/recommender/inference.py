@@ -3,10 +3,10 @@
 The `Recommender` speaks raw ids only; it maps them through the vocabularies saved with the
 model. Item-side tensors are computed once at load, so scoring a user against the whole catalog
 is a single batched pass. Unknown users get the popularity fallback, or, given the items they
-interacted with, a user vector folded in from them (explain.py's fit, the run's training loss);
+interacted with, a user vector folded in from them (explain/'s fit, the run's training loss);
 `representations` says which. Unknown items are an error, except in a new user's history, where
 they are dropped: a live history may hold items newer than the model. Explanations attribute
-the model's score to the user's history items (explain.py).
+the model's score to the user's history items (explain/).
 
 Example:
     >>> rec = Recommender.from_run("runs/demo")                    # doctest: +SKIP
@@ -33,7 +33,7 @@ from recommender.checkpoint import load_best
 from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.evaluate import exact_top_k
-from recommender.explain import FoldIn, supports
+from recommender.explain import FoldIn, GraphExplainer, explainer
 from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError
 
@@ -53,7 +53,7 @@ class Retriever(Protocol):
 
 
 # Explanation.method of an attribution; "popularity" marks the fallback.
-ATTRIBUTION = "fold-in integrated gradients"
+ATTRIBUTION = FoldIn.method  # the ID models'; LightGCN's is GraphExplainer.method
 # How `recommend` represents a user (`representations`): their trained vector, a vector folded
 # in from a given history, or the popularity list (an unknown user without a usable history,
 # or a run with no user vectors).
@@ -78,14 +78,16 @@ class _NewUsers:
 class Explanation:
     """The history items that raise a recommendation's score most, strongest first.
 
-    The weights are integrated-gradients attributions (explain.py), in units of the score (a
+    The weights are integrated-gradients attributions (explain/), in units of the score (a
     probability under train.loss=bce, a ranking score under softmax): how much each history
     item raises the item's score for the user refitted to the history ("fold-in"), against a
     user with no history. All history items' weights, negative ones included, sum to
     `score - baseline_score`; only the top positive ones are listed. `fidelity` is the Spearman
     correlation over the catalog between the refitted user's scores and the trained user's, so
-    a reader can tell how closely the refit stands in for the model. The last three fields are
-    None for the popularity fallback.
+    a reader can tell how closely the refit stands in for the model. LightGCN is explained
+    over its graph instead (`method` says which): each history edge re-weighted, the user's
+    layers recomputed, so the full-history score is the model's own (fidelity 1). The last
+    three fields are None for the popularity fallback.
     """
 
     item_id: str
@@ -162,7 +164,11 @@ class Recommender:
     def from_run(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> Recommender:
         """Rebuild model and vocabularies from `run_dir/best.pt` alone."""
         ckpt = load_best(Path(run_dir))
-        model = build_model(ModelConfig(**ckpt.model_config), ckpt.n_users, ckpt.n_items)
+        # a model trained with ccl scores by cosine (models.build_model)
+        loss = TrainConfig.model_validate((ckpt.config or {}).get("train", {})).loss
+        model = build_model(
+            ModelConfig(**ckpt.model_config), ckpt.n_users, ckpt.n_items, cosine=loss == "ccl"
+        )
         if isinstance(model, Popularity):
             model.fit(ckpt.item_counts.numpy())
         else:
@@ -264,7 +270,7 @@ class Recommender:
         else:
             item_ids, top_scores = self._exact(user_idx, k, exclude_seen)
         new = self._new_users(ids, user_idx, histories)
-        if len(new.rows) and self._fold_in is not None:
+        if len(new.rows) and isinstance(self._fold_in, FoldIn):
             folded = self._folded(self._fold_in, new, k, exclude_seen)
             item_ids[new.rows], top_scores[new.rows] = folded
         return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
@@ -287,7 +293,8 @@ class Recommender:
         """The unknown users among `ids` with a history holding known items, for a run whose
         model has user vectors to fold in."""
         rows, items, latest = [], [], []
-        if histories and self._fold_in is not None:
+        # LightGCN's users are propagated over the training graph: no free vector to fold in
+        if histories and isinstance(self._fold_in, FoldIn):
             for row in np.flatnonzero(user_idx < 0):
                 given = histories.get(ids[row])
                 if given is None:
@@ -477,17 +484,11 @@ class Recommender:
         return self.items.to_ids(top.indices), top.values.cpu().numpy()
 
     @cached_property
-    def _fold_in(self) -> FoldIn | None:
-        """The explainer, built on first use; None for a model without user vectors."""
-        if not supports(self.model):
-            return None
+    def _fold_in(self) -> FoldIn | GraphExplainer | None:
+        """The explainer, built on first use; None for a model without a user to explain."""
         # the loss and negatives as training used them (the saved config, else the defaults)
         train = TrainConfig.model_validate((self.meta.get("config") or {}).get("train", {}))
-        odds = None
-        if train.sampling == "popularity":
-            counts = torch.as_tensor(self.item_counts, dtype=torch.float32, device=self.device)
-            odds = counts**train.popularity_power
-        return FoldIn(self.model, train.num_negatives, odds, loss=train.loss)
+        return explainer(self.model, train, self.item_counts)
 
     def explain(self, user_id: str | int, item_id: str | int, n: int = 3) -> Explanation:
         """The user's history items that raise `item_id`'s score most; see `explain_many`."""
@@ -525,10 +526,14 @@ class Recommender:
         elif history is not None and user_idx < 0:
             seen, latest = self._history_indices(history)
         fold_in = self._fold_in
-        if fold_in is None or not len(seen) or not items:
+        unfoldable = user_idx < 0 and not isinstance(fold_in, FoldIn)
+        if fold_in is None or unfoldable or not len(seen) or not items:
             return [Explanation(item, [], [], "popularity") for item in items]
         targets = torch.from_numpy(item_idx).to(self.device)
-        why = fold_in.user(user_idx if user_idx >= 0 else None, seen, latest).attribute(targets)
+        if isinstance(fold_in, FoldIn):
+            why = fold_in.user(user_idx if user_idx >= 0 else None, seen, latest).attribute(targets)
+        else:
+            why = fold_in.user(user_idx, seen, latest).attribute(targets)
         top = torch.topk(why.weights, min(n, len(seen)), dim=1)
         weights = top.values.cpu().numpy()  # (T, n)
         supporting = seen[top.indices.cpu().numpy()]  # (T, n) item indices
@@ -541,7 +546,7 @@ class Recommender:
                     item,
                     [str(x) for x in self.items.to_ids(supporting[row][positive])],
                     [round(float(w), 4) for w in weights[row][positive]],
-                    ATTRIBUTION,
+                    fold_in.method,
                     round(scores[row], 4),
                     round(baselines[row], 4),
                     None if why.fidelity is None else round(why.fidelity, 4),

@@ -1,5 +1,5 @@
-"""Training objectives as pure functions of scores and targets, and the pool of shared negatives
-that sampled softmax scores every row against.
+"""Training objectives as pure functions of scores and targets (the pool of shared negatives
+that sampled softmax scores every row against is drawn by data/sampling.PoolSampler).
 
 Every loss returns a scalar: the mean of per-row losses or, with `weights` ((B,) row weights,
 e.g. confidences), sum(w * l) / sum(w), so weights change the balance between rows and not the
@@ -118,67 +118,17 @@ def ccl(
     return _mean(1 - pos_cos + neg_weight * neg, weights)
 
 
-class PoolSampler:
-    """Negatives for sampled_softmax: one pool per batch, scored by every row of it.
+def embedding_l2(
+    users: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LightGCN's penalty on the layer-0 embeddings of a step (He et al. 2020): (B, d) users,
+    (B, d) items (the positives, or BCE's pairs), and (B, N, d) each row's negatives or (P, d)
+    a pool shared by the rows; None where the loss has none apart (bce, the full softmax).
 
-    The pool holds `size` items drawn with replacement from q(j) ∝ count_j ** alpha (alpha=0:
-    uniform over the catalog; 1: by popularity) followed, with `in_batch`, by the batch's own
-    positives, which are draws from the item frequency f(j) = count_j / Σ count since batches
-    are slices of a permutation of the training positives. With both, it is the mixed negative
-    sampling of Yang et al. (WWW 2020): in-batch items are free but miss the long tail.
-
-    log_q(j) is the log of item j's expected number of copies in the pool,
-    size * q(j) + B * f(j): one correction for either source or both.
-
-    Example:
-        >>> counts = torch.tensor([5.0, 1.0, 0.0, 2.0])
-        >>> pool = PoolSampler(counts, size=3, alpha=1.0, in_batch=True)
-        >>> items, log_q = pool.sample(torch.tensor([0, 3]), torch.Generator().manual_seed(0))
-        >>> items.shape, log_q.shape
-        (torch.Size([5]), torch.Size([5]))
+    l = ½ mean_b (|e_u|² + |e_i|² + mean_j |e_j|²): for BPR's one negative the paper's term;
+    the mean over negatives keeps its scale whatever their number.
     """
-
-    def __init__(
-        self, item_counts: torch.Tensor, size: int, *, alpha: float = 0.0, in_batch: bool = False
-    ) -> None:
-        """`item_counts`: (n_items,) training positives per item, on the device of the pool."""
-        if size < 0:
-            raise ValueError(f"pool size must be >= 0, got {size}")
-        if not size and not in_batch:
-            raise ValueError("an empty pool: draw size > 0 items, or use in_batch negatives")
-        counts = item_counts.double()
-        if in_batch and not counts.sum() > 0:
-            raise ValueError("in-batch negatives need item counts with at least one positive")
-        weights = counts.pow(alpha)
-        if size and not weights.sum() > 0:
-            raise ValueError("item counts give every item zero probability of being drawn")
-        self.size, self.alpha, self.in_batch = size, alpha, in_batch
-        self._q = (weights / weights.sum()).float() if size else None
-        self._f = (counts / counts.sum()).float() if in_batch else None
-
-    def log_q(self, items: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Log of the expected copies of each of `items` (any shape) in a batch's pool."""
-        expected = torch.zeros(items.shape, device=items.device)
-        if self._q is not None:
-            expected = expected + self.size * self._q[items]
-        if self._f is not None:
-            expected = expected + batch_size * self._f[items]
-        return expected.log()
-
-    def sample(
-        self, pos_items: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) the batch's positives -> (P,) pool items and their (P,) log_q."""
-        parts = []
-        if self._q is not None:
-            if self.alpha == 0:
-                drawn = torch.randint(
-                    len(self._q), (self.size,), generator=generator, device=self._q.device
-                )
-            else:
-                drawn = torch.multinomial(self._q, self.size, replacement=True, generator=generator)
-            parts.append(drawn)
-        if self.in_batch:
-            parts.append(pos_items)
-        items = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return items, self.log_q(items, len(pos_items))
+    per_row = users.float().pow(2).sum(-1) + items.float().pow(2).sum(-1)  # (B,)
+    if negatives is not None and negatives.shape[-2]:
+        per_row = per_row + negatives.float().pow(2).sum(-1).mean(-1)  # (B,) or a pool's scalar
+    return 0.5 * per_row.mean()

@@ -4,9 +4,14 @@ A run is the list of stages stages.py plans (pretraining, selection with early s
 validation split, refit on train + validation); this module runs them. The test split is never
 read here.
 
-With `train.confidence`, each positive's BCE term is weighted by a confidence computed from its
-rating (a play count on Last.fm), as implicit-feedback models do (Hu, Koren & Volinsky 2008);
-negatives weigh 1, and the loss is the weighted mean, so learning rates keep their meaning.
+Which loss a step minimises, and what its batches hold, is objective.py's (train.loss); the
+loss functions themselves are losses.py's. A graph model (LightGCN) propagates over each
+stage's own training pairs: the train split while selecting, train + validation in the refit.
+
+With `train.confidence`, each positive's loss term is weighted by a confidence computed from
+its rating (a play count on Last.fm), as implicit-feedback models do (Hu, Koren & Volinsky
+2008); BCE's negatives weigh 1, and the loss is the weighted mean, so learning rates keep their
+meaning.
 
 Checkpoints: `last.pt` (written after every epoch, everything needed to resume, RNG states
 included) and `best.pt` (the model for inference), written through checkpoint.py, which owns
@@ -33,7 +38,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from recommender import __version__
@@ -56,6 +60,7 @@ from recommender.data.sampling import NegativeSampler, epoch_batches, to_device
 from recommender.distributed import Dist, check_supported
 from recommender.evaluate import evaluate_full
 from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, build_model
+from recommender.objective import Objective
 from recommender.stages import Stage, log_plan, plan_stages
 from recommender.utils import ConfigError, DataError, RecommenderError
 
@@ -76,7 +81,9 @@ class EpochSource:
     items: torch.Tensor  # (P,) its item index
     weights: torch.Tensor | None  # (P,) its confidence; None when train.confidence is none
     context: torch.Tensor | None  # (P, k) the items before it; None when model.context is 0
-    sampler: NegativeSampler  # draws negatives, knowing each user's positives
+    sampler: NegativeSampler | None  # draws negatives, knowing each user's positives; None
+    # for a loss that draws none per positive (softmax, sampled_softmax)
+    objective: Objective  # train.loss, with this split's pool (sampled_softmax)
 
 
 def confidence_weights(
@@ -113,32 +120,25 @@ def train_step(
     y: torch.Tensor,
     weight: torch.Tensor | None = None,
     amp: bool = False,
-    loss_kind: Literal["bce", "softmax"] = "bce",
+    loss_kind: str = "bce",
     context: torch.Tensor | None = None,
+    objective: Objective | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One optimisation step on a batch; returns the detached mean loss.
+    """One optimisation step on a batch; returns the detached loss.
 
-    bce: (B,) pairs with their 0/1 targets `y`. softmax: (B,) positives, each the target class
-    among the whole catalog's logits (`y` unused). With `weight` ((B,) row weights), the loss
-    is sum(w * l) / sum(w): a weighted mean, so confidences change the balance between rows,
-    not the step size. `context` ((B, k) items before each row's positive) goes to a model with
-    model.context. The benchmarks time this same function on ready-made batches.
+    `objective` says how the batch becomes a loss (objective.py); without one, `loss_kind`
+    names bce or softmax. bce: (B,) pairs with their 0/1 targets `y`. softmax: (B,) positives,
+    each the target class among the whole catalog's logits (`y` unused). bpr, ccl: `y` holds
+    each row's (B, N) negatives. With `weight` ((B,) row weights), the loss is
+    sum(w * l) / sum(w): a weighted mean, so confidences change the balance between rows, not
+    the step size. `context` ((B, k) items before each row's positive) goes to a model with
+    model.context; `generator` draws sampled_softmax's pool. The benchmarks time this same
+    function on ready-made batches.
     """
-    extra = {} if context is None else {"context": context}
+    objective = objective or Objective(loss_kind)
     with torch.autocast(u.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = (net(u, i, **extra) if loss_kind == "bce" else net(u, **extra)).float()
-    if loss_kind == "bce":
-        if weight is None:
-            loss = F.binary_cross_entropy_with_logits(logits, y)
-        else:
-            loss = (
-                F.binary_cross_entropy_with_logits(logits, y, weight=weight, reduction="sum")
-                / weight.sum()
-            )
-    elif weight is None:
-        loss = F.cross_entropy(logits, i)
-    else:
-        loss = (weight * F.cross_entropy(logits, i, reduction="none")).sum() / weight.sum()
+        loss = objective(net, u, i, y, weight=weight, context=context, generator=generator)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -212,9 +212,13 @@ class Trainer:
             self._tensors.clear()  # stages run all on "train", then all on "full": keep one
             inter = self._split(which)
             t = self.cfg.train
-            sampler = NegativeSampler(
-                inter, strategy=t.sampling, power=t.popularity_power, device=self.device
-            )
+            counts = to_device(inter.item_counts().astype(np.float32), self.device)
+            objective = Objective.from_config(t, counts)
+            sampler = None
+            if objective.num_negatives:
+                sampler = NegativeSampler(
+                    inter, strategy=t.sampling, power=t.popularity_power, device=self.device
+                )
             users = to_device(inter.user_idx, self.device)
             items = to_device(inter.item_idx, self.device)
             weights = None
@@ -226,7 +230,7 @@ class Trainer:
                 weights = to_device(conf, self.device)
             k = self.cfg.model.context
             context = to_device(inter.previous_items(k), self.device) if k else None
-            self._tensors[which] = EpochSource(users, items, weights, context, sampler)
+            self._tensors[which] = EpochSource(users, items, weights, context, sampler, objective)
         return self._tensors[which]
 
     # -- models and optimisers ---------------------------------------------------------------
@@ -241,14 +245,18 @@ class Trainer:
             len(self.data.users),
             len(self.data.items),
             sparse=self.cfg.train.sparse,
+            cosine=self.cfg.train.loss == "ccl",
         ).to(self.device)
         if stage.init_from is not None:
             assert isinstance(model, NeuMF)
             gmf, mlp = (self._completed_model(name) for name in stage.init_from)
             assert isinstance(gmf, GMF) and isinstance(mlp, MLP)
             model.load_pretrained(gmf, mlp, self.cfg.train.pretrain.alpha)
+        split = self._split(stage.data)
         if model.context:  # scores after this stage use its data
-            model.set_latest(self._split(stage.data).latest_items(model.context))
+            model.set_latest(split.latest_items(model.context))
+        if model.graph:  # the stage's own training pairs: validation pairs never in a selection
+            model.set_graph(split.user_idx, split.item_idx)
         return model
 
     def _completed_model(self, stage_name: str) -> RecModel:
@@ -292,26 +300,30 @@ class Trainer:
         """One epoch of this rank's share; `net` is the module to step through (DDP's wrapper
         around `model` when distributed). Returns (mean loss, samples, seconds) of this rank."""
         source = self._epoch_source(stage.data)
-        t = self.cfg.train
-        # softmax batches are positives only: the whole catalog is every row's negatives
-        negatives = t.num_negatives if t.loss == "bce" else 0
+        t, objective = self.cfg.train, source.objective
         net = model if net is None else net
+        pool_generator = None
+        if objective.pool is not None:  # each rank its own pools, apart from the batches'
+            seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
+            pool_generator = torch.Generator(device=self.device)
+            pool_generator.manual_seed(int(seed) + self.dist.rank)
         model.train()
         start = time.perf_counter()
         batches = epoch_batches(
             source.users,
             source.items,
             source.sampler,
-            num_negatives=negatives,
+            num_negatives=objective.num_negatives,
             batch_size=t.batch_size,
             generator=generator,
             weights=source.weights,
             context=source.context,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
+            pairs=objective.pairs,
         )
         share = len(source.users) // self.dist.world_size
-        n_batches = math.ceil(share * (1 + negatives) / t.batch_size)
+        n_batches = math.ceil(share * objective.rows_per_positive() / t.batch_size)
         total_loss = torch.zeros((), device=self.device)
         total_weight = torch.zeros((), device=self.device)  # with confidences only
         seen = 0
@@ -322,15 +334,15 @@ class Trainer:
             weight = rest[0] if source.weights is not None else None
             ctx = rest[-1] if source.context is not None else None
             loss = train_step(
-                net, optimizers, u, i, y, weight, amp=self.amp, loss_kind=t.loss, context=ctx
+                net, optimizers, u, i, y, weight, self.amp, t.loss, ctx, objective, pool_generator
             )
             if weight is None:
-                total_loss += loss * len(y)
+                total_loss += loss * len(u)
             else:  # the epoch's loss is the weighted mean its steps minimised
                 mass = weight.sum()
                 total_loss += loss * mass
                 total_weight += mass
-            seen += len(y)
+            seen += len(u)
             if step % 25 == 0:
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / elapsed:,.0f}")

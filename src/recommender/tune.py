@@ -64,28 +64,42 @@ log = logging.getLogger("recommender")
 STUDY_NAME = "recommender"
 STUDY_DB = "study.db"
 # Sampled first: they decide which of the other keys the trial's model uses.
-SWITCHES = ("model.name", "train.pretrain.enabled", "train.sampling")
+SWITCHES = ("model.name", "train.pretrain.enabled", "train.loss", "train.sampling", "train.pool")
 
 
 def inert_keys(cfg: Config) -> set[str]:
     """Dotted keys (or whole sections) that cannot change what `cfg` trains.
 
-    Mirrors models.build_model (which model reads which size) and stages.plan_stages (which
-    stage reads which rate).
+    Mirrors models.build_model (which model reads which size), stages.plan_stages (which
+    stage reads which rate) and objective.Objective (which loss reads which setting).
     """
     name, t = cfg.model.name, cfg.train
     inert = set()
-    if name in ("gmf", "mf"):
+    if name in ("gmf", "mf", "lightgcn"):
         inert |= {"model.mlp_layers", "model.dropout"}
     if name == "mlp":
         inert.add("model.embedding_dim")
+    if name != "lightgcn":
+        inert |= {"model.layers", "train.embedding_l2"}
     if name != "neumf":
         inert.add("train.pretrain")
     elif t.pretrain.enabled:
         inert.add("train.lr")  # the fused model trains at pretrain.finetune_lr
     else:
         inert |= {f"train.pretrain.{k}" for k in ("gmf", "mlp", "alpha", "finetune_lr")}
-    if t.sampling != "popularity":
+    draws = t.loss in ("bce", "bpr", "ccl")  # num_negatives per positive (objective.py)
+    if not draws:
+        inert |= {"train.num_negatives", "train.sampling"}
+    if t.loss != "sampled_softmax":
+        inert |= {"train.pool", "train.pool_size", "train.logq"}
+    elif t.pool == "in_batch":
+        inert.add("train.pool_size")
+    if t.loss != "ccl":
+        inert |= {"train.ccl_margin", "train.ccl_neg_weight"}
+    by_popularity = (draws and t.sampling == "popularity") or (
+        t.loss == "sampled_softmax" and t.pool == "popularity"
+    )
+    if not by_popularity:
         inert.add("train.popularity_power")
     return inert
 

@@ -8,7 +8,10 @@ positive keys (8x slower lookups than the bitset at 20M positives, measured). No
 Python anywhere.
 
 Batches are contiguous slices of the epoch after one permutation: no Dataset, no DataLoader,
-no per-sample `__getitem__` (the approach of NVIDIA's NCF example). Large epochs are built a
+no per-sample `__getitem__` (the approach of NVIDIA's NCF example). They come as pairs (each
+positive and each negative a row with its label: BCE) or as rows (each positive with its own
+negatives beside it: BPR, CCL). Sampled softmax draws one pool of negatives per batch instead
+(PoolSampler), shared by every row of it. Large epochs are built a
 chunk of positives at a time, so memory stays bounded at 100M samples. Per-positive weights
 (confidences from play counts) are optional and ride along with the same permutations.
 """
@@ -157,7 +160,7 @@ class NegativeSampler:
 def epoch_batches(
     users: torch.Tensor,
     items: torch.Tensor,
-    sampler: NegativeSampler,
+    sampler: NegativeSampler | None,
     *,
     num_negatives: int,
     batch_size: int,
@@ -167,12 +170,13 @@ def epoch_batches(
     rank: int = 0,
     world_size: int = 1,
     chunk: int = EPOCH_CHUNK,
+    pairs: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 @overload
 def epoch_batches(
     users: torch.Tensor,
     items: torch.Tensor,
-    sampler: NegativeSampler,
+    sampler: NegativeSampler | None,
     *,
     num_negatives: int,
     batch_size: int,
@@ -182,11 +186,12 @@ def epoch_batches(
     rank: int = 0,
     world_size: int = 1,
     chunk: int = EPOCH_CHUNK,
+    pairs: bool = True,
 ) -> Iterator[tuple[torch.Tensor, ...]]: ...
 def epoch_batches(
     users: torch.Tensor,
     items: torch.Tensor,
-    sampler: NegativeSampler,
+    sampler: NegativeSampler | None,
     *,
     num_negatives: int,
     batch_size: int,
@@ -196,9 +201,12 @@ def epoch_batches(
     rank: int = 0,
     world_size: int = 1,
     chunk: int = EPOCH_CHUNK,
+    pairs: bool = True,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield (user_idx, item_idx, label[, weight][, context]) batches: one epoch's positives,
-    new negatives.
+    new negatives. With `pairs=False`, (user_idx, item_idx, negatives[, weight][, context])
+    batches of positives, each row with its (B, num_negatives) own negatives; with no sampler
+    (a loss that draws none per positive), every batch is positives only.
 
     One permutation orders the positives; each chunk of `chunk` positives gets its negatives
     and is shuffled with them, so a batch mixes positives and negatives of many users while
@@ -229,7 +237,9 @@ def epoch_batches(
         raise DataError(
             f"context has {context.shape[0]} rows; it must match the {len(users)} positives"
         )
-    device = sampler.device
+    if sampler is None and num_negatives:
+        raise ValueError(f"num_negatives={num_negatives} needs a NegativeSampler")
+    device = users.device if sampler is None else sampler.device
     perm = torch.randperm(len(users), generator=generator, device=device)
     if world_size > 1:
         share = len(perm) // world_size
@@ -240,24 +250,26 @@ def epoch_batches(
     for lo in range(0, len(perm), chunk):
         part = perm[lo : lo + chunk]
         pos_users, pos_items = users[part], items[part]
-        negatives = sampler.sample(pos_users, num_negatives, generator)  # (P, k)
-        all_users = torch.cat([pos_users, pos_users.repeat_interleave(num_negatives)])
-        all_items = torch.cat([pos_items, negatives.view(-1)])
-        labels = torch.cat(
-            [
-                torch.ones(len(pos_users), device=device),
-                torch.zeros(negatives.numel(), device=device),
-            ]
-        )
-        order = torch.randperm(len(all_users), generator=generator, device=device)
-        block = [all_users[order], all_items[order], labels[order]]
-        if weights is not None:
-            ones = torch.ones(negatives.numel(), dtype=weights.dtype, device=device)
-            block.append(torch.cat([weights[part], ones])[order])
-        if context is not None:
-            pos_context = context[part]
-            repeated = pos_context.repeat_interleave(num_negatives, dim=0)
-            block.append(torch.cat([pos_context, repeated])[order])
+        if sampler is None:
+            negatives = pos_items.new_empty(len(part), 0)
+        else:
+            negatives = sampler.sample(pos_users, num_negatives, generator)  # (P, k)
+        if not pairs:  # the permutation has shuffled the rows already
+            block = [pos_users, pos_items, negatives]
+            if weights is not None:
+                block.append(weights[part])
+            if context is not None:
+                block.append(context[part])
+        else:
+            block = _pairs(pos_users, pos_items, negatives, generator)
+            order = block.pop()
+            if weights is not None:
+                ones = torch.ones(negatives.numel(), dtype=weights.dtype, device=device)
+                block.append(torch.cat([weights[part], ones])[order])
+            if context is not None:
+                pos_context = context[part]
+                repeated = pos_context.repeat_interleave(num_negatives, dim=0)
+                block.append(torch.cat([pos_context, repeated])[order])
         if carry:  # the previous chunk's tail, too short for a batch of its own
             block = [torch.cat([a, b]) for a, b in zip(carry, block, strict=True)]
         last = lo + chunk >= len(perm)
@@ -266,3 +278,87 @@ def epoch_batches(
             end = min(start + batch_size, full)
             yield tuple(t[start:end] for t in block)
         carry = [t[full:] for t in block]
+
+
+def _pairs(
+    users: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """(P,) positives and their (P, k) negatives -> shuffled (user, item, label) pairs, and the
+    shuffle, so that other per-pair tensors can follow it."""
+    k = negatives.shape[1]
+    all_users = torch.cat([users, users.repeat_interleave(k)])
+    all_items = torch.cat([items, negatives.view(-1)])
+    labels = torch.cat(
+        [
+            torch.ones(len(users), device=users.device),
+            torch.zeros(negatives.numel(), device=users.device),
+        ]
+    )
+    order = torch.randperm(len(all_users), generator=generator, device=users.device)
+    return [all_users[order], all_items[order], labels[order], order]
+
+
+class PoolSampler:
+    """Negatives for sampled_softmax: one pool per batch, scored by every row of it.
+
+    The pool holds `size` items drawn with replacement from q(j) ∝ count_j ** alpha (alpha=0:
+    uniform over the catalog; 1: by popularity) followed, with `in_batch`, by the batch's own
+    positives, which are draws from the item frequency f(j) = count_j / Σ count since batches
+    are slices of a permutation of the training positives. With both, it is the mixed negative
+    sampling of Yang et al. (WWW 2020): in-batch items are free but miss the long tail.
+
+    log_q(j) is the log of item j's expected number of copies in the pool,
+    size * q(j) + B * f(j): one correction for either source or both.
+
+    Example:
+        >>> counts = torch.tensor([5.0, 1.0, 0.0, 2.0])
+        >>> pool = PoolSampler(counts, size=3, alpha=1.0, in_batch=True)
+        >>> items, log_q = pool.sample(torch.tensor([0, 3]), torch.Generator().manual_seed(0))
+        >>> items.shape, log_q.shape
+        (torch.Size([5]), torch.Size([5]))
+    """
+
+    def __init__(
+        self, item_counts: torch.Tensor, size: int, *, alpha: float = 0.0, in_batch: bool = False
+    ) -> None:
+        """`item_counts`: (n_items,) training positives per item, on the device of the pool."""
+        if size < 0:
+            raise ValueError(f"pool size must be >= 0, got {size}")
+        if not size and not in_batch:
+            raise ValueError("an empty pool: draw size > 0 items, or use in_batch negatives")
+        counts = item_counts.double()
+        if in_batch and not counts.sum() > 0:
+            raise ValueError("in-batch negatives need item counts with at least one positive")
+        weights = counts.pow(alpha)
+        if size and not weights.sum() > 0:
+            raise ValueError("item counts give every item zero probability of being drawn")
+        self.size, self.alpha, self.in_batch = size, alpha, in_batch
+        self._q = (weights / weights.sum()).float() if size else None
+        self._f = (counts / counts.sum()).float() if in_batch else None
+
+    def log_q(self, items: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Log of the expected copies of each of `items` (any shape) in a batch's pool."""
+        expected = torch.zeros(items.shape, device=items.device)
+        if self._q is not None:
+            expected = expected + self.size * self._q[items]
+        if self._f is not None:
+            expected = expected + batch_size * self._f[items]
+        return expected.log()
+
+    def sample(
+        self, pos_items: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) the batch's positives -> (P,) pool items and their (P,) log_q."""
+        parts = []
+        if self._q is not None:
+            if self.alpha == 0:
+                drawn = torch.randint(
+                    len(self._q), (self.size,), generator=generator, device=self._q.device
+                )
+            else:
+                drawn = torch.multinomial(self._q, self.size, replacement=True, generator=generator)
+            parts.append(drawn)
+        if self.in_batch:
+            parts.append(pos_items)
+        items = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return items, self.log_q(items, len(pos_items))

@@ -1,26 +1,34 @@
-"""Models: GMF, MLP (the seed's NCF), NeuMF, MF and Popularity, built from a ModelConfig."""
+"""Models: GMF, MLP (the seed's NCF), NeuMF, MF, LightGCN and Popularity, built from a
+ModelConfig."""
 
 from __future__ import annotations
 
 from recommender.config import ModelConfig
 from recommender.models.base import RecModel
 from recommender.models.gmf import GMF
+from recommender.models.lightgcn import LightGCN
 from recommender.models.mf import MF
 from recommender.models.mlp import MLP
 from recommender.models.neumf import NeuMF
 from recommender.models.popularity import Popularity
 
-__all__ = ["GMF", "MF", "MLP", "NeuMF", "Popularity", "RecModel", "build_model"]
+__all__ = ["GMF", "MF", "MLP", "LightGCN", "NeuMF", "Popularity", "RecModel", "build_model"]
 
 
-def build_model(cfg: ModelConfig, n_users: int, n_items: int, sparse: bool = False) -> RecModel:
-    """The model named by cfg.name, sized for the vocabularies."""
+def build_model(
+    cfg: ModelConfig, n_users: int, n_items: int, sparse: bool = False, cosine: bool = False
+) -> RecModel:
+    """The model named by cfg.name, sized for the vocabularies. `cosine`: score by the cosine
+    of the user and item vectors, as a model trained with train.loss=ccl does (mf, lightgcn;
+    config.py refuses ccl for the others)."""
     if cfg.name == "gmf":
         return GMF(n_users, n_items, cfg.embedding_dim, sparse)
     if cfg.name == "mf":
-        return MF(n_users, n_items, cfg.embedding_dim, sparse, cfg.context)
+        return MF(n_users, n_items, cfg.embedding_dim, sparse, cfg.context, cosine)
     if cfg.name == "mlp":
         return MLP(n_users, n_items, cfg.mlp_layers, cfg.dropout, sparse)
     if cfg.name == "neumf":
         return NeuMF(n_users, n_items, cfg.embedding_dim, cfg.mlp_layers, cfg.dropout, sparse)
+    if cfg.name == "lightgcn":
+        return LightGCN(n_users, n_items, cfg.embedding_dim, cfg.layers, cosine)
     return Popularity(n_users, n_items)

@@ -35,10 +35,18 @@ class RecModel(nn.Module):
     # by `set_latest`) and scores what follows given items with `score_after`.
     context: int = 0
     latest: torch.Tensor
+    # True for a model that propagates over the training graph (LightGCN): the trainer calls
+    # `set_graph` with each stage's own training pairs before it trains.
+    graph: bool = False
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        """(B,) user indices, (B,) item indices -> (B,) logits."""
+        """(B,) user indices with (B,) item indices -> (B,) logits; trainable models also take
+        (B, K) items, K per row, or (1, K) items shared by every row -> (B, K) logits."""
         raise NotImplementedError
+
+    def set_graph(self, users: np.ndarray, items: np.ndarray) -> None:
+        """Propagate over these (E,) training pairs; for a model with `graph` only."""
+        raise NotImplementedError(f"{type(self).__name__} propagates over no graph")
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         """Item-side tensors computed once per model version, reused for every user."""
@@ -78,6 +86,17 @@ class RecModel(nn.Module):
     def retrieval_vectors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(user_vecs, item_vecs) whose dot product approximates the score, for ANN retrieval."""
         return None
+
+
+def pair_dot(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Dot products of (B, d) user vectors with (B, d) item vectors -> (B,); with (B, K, d)
+    vectors, K per row -> (B, K); with (1, K, d) vectors shared by every row -> (B, K) by one
+    matmul, never a (B, K, d) copy (a sampled-softmax pool of thousands of items)."""
+    if items.dim() == 2:
+        return (users * items).sum(-1)
+    if len(items) == 1:
+        return users @ items[0].T
+    return torch.bmm(items, users.unsqueeze(-1)).squeeze(-1)
 
 
 def init_embedding(table: nn.Embedding, std: float = 0.01) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recommender.models.base import RecModel, init_embedding
+from recommender.models.base import RecModel, init_embedding, pair_dot
 
 
 class GMF(RecModel):
@@ -25,10 +25,14 @@ class GMF(RecModel):
         return self.user_emb(user_idx) * self.item_emb(item_idx)
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) logits of the pairs, or with no `item_idx` (B, n_items): the whole catalog
-        (train.loss=softmax, called through DDP's wrapper so gradients are synchronised)."""
+        """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items (base.pair_dot); with
+        no `item_idx` (B, n_items): the whole catalog (train.loss=softmax, called through DDP's
+        wrapper so gradients are synchronised)."""
         if item_idx is None:
             return self._score_cached(user_idx, self.item_cache())
+        if item_idx.dim() > 1:
+            weighted_users = self.user_emb(user_idx) * self.out.weight  # (B, d)
+            return pair_dot(weighted_users, self.item_emb(item_idx)) + self.out.bias
         return self.out(self.interaction(user_idx, item_idx)).squeeze(-1)
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:

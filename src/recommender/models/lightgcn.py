@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from recommender.models.base import RecModel, init_embedding
+from recommender.models.base import RecModel, init_embedding, pair_dot
 
 # Initial embedding spread of the reference implementation (gusye1234/LightGCN-PyTorch), with
 # which its published numbers were reached. Larger than MF's 0.01: every layer averages
@@ -45,6 +46,11 @@ class _SparseMatmul(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
         with torch.autocast(grad.device.type, enabled=False):
             return None, None, (ctx.a_t @ grad.to(ctx.a_t.dtype)).to(ctx.dtype)
+
+
+def sparse_matmul(a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """a @ x for a sparse `a` and its transpose `a_t`, differentiable in `x` (float32)."""
+    return _SparseMatmul.apply(a, a_t, x)
 
 
 def _csr(
@@ -89,12 +95,17 @@ class LightGCN(RecModel):
     """
 
     edges: torch.Tensor  # (2, E) int64: user and item index of every training pair
+    graph = True
 
-    def __init__(self, n_users: int, n_items: int, dim: int, layers: int = 3) -> None:
+    def __init__(
+        self, n_users: int, n_items: int, dim: int, layers: int = 3, cosine: bool = False
+    ) -> None:
+        """`cosine`: score by the cosine of the propagated vectors (train.loss=ccl, SimpleX)."""
         super().__init__()
         if layers < 0:
             raise ValueError(f"LightGCN needs layers >= 0, got {layers}")
         self.n_users, self.n_items, self.layers = n_users, n_items, layers
+        self.cosine = cosine
         self.user_emb = nn.Embedding(n_users, dim)
         self.item_emb = nn.Embedding(n_items, dim)
         init_embedding(self.user_emb, INIT_STD)
@@ -142,29 +153,36 @@ class LightGCN(RecModel):
             self._adjacency = normalized_adjacency(users, items, self.n_users, self.n_items)
         return self._adjacency
 
+    def layer_embeddings(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Layers 0..L of the users ((n_users, d) each) and of the items ((n_items, d) each)."""
+        users, items = [self.user_emb.weight], [self.item_emb.weight]
+        if self.layers:
+            r, r_t = self.adjacency()
+            for _ in range(self.layers):
+                users, items = (
+                    [*users, sparse_matmul(r, r_t, items[-1])],
+                    [*items, sparse_matmul(r_t, r, users[-1])],
+                )
+        return users, items
+
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n_users, d), (n_items, d): the mean of layers 0..L. One call per training step:
-        every pair of the step is scored from it."""
-        users, items = self.user_emb.weight, self.item_emb.weight
-        if not self.layers:
-            return users, items
-        r, r_t = self.adjacency()
-        user_sum, item_sum = users, items
-        for _ in range(self.layers):
-            users, items = _SparseMatmul.apply(r, r_t, items), _SparseMatmul.apply(r_t, r, users)
-            user_sum, item_sum = user_sum + users, item_sum + items
-        return user_sum / (self.layers + 1), item_sum / (self.layers + 1)
+        """(n_users, d), (n_items, d): the mean of layers 0..L (unit vectors with `cosine`).
+        One call per training step: every pair of the step is scored from it."""
+        user_layers, item_layers = self.layer_embeddings()
+        users = sum(user_layers[1:], user_layers[0]) / (self.layers + 1)
+        items = sum(item_layers[1:], item_layers[0]) / (self.layers + 1)
+        if self.cosine:
+            return F.normalize(users, dim=-1), F.normalize(items, dim=-1)
+        return users, items
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) users with (B,) items -> (B,) logits; with (B, K) items -> (B, K) (a positive
-        and its negatives, one propagation); with no items -> (B, n_items), the catalog."""
+        """(B,) users with (B,) items -> (B,) logits; with (B, K) or (1, K) items -> (B, K)
+        (a positive and its negatives, or a shared pool: one propagation); with no items ->
+        (B, n_items), the catalog."""
         users, items = self.propagate()
         if item_idx is None:
             return users[user_idx] @ items.T
-        u = users[user_idx]
-        if item_idx.dim() > user_idx.dim():
-            u = u.unsqueeze(-2)
-        return (u * items[item_idx]).sum(-1)
+        return pair_dot(users[user_idx], items[item_idx])
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         """(item vectors, user vectors) after propagation: both sides need the graph."""

@@ -43,9 +43,16 @@ class MLPTower(nn.Module):
         return h
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        """(B,), (B,) -> (B, layers[-1])."""
-        x = torch.cat([self.user_emb(user_idx), self.item_emb(item_idx)], -1)  # (B, d0)
-        return self._rest(self.first(x))
+        """(B,), (B,) -> (B, layers[-1]); (B,) users with (B, K) or (1, K) items ->
+        (B, K, layers[-1]): the user half of layer one is computed once per row, the item
+        half once per item, so a row scores its K items for K additions, not K concatenations."""
+        if item_idx.dim() == user_idx.dim():
+            x = torch.cat([self.user_emb(user_idx), self.item_emb(item_idx)], -1)  # (B, d0)
+            return self._rest(self.first(x))
+        half = self.user_emb.embedding_dim
+        user_half = self.user_emb(user_idx) @ self.first.weight[:, :half].T + self.first.bias
+        item_half = self.item_emb(item_idx) @ self.first.weight[:, half:].T  # (B | 1, K, w1)
+        return self._rest(user_half[:, None, :] + item_half)
 
     def item_half(self) -> torch.Tensor:
         """(n_items, layers[1]): the item embeddings through the item half of layer one."""
@@ -104,6 +111,7 @@ class MLP(RecModel):
         self.pair_width = self.tower.width
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items."""
         return self.out(self.tower(user_idx, item_idx)).squeeze(-1)
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:

@@ -7,7 +7,7 @@ The report (RUN/report/report.html, figures beside it, numbers in insights.json)
 summary, the training curves from metrics.jsonl, test metrics of the model, MF and Popularity
 under both protocols (from `evaluate_run`), NeuMF's GMF / MLP branch share, the item map,
 popularity bias and coverage, metrics by user activity and sample recommendations with titles
-and explanations (fold-in integrated gradients over the user's history, see explain.py).
+and explanations (fold-in integrated gradients over the user's history, see explain/).
 
 The package, by concept: `build` (build_report: load, compute, lay out, write), `sections`
 (one function per section), `figures` (matplotlib -> PNG bytes), `page` (escaping and the HTML

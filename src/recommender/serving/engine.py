@@ -188,7 +188,7 @@ class ServedModel:
         after: list[str] | None = None,
         history: list[str] | None = None,
     ) -> list[dict[str, Any]]:
-        """One fold-in of the user explains the whole list (see explain.py); `after`: the
+        """One fold-in of the user explains the whole list (see explain/); `after`: the
         recent items an `after` list was scored with; `history`: a new user's items, which
         their list was folded in from."""
         return [

@@ -106,8 +106,9 @@ def _flush(x: torch.Tensor) -> torch.Tensor:
 
 
 def supports(model: RecModel) -> bool:
-    """Whether `model` has a user vector to fold in (every model but Popularity)."""
-    return isinstance(model, (GMF, MF, MLP, NeuMF))
+    """Whether `model` has a user vector to fold in: GMF, MF, MLP and NeuMF, but not an MF
+    that scores by cosine (train.loss=ccl), which no linear fold-in reproduces."""
+    return isinstance(model, (GMF, MF, MLP, NeuMF)) and not getattr(model, "cosine", False)
 
 
 class _UserSide:
@@ -120,6 +121,11 @@ class _UserSide:
 
     def __init__(self, model: RecModel) -> None:
         self.nonlinear = False
+        if getattr(model, "cosine", False):
+            raise RecommenderError(
+                f"{type(model).__name__} scores by cosine (train.loss=ccl): no linear fold-in "
+                "reproduces it"
+            )
         with torch.no_grad():
             if isinstance(model, GMF):
                 features = model.item_emb.weight * model.out.weight[0]
@@ -248,6 +254,8 @@ class FoldIn:
             kinks keep it from converging, and fidelity gains little after 6.
         loss: the model's training loss (train.loss), which the fold-in fits the history with.
     """
+
+    method = "fold-in integrated gradients"  # what an Explanation says produced it
 
     def __init__(
         self,
@@ -644,7 +652,11 @@ class UserFold(_Fit):
         if self.user_idx is None:
             return None
         user = torch.tensor([self.user_idx], device=folded.device)
-        trained = self.fold_in.side.trained_logits(user, self.latest)[0]
-        ranks = torch.stack([folded, trained]).argsort(1).argsort(1).float()
-        ranks = ranks - ranks.mean(1, keepdim=True)
-        return float((ranks[0] @ ranks[1]) / (ranks[0].norm() * ranks[1].norm()).clamp(min=1e-12))
+        return spearman(folded, self.fold_in.side.trained_logits(user, self.latest)[0])
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two (N,) score vectors (an explanation's fidelity)."""
+    ranks = torch.stack([a, b]).argsort(1).argsort(1).float()
+    ranks = ranks - ranks.mean(1, keepdim=True)
+    return float((ranks[0] @ ranks[1]) / (ranks[0].norm() * ranks[1].norm()).clamp(min=1e-12))
