@@ -243,8 +243,11 @@ async def session(
     span_s = 2 * args.reloads * (args.gap_s + 1.0) + 1.0  # the load outlasts the reloads
     shots = user_shots(users, int(args.rate * span_s), rng)
 
-    async def during(client: httpx.AsyncClient) -> dict[str, Any]:
-        return await reloads(client, runs, (version_a, version_b), args)
+    async def during(_: httpx.AsyncClient) -> dict[str, Any]:
+        # A client of its own: queued behind the load's connections, a /metrics poll would
+        # time the client's queue, not the workers.
+        async with httpx.AsyncClient(base_url=base, timeout=30) as own:
+            return await reloads(own, runs, (version_a, version_b), args)
 
     outcome = await run_fixed_rate(base, shots, args.rate, during=during)
     out["load_during_reloads"] = outcome.summary()
