@@ -8,14 +8,24 @@ are strings and integers with gaps, so every test also exercises the vocabularie
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+import recommender
 from recommender.cli import main
 from recommender.models.base import RecModel
 
@@ -238,3 +248,65 @@ class FixedScores(RecModel):
 @pytest.fixture
 def fixed_scores() -> Callable[[np.ndarray | torch.Tensor], FixedScores]:
     return FixedScores
+
+
+# -- the real service in a process ---------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    run_dir: Path, port: int, log: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`recommender serve` of `run_dir` on 127.0.0.1:`port`, from this source tree, its output
+    in `log` (a file: a pipe nobody reads would fill and stall the server)."""
+    src = str(Path(recommender.__file__).parents[1])
+    path = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "recommender", "serve", "--run", str(run_dir)]
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [*cmd, "--port", str(port), *args],
+            env={**os.environ, **(env or {}), "PYTHONPATH": path},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server not ready in time")
+
+
+@contextmanager
+def request_in_flight(port: int, path: str, body: dict[str, Any]) -> Iterator[Callable[[], bytes]]:
+    """A POST held in flight: its headers and first bytes go now, the rest when the test calls
+    `finish()`, which returns the whole raw response."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        f"\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(head + payload[:5])
+
+        def finish() -> bytes:
+            conn.sendall(payload[5:])
+            response = b""
+            while chunk := conn.recv(65536):
+                response += chunk
+            return response
+
+        yield finish

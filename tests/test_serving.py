@@ -7,12 +7,7 @@ popularity run trained here, so a reload has a genuinely different model to swap
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,8 +19,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import recommender
-from conftest import walk_successors
+from conftest import free_port, request_in_flight, start_server, wait_ready, walk_successors
 from recommender.cli import main
 from recommender.inference import Recommender
 from recommender.serving import ServeSettings, create_app
@@ -103,12 +97,12 @@ def test_metrics_count_routes_statuses_and_latency(client: TestClient):
     assert 'route="(unmatched)",status="404"} 1' in text
     assert "nobody" not in text  # raw ids never become labels
     hist = "recommender_http_request_duration_seconds"
-    assert f'{hist}_bucket{{method="GET",{route},le="+Inf"}} 3' in text
+    assert f'{hist}_bucket{{le="+Inf",method="GET",{route}}} 3' in text
     assert f'{hist}_count{{method="GET",{route}}} 3' in text
     assert "# TYPE recommender_http_request_duration_seconds histogram" in text
     assert "recommender_fallback_total 1" in text
     version = client.get("/v1/model").json()["version"]
-    assert f'recommender_model_info{{version="{version}",model="gmf"' in text
+    assert f'model="gmf",retrieval="exact",version="{version}"}} 1' in text
 
 
 # -- recommendations ---------------------------------------------------------------------------
@@ -482,39 +476,13 @@ def test_page_and_its_assets(client: TestClient):
 # -- the real process --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server not ready in time")
-
-
-def test_real_server_serves_reloads_and_drains_on_sigterm(gmf_run: Path, pop_run: Path):
+def test_real_server_serves_reloads_and_drains_on_sigterm(
+    gmf_run: Path, pop_run: Path, tmp_path: Path
+):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    src = str(Path(recommender.__file__).parents[1])
-    env = {
-        **os.environ,
-        "RECOMMENDER_ADMIN_TOKEN": TOKEN,
-        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-    }
-    cmd = [sys.executable, "-m", "recommender", "serve", "--run", str(gmf_run), "--port"]
-    proc = subprocess.Popen(
-        [*cmd, str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    log_file = tmp_path / "serve.log"
+    proc = start_server(gmf_run, port, log_file, env={"RECOMMENDER_ADMIN_TOKEN": TOKEN})
     try:
         wait_ready(base, proc)
         first = httpx.get(f"{base}/v1/users/{USER}/recommendations?k=3").json()
@@ -527,25 +495,17 @@ def test_real_server_serves_reloads_and_drains_on_sigterm(gmf_run: Path, pop_run
 
         # A request in flight when SIGTERM arrives: headers and half the body are sent, the
         # rest only after the signal. Draining means it is still answered in full.
-        payload = json.dumps({"user_ids": [USER], "k": 2}).encode()
-        head = (
-            f"POST /v1/recommendations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-            f"\r\nContent-Length: {len(payload)}\r\n\r\n"
-        ).encode()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            conn.sendall(head + payload[:5])
+        body = {"user_ids": [USER], "k": 2}
+        with request_in_flight(port, "/v1/recommendations", body) as finish:
             time.sleep(0.3)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
-            conn.sendall(payload[5:])
-            response = b""
-            while chunk := conn.recv(65536):
-                response += chunk
+            response = finish()
         assert response.startswith(b"HTTP/1.1 200"), response[:200]
         assert b'"results"' in response
         # uvicorn re-raises the signal once drained, so supervisors see a SIGTERM stop.
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        log = proc.stdout.read().decode() if proc.stdout else ""
+        log = log_file.read_text()
         assert "Traceback" not in log and "Finished server process" in log
     finally:
         if proc.poll() is None:

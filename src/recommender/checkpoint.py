@@ -23,6 +23,7 @@ writes a run directory through it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import warnings
@@ -100,6 +101,17 @@ def require_run(run_dir: Path, *, config: bool = True) -> Path:
             "train a model into it first)"
         )
     return run_dir
+
+
+def best_file_id(run_dir: str | Path) -> tuple[int, int, int] | None:
+    """Which best.pt `run_dir` holds now (inode, size, mtime), None without one. Training
+    writes best.pt by renaming a new file over it, so each write gives a new id: the service
+    compares ids to notice a new model without reading the file."""
+    try:
+        st = os.stat(Path(run_dir) / BEST_FILE)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_config(run_dir: Path) -> Config:

@@ -10,31 +10,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from recommender import __version__
 from recommender.checkpoint import require_run
-from recommender.serving.engine import ServedModel
-from recommender.serving.metrics import Metrics, MetricsMiddleware
+from recommender.serving.lifecycle import GRACEFUL_SHUTDOWN_S, Worker
+from recommender.serving.metrics import MULTIPROC_ENV, Metrics, MetricsMiddleware
 from recommender.serving.routes import ApiError, router
 from recommender.serving.schemas import ErrorResponse, FieldError
 from recommender.serving.settings import ENV_PREFIX, ServeSettings
-from recommender.utils import RecommenderError, set_threads
+from recommender.utils import RecommenderError, set_threads, setup_logging
 
 log = logging.getLogger("recommender")
 
 RUN_ENV = ENV_PREFIX + "RUN"
-# Seconds SIGTERM waits for requests in flight before closing connections anyway.
-GRACEFUL_SHUTDOWN_S = 30
+SHARED_ENV = ENV_PREFIX + "SHARED_DIR"
 
 
 def _error(
@@ -73,8 +73,12 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, [FieldError(field=None, message="internal error; see the server log")])
 
 
-def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(
+    run_dir: str | Path, settings: ServeSettings | None = None, shared_dir: Path | None = None
+) -> FastAPI:
     """The service for `run_dir`. The model loads when the app starts (lifespan), not here.
+    `shared_dir`: the folder the workers of one `serve` share to agree on the model (see
+    lifecycle.py); without it, admin reloads reach only this app.
 
     Example:
         >>> app = create_app("runs/demo")                      # doctest: +SKIP
@@ -83,12 +87,23 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     """
     settings = settings or ServeSettings()
 
+    metrics = Metrics()
+    worker = Worker(run_dir, settings, metrics, shared_dir)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The worker accepts connections only once this returns, so a worker still loading
+        # takes no traffic (the others, or the listen backlog, hold it).
         set_threads(settings.threads)
-        app.state.served = await run_in_threadpool(ServedModel.load, run_dir, settings)
+        await worker.start()
+        worker.drain_on_sigterm()
+        watcher = asyncio.create_task(worker.watch())
         yield
-        app.state.served = None
+        watcher.cancel()
+        with suppress(asyncio.CancelledError):
+            await watcher
+        worker.served = None
+        metrics.worker_stopped()
 
     app = FastAPI(
         title="recommender",
@@ -97,9 +112,8 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.served = None
-    app.state.metrics = Metrics()
-    app.state.reload_lock = asyncio.Lock()
+    app.state.worker = worker
+    app.state.metrics = metrics
     app.state.admin_token = os.environ.get(settings.admin_token_env) or None
     if app.state.admin_token is None:
         log.warning("%s is not set: admin routes answer 401", settings.admin_token_env)
@@ -108,23 +122,26 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     app.exception_handler(ApiError)(_api_error)
     app.exception_handler(HTTPException)(_http_error)
     app.exception_handler(Exception)(_internal_error)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for uvicorn workers, which inherit only the environment `serve` sets."""
+    setup_logging()  # a worker's own process: its reloads and drains are logged too
     run_dir = os.environ.get(RUN_ENV)
     if not run_dir:
         raise RecommenderError(f"{RUN_ENV} is not set")
-    return create_app(run_dir, ServeSettings.from_env())
+    shared = os.environ.get(SHARED_ENV)
+    return create_app(run_dir, ServeSettings.from_env(), Path(shared) if shared else None)
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Run the service under uvicorn until SIGINT / SIGTERM, which drain requests in flight.
 
     Settings come from RECOMMENDER_SERVE_* variables. Each worker is its own process with its
-    own model copy, metrics and reloads (an admin reload reaches the one worker that takes it).
+    own model copy; they share a temporary folder, removed on exit, through which reloads
+    reach all of them (lifecycle.py) and `/metrics` adds up all of their counts (metrics.py).
     """
     import uvicorn
 
@@ -132,13 +149,23 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, worker
     if workers < 1:
         raise RecommenderError(f"--workers must be >= 1, got {workers}")
     settings = ServeSettings.from_env()  # fail here, with one line, on a bad variable
-    os.environ.update({RUN_ENV: str(run_dir), **settings.to_env()})
-    uvicorn.run(
-        "recommender.serving.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        access_log=False,  # per-request logging costs more than a request; /metrics counts
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
+    shared = Path(tempfile.mkdtemp(prefix="recommender-serve-"))
+    env = {RUN_ENV: str(run_dir), SHARED_ENV: str(shared), **settings.to_env()}
+    if workers > 1:
+        # Read by prometheus_client when a worker imports it, so set before they start.
+        (shared / "metrics").mkdir()
+        env[MULTIPROC_ENV] = str(shared / "metrics")
+    os.environ.update(env)
+    try:
+        uvicorn.run(
+            "recommender.serving.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            access_log=False,  # per-request logging costs more than a request; /metrics counts
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_worker_healthcheck=settings.worker_healthcheck_s,
+        )
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -1,110 +1,143 @@
-"""Prometheus text exposition, written by hand: a few counters and one histogram family.
+"""Prometheus metrics: request counts and latency by route, reloads, the model each worker serves.
 
-A dependency-free registry is enough for what the service exports, and keeping it in-process
-makes every number testable. Each uvicorn worker keeps its own counts (scrape per worker).
+They are prometheus_client metrics in a registry of the app's own, so every app (and every
+test) starts from zero. With `--workers N`, `serve` sets PROMETHEUS_MULTIPROC_DIR before the
+workers start: each worker then writes its values to its own file in that folder, and a
+scrape of `/metrics`, whichever worker answers it, adds up the files of all of them
+(prometheus_client's multiprocess mode). The model gauges keep one series per worker there
+(a `pid` label), so a scrape shows whether the workers agree on the model.
 """
 
 from __future__ import annotations
 
-import bisect
-import threading
+import glob
+import os
+import re
 import time
-from collections import defaultdict
-from collections.abc import Iterable
 from typing import Any
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client import multiprocess as mp
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Seconds; dense below 25 ms, where the latency targets are.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 UNMATCHED = "(unmatched)"  # 404s on unknown paths share one label, so labels stay bounded
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MODEL_LABELS = ("version", "model", "retrieval", "config_digest")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _labels(**labels: str) -> str:
-    def escape(value: str) -> str:
-        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
+def _model_labels(info: dict[str, Any]) -> list[str]:
+    return [str(info[name]) for name in MODEL_LABELS]
 
 
 class Metrics:
-    """Request counts by route and status, latency histograms by route, reload outcomes."""
+    """Request counts by route and status, latency histograms by route, reload outcomes, and
+    the served model; `in_flight` counts requests started and not yet answered (the drain
+    after SIGTERM waits for it to reach zero)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
-        self.buckets: dict[tuple[str, str], list[int]] = {}
-        self.sums: dict[tuple[str, str], float] = defaultdict(float)
-        self.reloads: dict[str, int] = defaultdict(int)
-        self.fallbacks = 0
+        # Set at import time by prometheus_client: values go to files only if it was set then.
+        self.multiproc_dir = os.environ.get(MULTIPROC_ENV)
+        disable_created_metrics()  # no `_created` series: one per label set, read by no one
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.in_flight = 0
+        self.requests = Counter(
+            "recommender_http_requests",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "recommender_http_request_duration_seconds",
+            "Time from request start to response end, by route.",
+            ["method", "route"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "recommender_reloads",
+            "Model reloads by outcome (admin, another worker's, or a new best.pt).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "recommender_fallback",
+            "Users answered by the popularity fallback.",
+            registry=self.registry,
+        )
+        self.model_info = Gauge(
+            "recommender_model_info",
+            "The model version being served (1; 0 for one served before).",
+            MODEL_LABELS,
+            multiprocess_mode="liveall",
+            registry=self.registry,
+        )
+        self.model_items = Gauge(
+            "recommender_model_items",
+            "Items in the served catalog.",
+            multiprocess_mode="liveall",
+            registry=self.registry,
+        )
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(method, route, str(status))] += 1
-            counts = self.buckets.setdefault((method, route), [0] * (len(BUCKETS) + 1))
-            counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-            self.sums[(method, route)] += seconds
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
 
     def reload(self, result: str) -> None:
-        with self._lock:
-            self.reloads[result] += 1
+        self.reloads.labels(result).inc()
 
     def fallback(self, n: int) -> None:
-        with self._lock:
-            self.fallbacks += n
+        if n:
+            self.fallbacks.inc(n)
 
-    def render(self, model: dict[str, Any] | None) -> str:
-        """The exposition text; `model` is ServedModel.info() or None before loading."""
-        with self._lock:
-            lines = list(self._render_requests())
-            lines += [
-                "# HELP recommender_reloads_total Admin reloads by outcome.",
-                "# TYPE recommender_reloads_total counter",
-                *(
-                    f"recommender_reloads_total{_labels(result=r)} {n}"
-                    for r, n in sorted(self.reloads.items())
-                ),
-                "# HELP recommender_fallback_total Users answered by the popularity fallback.",
-                "# TYPE recommender_fallback_total counter",
-                f"recommender_fallback_total {self.fallbacks}",
-            ]
-        lines += [
-            "# HELP recommender_model_info The model version being served (value 1).",
-            "# TYPE recommender_model_info gauge",
-        ]
-        if model is not None:
-            labels = _labels(
-                version=model["version"],
-                model=model["model"],
-                retrieval=model["retrieval"],
-                config_digest=str(model["config_digest"]),
-            )
-            lines += [
-                f"recommender_model_info{labels} 1",
-                "# HELP recommender_model_items Items in the served catalog.",
-                "# TYPE recommender_model_items gauge",
-                f"recommender_model_items {model['n_items']}",
-            ]
-        return "\n".join(lines) + "\n"
+    def serving(self, new: dict[str, Any], old: dict[str, Any] | None = None) -> None:
+        """Record a swap from `old` to `new` (ServedModel.info() each)."""
+        if old is not None and _model_labels(old) != _model_labels(new):
+            if self.multiproc_dir:  # a series in a worker's file cannot be removed, only zeroed
+                self.model_info.labels(*_model_labels(old)).set(0)
+            else:
+                self.model_info.remove(*_model_labels(old))
+        self.model_info.labels(*_model_labels(new)).set(1)
+        self.model_items.set(new["n_items"])
 
-    def _render_requests(self) -> Iterable[str]:
-        yield "# HELP recommender_http_requests_total HTTP requests by route and status."
-        yield "# TYPE recommender_http_requests_total counter"
-        for (method, route, status), n in sorted(self.requests.items()):
-            yield (
-                "recommender_http_requests_total"
-                f"{_labels(method=method, route=route, status=status)} {n}"
-            )
-        name = "recommender_http_request_duration_seconds"
-        yield f"# HELP {name} Time from request start to response end, by route."
-        yield f"# TYPE {name} histogram"
-        for (method, route), counts in sorted(self.buckets.items()):
-            cumulative = 0
-            for le, count in zip([*map(str, BUCKETS), "+Inf"], counts, strict=True):
-                cumulative += count
-                yield f"{name}_bucket{_labels(method=method, route=route, le=le)} {cumulative}"
-            yield f"{name}_sum{_labels(method=method, route=route)} {self.sums[(method, route)]}"
-            yield f"{name}_count{_labels(method=method, route=route)} {cumulative}"
+    def render(self) -> bytes:
+        """The exposition text: this app's metrics, or every worker's in multiprocess mode."""
+        if not self.multiproc_dir:
+            return generate_latest(self.registry)
+        _forget_dead_workers(self.multiproc_dir)
+        registry = CollectorRegistry()
+        mp.MultiProcessCollector(registry, path=self.multiproc_dir)
+        return generate_latest(registry)
+
+    def worker_stopped(self) -> None:
+        """Drop this worker's live gauges (its counts stay in the totals)."""
+        if self.multiproc_dir:
+            mp.mark_process_dead(os.getpid(), self.multiproc_dir)
+
+
+def _forget_dead_workers(path: str) -> None:
+    """Live gauges of workers that died without stopping (killed by the supervisor or the
+    kernel): their files would otherwise report a model nobody serves."""
+    for name in glob.glob(os.path.join(path, "gauge_live*_*.db")):
+        found = re.search(r"_(\d+)\.db$", name)
+        if found is None:
+            continue
+        pid = int(found.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            mp.mark_process_dead(pid, path)
+        except PermissionError:  # alive, someone else's: not one of ours, leave it
+            continue
 
 
 class MetricsMiddleware:
@@ -131,9 +164,11 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        self.metrics.in_flight += 1
         try:
             await self.app(scope, receive, send_status)
         finally:
+            self.metrics.in_flight -= 1
             route = scope.get("route")
             path = getattr(route, "path", UNMATCHED)
             self.metrics.observe(scope["method"], path, status, time.perf_counter() - start)

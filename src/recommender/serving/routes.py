@@ -15,10 +15,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse
-from starlette.concurrency import run_in_threadpool
 
 from recommender.serving.engine import Ranked, ServedModel
-from recommender.serving.metrics import Metrics
+from recommender.serving.metrics import CONTENT_TYPE, Metrics
 from recommender.serving.schemas import (
     MAX_K,
     ErrorResponse,
@@ -64,7 +63,7 @@ class ApiError(Exception):
 
 
 def served_model(request: Request) -> ServedModel:
-    served: ServedModel | None = request.app.state.served
+    served: ServedModel | None = request.app.state.worker.served
     if served is None:
         raise ApiError(503, "the model is not loaded yet")
     return served
@@ -273,18 +272,18 @@ async def healthz() -> Status:
 
 
 @router.get("/readyz", tags=["operations"])
-async def readyz(served: Served) -> Status:
-    """A model is loaded and requests can be served (readiness); 503 until then."""
+async def readyz(request: Request, served: Served) -> Status:
+    """A model is loaded and requests are welcome (readiness); 503 until the model is loaded,
+    and again from SIGTERM on, while the worker drains."""
+    if request.app.state.worker.draining:
+        raise ApiError(503, "shutting down: finishing the requests in flight")
     return Status(status="ready", model_version=served.version)
 
 
 @router.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-async def prometheus_metrics(request: Request, registry: Registry) -> PlainTextResponse:
-    served: ServedModel | None = request.app.state.served
-    return PlainTextResponse(
-        registry.render(served.info() if served is not None else None),
-        media_type="text/plain; version=0.0.4; charset=utf-8",
-    )
+async def prometheus_metrics(registry: Registry) -> PlainTextResponse:
+    """Prometheus metrics of every worker of the service, whichever one answers."""
+    return PlainTextResponse(registry.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/model", tags=["operations"])
@@ -314,33 +313,27 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
 async def reload(
     request: Request,
     served: Served,
-    limits: Settings,
-    registry: Registry,
     body: Annotated[ReloadRequest | None, Body()] = None,
 ) -> ReloadResponse:
     """Load a run beside the serving one, then swap one reference: requests in flight finish
-    on the old model. A run that fails to load is refused and the old model keeps serving."""
+    on the old model. The other workers follow within a second (see lifecycle.py). A run
+    that fails to load is refused and the old model keeps serving everywhere."""
     run_dir = body.run_dir if body is not None and body.run_dir else served.run_dir
-    async with request.app.state.reload_lock:
-        old: ServedModel = request.app.state.served
-        try:
-            new = await run_in_threadpool(ServedModel.load, run_dir, limits)
-        # Any failure (a missing file, a foreign checkpoint, shapes that do not match the
-        # architecture) means the run is unusable; none of them may take the service down.
-        except Exception as exc:
-            registry.reload("refused")
-            log.warning("reload of %s refused: %s", run_dir, exc)
-            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-            message = (
-                first_line
-                if isinstance(exc, RecommenderError)
-                else (f"{type(exc).__name__}: {first_line}")
-            )
-            raise ApiError(
-                422, f"run refused, still serving {old.version}: {message}", "run_dir"
-            ) from None
-        request.app.state.served = new
-    registry.reload("ok")
+    try:
+        old, new = await request.app.state.worker.reload(run_dir)
+    # Any failure (a missing file, a foreign checkpoint, shapes that do not match the
+    # architecture) means the run is unusable; none of them may take the service down.
+    except Exception as exc:
+        log.warning("reload of %s refused: %s", run_dir, exc)
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        message = (
+            first_line
+            if isinstance(exc, RecommenderError)
+            else (f"{type(exc).__name__}: {first_line}")
+        )
+        raise ApiError(
+            422, f"run refused, still serving {served.version}: {message}", "run_dir"
+        ) from None
     log.info("reloaded: %s -> %s", old.version, new.version)
     return ReloadResponse(
         model_version=new.version,

@@ -1,4 +1,5 @@
-"""Service settings: limits, the two-stage retrieval switch and its knobs, the admin token.
+"""Service settings: limits, the two-stage retrieval switch and its knobs, the admin token,
+and how workers start, follow new models and drain.
 
 They are read from `RECOMMENDER_SERVE_<NAME>` environment variables by `from_env`, because
 uvicorn workers are separate processes that can only inherit the environment.
@@ -44,6 +45,29 @@ class ServeSettings(BaseModel):
         "small to gain from splitting, and on a busy machine spinning OpenMP threads wreck "
         "the tail (ml-100k top-10 p50 0.8 ms with one thread, 48 ms with two, on 2 cores "
         "shared with a training job). Add workers, not threads, to use more cores.",
+    )
+
+    watch_interval_s: float = Field(
+        0.5,
+        gt=0,
+        description="How often each worker looks for a new model: a best.pt written into the "
+        "run it serves, or a reload another worker took. Every worker serves it within about "
+        "this plus its load time.",
+    )
+    worker_healthcheck_s: int = Field(
+        120,
+        ge=1,
+        description="Seconds uvicorn's supervisor waits for a worker to answer its ping before "
+        "killing it as hung (--workers above 1). uvicorn's default, 5, kills workers whose "
+        "model load keeps the answering thread off the CPU on a busy machine.",
+    )
+    drain_s: float = Field(
+        0.0,
+        ge=0,
+        description="After SIGTERM a worker answers /readyz with 503 and keeps serving until "
+        "its requests in flight finish and at least this many seconds have passed, so a load "
+        "balancer polling /readyz stops sending it traffic first. Set it to the balancer's "
+        "probe period.",
     )
 
     @classmethod
