@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from recommender import __version__
 from recommender.checkpoint import require_run
-from recommender.serving.engine import ServedModel
+from recommender.serving.engine import ModelCalls, ServedModel
 from recommender.serving.metrics import Metrics, MetricsMiddleware
 from recommender.serving.routes import ApiError, router
 from recommender.serving.schemas import ErrorResponse, FieldError
@@ -89,6 +89,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         app.state.served = await run_in_threadpool(ServedModel.load, run_dir, settings)
         yield
         app.state.served = None
+        app.state.calls.close()
 
     app = FastAPI(
         title="recommender",
@@ -99,6 +100,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     app.state.settings = settings
     app.state.served = None
     app.state.metrics = Metrics()
+    app.state.calls = ModelCalls(settings.model_threads)
     app.state.reload_lock = asyncio.Lock()
     app.state.admin_token = os.environ.get(settings.admin_token_env) or None
     if app.state.admin_token is None:
