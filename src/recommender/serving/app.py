@@ -86,6 +86,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         set_threads(settings.threads)
+        app.state.calls = ModelCalls(settings.model_threads)
         app.state.served = await run_in_threadpool(ServedModel.load, run_dir, settings)
         yield
         app.state.served = None
@@ -100,7 +101,6 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     app.state.settings = settings
     app.state.served = None
     app.state.metrics = Metrics()
-    app.state.calls = ModelCalls(settings.model_threads)
     app.state.reload_lock = asyncio.Lock()
     app.state.admin_token = os.environ.get(settings.admin_token_env) or None
     if app.state.admin_token is None:

@@ -287,8 +287,8 @@ class ModelCalls:
     A handler awaits its call, so the event loop keeps accepting and parsing requests while
     a slow call (an explanation, a fold-in) runs, and calls beyond `threads` queue here
     rather than on the event loop. Torch releases the GIL inside its kernels, and the
-    interpreter hands the GIL over every GIL_SWITCH_S (set here: it is per process), so
-    request handling never waits long behind a model thread's Python.
+    interpreter hands the GIL over every GIL_SWITCH_S (a per-process setting, put back by
+    `close`), so request handling never waits long behind a model thread's Python.
 
     Example:
         >>> calls = ModelCalls(threads=2)                                # doctest: +SKIP
@@ -296,6 +296,7 @@ class ModelCalls:
     """
 
     def __init__(self, threads: int) -> None:
+        self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_S)
         self._pool = ThreadPoolExecutor(threads, "model-call")
 
@@ -304,3 +305,4 @@ class ModelCalls:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        sys.setswitchinterval(self._switch_interval)
