@@ -130,19 +130,28 @@ def mixed_shots(
 def reloads(
     run_dir: Path, at_s: list[float]
 ) -> Callable[[httpx.AsyncClient], Coroutine[Any, Any, dict[str, Any]]]:
+    """Admin reloads of `run_dir` at these seconds into the load, one after the other; their
+    statuses (0: no answer in 600 s) and when each began and ended, in seconds into the load
+    (a 1M-item version takes half a minute or more to build on a busy machine)."""
+
     async def during(client: httpx.AsyncClient) -> dict[str, Any]:
-        codes = []
+        codes, spans = [], []
         start = time.monotonic()
         for when in at_s:
             await asyncio.sleep(max(0.0, when - (time.monotonic() - start)))
-            response = await client.post(
-                "/admin/reload",
-                headers={"Authorization": f"Bearer {TOKEN}"},
-                json={"run_dir": str(run_dir)},
-                timeout=120,
-            )
-            codes.append(response.status_code)
-        return {"reload_statuses": codes}
+            began = time.monotonic() - start
+            try:
+                response = await client.post(
+                    "/admin/reload",
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                    json={"run_dir": str(run_dir)},
+                    timeout=600,
+                )
+                codes.append(response.status_code)
+            except httpx.HTTPError:
+                codes.append(0)
+            spans.append([round(began, 1), round(time.monotonic() - start, 1)])
+        return {"reload_statuses": codes, "reload_spans_s": spans}
 
     return during
 

@@ -42,8 +42,9 @@ ANONYMOUS = ""
 
 # Ranked.representation of a list scored from items alone (a session, similar items).
 SESSION = "session"
-# Nice value of the thread that builds a model version: the serving threads come first.
-BUILD_NICE = 10
+# Nice value of the thread that builds a model version: the serving threads come first, and
+# the build still gets about a quarter of a core they keep busy.
+BUILD_NICE = 5
 # Seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms).
 # Short, because request handling waits on it at every hand-over: while a model version
 # loads, its unpickling holds the GIL for seconds, and a model thread's Python holds it
