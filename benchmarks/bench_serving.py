@@ -83,9 +83,13 @@ def user_shots(users: np.ndarray, n: int, rng: np.random.Generator) -> list[Shot
 
 
 def mixed_shots(
-    users: np.ndarray, items: np.ndarray, n: int, rng: np.random.Generator
+    users: np.ndarray, items: np.ndarray, n: int, rng: np.random.Generator, explain: bool = True
 ) -> list[Shot]:
-    """The traffic of the reliability test: mostly good requests of every kind, 10% bad."""
+    """The traffic of the reliability test: mostly good requests of every kind, 10% bad.
+
+    10% batches of 9 users (one unknown), 5% anonymous sessions, 5% scores, 5% similar items,
+    15% lists with explanations (plain lists without `explain`), the rest plain lists.
+    """
     bad = [
         Shot("GET", f"/v1/users/{users[0]}/recommendations?k=0", bad=True),
         Shot("GET", f"/v1/users/{users[0]}/recommendations?k=abc", bad=True),
@@ -96,23 +100,28 @@ def mixed_shots(
         Shot("POST", "/v1/score", json={"pairs": [{"user_id": "1"}]}, bad=True),
         Shot("GET", "/v1/items/no-such-item/similar", bad=True),
     ]
+    bad = [Shot(b.method, b.url, b.json, b.content, True, "bad") for b in bad]
     shots = []
     for kind in rng.random(n):
         if kind < 0.10:
             shots.append(bad[rng.integers(len(bad))])
         elif kind < 0.20:
             batch = [str(u) for u in rng.choice(users, 8)] + ["unknown-user"]
-            shots.append(Shot("POST", "/v1/recommendations", json={"user_ids": batch}))
+            shots.append(
+                Shot("POST", "/v1/recommendations", json={"user_ids": batch}, kind="batch")
+            )
         elif kind < 0.25:
-            session = [str(i) for i in rng.choice(items, 3)]
-            shots.append(Shot("POST", "/v1/recommendations", json={"session_item_ids": session}))
+            session = {"session_item_ids": [str(i) for i in rng.choice(items, 3)]}
+            shots.append(Shot("POST", "/v1/recommendations", json=session, kind="session"))
         elif kind < 0.30:
             pairs = [{"user_id": str(u), "item_id": str(i)} for u, i in zip(
                 rng.choice(users, 5), rng.choice(items, 5), strict=True)]  # fmt: skip
-            shots.append(Shot("POST", "/v1/score", json={"pairs": pairs}))
-        elif kind < 0.45:
-            u = rng.choice(users)
-            shots.append(Shot("GET", f"/v1/users/{u}/recommendations?k=10&explain=true"))
+            shots.append(Shot("POST", "/v1/score", json={"pairs": pairs}, kind="score"))
+        elif kind < 0.35:
+            shots.append(Shot("GET", f"/v1/items/{rng.choice(items)}/similar?k=10", kind="similar"))
+        elif kind < 0.50 and explain:
+            url = f"/v1/users/{rng.choice(users)}/recommendations?k=10&explain=true"
+            shots.append(Shot("GET", url, kind="explain"))
         else:
             shots.append(Shot("GET", f"/v1/users/{rng.choice(users)}/recommendations?k=10"))
     return shots
@@ -121,19 +130,28 @@ def mixed_shots(
 def reloads(
     run_dir: Path, at_s: list[float]
 ) -> Callable[[httpx.AsyncClient], Coroutine[Any, Any, dict[str, Any]]]:
+    """Admin reloads of `run_dir` at these seconds into the load, one after the other; their
+    statuses (0: no answer in 600 s) and when each began and ended, in seconds into the load
+    (a 1M-item version takes half a minute or more to build on a busy machine)."""
+
     async def during(client: httpx.AsyncClient) -> dict[str, Any]:
-        codes = []
+        codes, spans = [], []
         start = time.monotonic()
         for when in at_s:
             await asyncio.sleep(max(0.0, when - (time.monotonic() - start)))
-            response = await client.post(
-                "/admin/reload",
-                headers={"Authorization": f"Bearer {TOKEN}"},
-                json={"run_dir": str(run_dir)},
-                timeout=120,
-            )
-            codes.append(response.status_code)
-        return {"reload_statuses": codes}
+            began = time.monotonic() - start
+            try:
+                response = await client.post(
+                    "/admin/reload",
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                    json={"run_dir": str(run_dir)},
+                    timeout=600,
+                )
+                codes.append(response.status_code)
+            except httpx.HTTPError:
+                codes.append(0)
+            spans.append([round(began, 1), round(time.monotonic() - start, 1)])
+        return {"reload_statuses": codes, "reload_spans_s": spans}
 
     return during
 
@@ -171,7 +189,7 @@ def recall(run_dir: Path, users: np.ndarray, settings: ServeSettings) -> dict[st
     approx = [served.recommend([u], 10, True)[0].item_ids for u in users_list]
     approx_ms = (time.perf_counter() - t) / len(users) * 1e3
     hits = [len(set(e) & set(a)) / 10 for e, a in zip(exact, approx, strict=True)]
-    return {
+    out = {
         "recall_at_10": round(float(np.mean(hits)), 4),
         "users": len(users),
         "candidates": settings.ann_candidates,
@@ -179,6 +197,45 @@ def recall(run_dir: Path, users: np.ndarray, settings: ServeSettings) -> dict[st
         "exact_ms_per_user_in_process": round(exact_ms, 2),
         "two_stage_ms_per_user_in_process": round(approx_ms, 2),
         "load_seconds": served.load_seconds,
+    }
+    if served.neighbours is None:
+        return out
+    # Similar items the same way: the item index's re-ranked candidates against the exact
+    # top-10 by cosine over the whole catalog.
+    items = [str(i) for i in served.rec.items.ids[: len(users)]]
+    exact_items = [served.rec.similar_items(i, 10)[0] for i in items]
+    t = time.perf_counter()
+    approx = [served.similar(i, 10).item_ids for i in items]
+    similar_ms = (time.perf_counter() - t) / len(items) * 1e3
+    hits = [len(set(e) & set(a)) / 10 for e, a in zip(exact_items, approx, strict=True)]
+    return out | {
+        "similar_recall_at_10": round(float(np.mean(hits)), 4),
+        "similar_nprobe": settings.ann_item_nprobe,
+        "similar_two_stage_ms_in_process": round(similar_ms, 2),
+    }
+
+
+def explain_in_process(run_dir: Path, users: np.ndarray) -> dict[str, Any]:
+    """Top-10 with explanations per user in the library, as the service computes it: the
+    first list of each user (fold-in and path), then the same lists again (kept folds)."""
+    served = ServedModel.load(run_dir, ServeSettings())
+    lists = {str(u): served.recommend([str(u)], 10, True)[0].item_ids for u in users}
+
+    def timed() -> list[float]:
+        ms = []
+        for user, items in lists.items():
+            t = time.perf_counter()
+            served.explain_many(user, items)
+            ms.append((time.perf_counter() - t) * 1e3)
+        return ms
+
+    first, again = timed(), timed()
+    return {
+        "users": len(lists),
+        "first_p50_ms": round(float(np.percentile(first, 50)), 2),
+        "first_p99_ms": round(float(np.percentile(first, 99)), 2),
+        "kept_p50_ms": round(float(np.percentile(again, 50)), 2),
+        "kept_p99_ms": round(float(np.percentile(again, 99)), 2),
     }
 
 
@@ -191,8 +248,12 @@ def scenario(
     naive_requests: int,
     ramp_rates: list[float],
     naive_ramp_rates: list[float],
-    reload_test: bool,
+    load_rate: float,
+    explain: bool,
 ) -> dict[str, Any]:
+    """Plain top-10 lists at --rate for --rounds rounds, the ramp, the mixed load at
+    `load_rate` with two reloads during it (with explained lists where `explain`), and the
+    naive service for scale (--skip-ramp and --skip-naive leave those out)."""
     ckpt = load_checkpoint(run_dir / "best.pt")
     users = np.array(ckpt["user_ids"][:20_000])
     items = np.array(ckpt["item_ids"])[rng.integers(ckpt["n_items"], size=1000)]
@@ -205,16 +266,23 @@ def scenario(
     try:
         out["model"] = httpx.get(f"{base}/v1/model").json()
         fixed(base, user_shots(users, min(200, args.requests), rng), args.rate)  # warm-up
-        out["service_fixed"] = fixed(base, user_shots(users, args.requests, rng), args.rate)
-        out["service_ramp"] = ramp(base, users, ramp_rates, args.step_seconds, rng)
-        if reload_test:
-            shots = mixed_shots(users, items, args.load_requests, rng)
-            span = len(shots) / args.load_rate
-            out["load_test"] = fixed(
-                base, shots, args.load_rate, during=reloads(run_dir, [span / 3, 2 * span / 3])
-            )
+        rounds = [
+            fixed(base, user_shots(users, args.requests, rng), args.rate)
+            for _ in range(args.rounds)
+        ]
+        out["service_rounds"] = rounds
+        out["service_p99_median_ms"] = float(np.median([r["p99_ms"] for r in rounds]))
+        if not args.skip_ramp:
+            out["service_ramp"] = ramp(base, users, ramp_rates, args.step_seconds, rng)
+        shots = mixed_shots(users, items, args.load_requests, rng, explain)
+        span = len(shots) / load_rate
+        out["load_test"] = fixed(
+            base, shots, load_rate, during=reloads(run_dir, [span / 3, 2 * span / 3])
+        )
     finally:
         out["service_stop"] = stop(proc)
+    if args.skip_naive:
+        return out
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     naive = [sys.executable, str(HERE / "serving_naive.py"), "--run", str(run_dir)]
@@ -236,12 +304,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", help="a trained ml-100k run directory (required)")
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--requests", type=int, default=3000, help="at the fixed rate")
+    parser.add_argument("--rounds", type=int, default=3, help="of --requests at --rate")
     parser.add_argument("--step-seconds", type=float, default=3.0, help="per ramp step")
     parser.add_argument("--load-requests", type=int, default=3000)
-    parser.add_argument("--load-rate", type=float, default=100.0)
+    parser.add_argument("--load-rate", type=float, default=100.0, help="ml-100k mixed load")
+    parser.add_argument("--big-load-rate", type=float, default=200.0, help="1M mixed load")
     parser.add_argument("--big-items", type=int, default=1_000_000)
     parser.add_argument("--big-run", help="reuse or create the synthetic run here")
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--skip-small", action="store_true", help="only the 1M catalog")
+    parser.add_argument("--skip-ramp", action="store_true")
+    parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--out", help="write the results as JSON here")
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -252,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     with folder(args.smoke_dir) as where:
         args.run, args.big_run, args.out = tiny_run(where), where / "big", where / "serving.json"
-        args.rate, args.requests, args.step_seconds = 100.0, 30, 0.1
+        args.rate, args.requests, args.step_seconds, args.rounds = 100.0, 30, 0.1, 2
         args.load_requests, args.load_rate, args.big_items = 60, 60.0, 3_000
+        args.big_load_rate = 60.0
         logging.getLogger("httpx").setLevel(logging.WARNING)  # training turned INFO logs on
         measure(args)
 
@@ -264,14 +338,16 @@ def measure(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
 
     small = Path(args.run)
-    results["ml100k"] = scenario(
-        "ml-100k", small, args, rng, naive_requests=args.requests,
-        ramp_rates=[200, 400, 600, 800, 1000, 1200], naive_ramp_rates=[200, 400, 600, 800],
-        reload_test=True,
-    )  # fmt: skip
-    users = np.array(load_checkpoint(small / "best.pt")["user_ids"])
-    forced = ServeSettings(ann_threshold=0, ann_candidates=200, ann_nprobe=16)
-    results["ml100k_two_stage_recall"] = recall(small, rng.choice(users, 300), forced)
+    if not args.skip_small:
+        results["ml100k"] = scenario(
+            "ml-100k", small, args, rng, naive_requests=args.requests,
+            ramp_rates=[200, 400, 600, 800, 1000, 1200], naive_ramp_rates=[200, 400, 600, 800],
+            load_rate=args.load_rate, explain=True,
+        )  # fmt: skip
+        users = np.array(load_checkpoint(small / "best.pt")["user_ids"])
+        results["ml100k_explain"] = explain_in_process(small, rng.choice(users, 100, False))
+        forced = ServeSettings(ann_threshold=0, ann_candidates=200, ann_nprobe=16)
+        results["ml100k_two_stage_recall"] = recall(small, rng.choice(users, 300), forced)
 
     if not args.skip_big:
         with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
@@ -282,7 +358,8 @@ def measure(args: argparse.Namespace) -> None:
                 results["big_build_seconds"] = round(time.perf_counter() - t, 1)
             results["big"] = scenario(
                 f"synthetic {args.big_items:,} items", big, args, rng, naive_requests=20,
-                ramp_rates=[200, 400, 600], naive_ramp_rates=[], reload_test=True,
+                ramp_rates=[200, 400, 600], naive_ramp_rates=[],
+                load_rate=args.big_load_rate, explain=False,
             )  # fmt: skip
             big_users = np.array([f"u{u}" for u in rng.integers(20_000, size=100)])
             results["big_two_stage_recall"] = recall(big, big_users, ServeSettings())

@@ -19,13 +19,25 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Shot:
-    """One request; `bad` marks a deliberately malformed one, which must get a 4xx."""
+    """One request; `bad` marks a deliberately malformed one, which must get a 4xx; `kind`
+    names the endpoint (or use) it stands for in the per-kind figures."""
 
     method: str
     url: str
     json: Any = None
     content: bytes | None = None
     bad: bool = False
+    kind: str = "list"
+
+
+def _latency(ms: np.ndarray) -> dict[str, float]:
+    ms = ms if len(ms) else np.array([np.nan])
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p90_ms": round(float(np.percentile(ms, 90)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "max_ms": round(float(ms.max()), 2),
+    }
 
 
 @dataclass
@@ -36,20 +48,30 @@ class Outcome:
     bad: list[bool]
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    kinds: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
+        """Latency of the well-formed requests answered 200 (all of them, and per kind when
+        the load mixes kinds; a malformed request's latency is its kind "bad"), and counts."""
         statuses = np.array(self.statuses)
         bad = np.array(self.bad)
         ok = statuses == 200
-        lat = self.latencies_ms[ok & ~bad] if (ok & ~bad).any() else np.array([np.nan])
+        kinds = np.array(self.kinds)
+        per_kind = {
+            str(kind): {
+                "requests": int((kinds == kind).sum()),
+                **_latency(self.latencies_ms[(kinds == kind) & (ok | bad) & (statuses > 0)]),
+                "5xx": int(((kinds == kind) & (statuses >= 500)).sum()),
+                "dropped": int(((kinds == kind) & (statuses == 0)).sum()),
+            }
+            for kind in sorted(set(self.kinds))
+        }
         return {
             "rate": self.rate,
             "requests": len(statuses),
             "throughput": round(len(statuses) / self.seconds, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p90_ms": round(float(np.percentile(lat, 90)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2),
-            "max_ms": round(float(lat.max()), 2),
+            **_latency(self.latencies_ms[ok & ~bad]),
+            **({"by_kind": per_kind} if len(per_kind) > 1 else {}),
             "ok": int(ok.sum()),
             "4xx": int(((statuses >= 400) & (statuses < 500)).sum()),
             "5xx": int((statuses >= 500).sum()),
@@ -104,4 +126,5 @@ async def run_fixed_rate(
         [s.bad for s in shots],
         seconds,
         extra,
+        [s.kind for s in shots],
     )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import walk_successors
-from recommender.inference import ATTRIBUTION, Explanation, Recommender
+from recommender.explanations import ATTRIBUTION, Explanation, FoldCache
+from recommender.inference import Recommender
 from recommender.models import MF, Popularity
 from recommender.utils import RecommenderError
 
@@ -198,6 +200,33 @@ def test_explain_many_folds_in_once_and_agrees_with_explain(rec: Recommender):
     assert rec.explain_many("u10", []) == []
     with pytest.raises(RecommenderError, match="n must be >= 1"):
         rec.explain_many("u10", items, n=0)
+
+
+def test_a_kept_fold_explains_as_a_fresh_one(gmf_run: Path):
+    """A user's second list is explained from their kept fold, other items included, exactly
+    as a Recommender that never saw them explains it; another context is another fold."""
+    kept = Recommender.from_run(gmf_run)
+    items, _ = kept.recommend("u10", k=6)
+    first = kept.explain_many("u10", items[:3])
+    again = kept.explain_many("u10", items)
+    assert len(kept.folds) == 1
+    assert again == Recommender.from_run(gmf_run).explain_many("u10", items)
+    assert again[:3] == first
+    kept.explain_many("new", items, history=["15", "25"])
+    assert len(kept.folds) == 2
+
+
+def test_the_fold_cache_forgets_the_least_recently_used():
+    cache = FoldCache(2)
+    built: list[str] = []
+
+    def build(key: str) -> Any:
+        built.append(key)
+        return key
+
+    for key in ["a", "b", "a", "c", "a", "b"]:
+        assert cache.get(key, lambda key=key: build(key)) == key
+    assert built == ["a", "b", "c", "b"] and len(cache) == 2  # "b" went out when "c" came
 
 
 def test_one_line_wording():

@@ -10,7 +10,7 @@ import importlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +19,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from conftest import free_port, request_in_flight, start_server, wait_ready, walk_successors
+from conftest import FAST, free_port, request_in_flight, start_server, wait_ready, walk_successors
 from recommender.cli import main
 from recommender.inference import Recommender
 from recommender.serving import ServeSettings, create_app
@@ -36,6 +36,15 @@ def pop_run(planted_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("serving") / "pop"
     args = ["train", "--data", str(planted_csv), "--model", "popularity", "--out", str(out)]
     assert main([*args, "--set=train.progress=false", "--set=device=cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_gmf_run(planted_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gmf_run's data and config with another seed: the same ids, another model version."""
+    out = tmp_path_factory.mktemp("serving") / "gmf-seed7"
+    args = ["train", "--data", str(planted_csv), "--model", "gmf", "--out", str(out)]
+    assert main([*args, *(f"--set={s}" for s in [*FAST, "train.epochs=8", "seed=7"])]) == 0
     return out
 
 
@@ -376,6 +385,16 @@ def test_reload_swaps_and_refuses_a_broken_run(
     assert 'recommender_reloads_total{result="refused"} 3' in text
 
 
+def reload_during(client: TestClient, hammer: Callable[[], None], runs: list[Path]) -> None:
+    """Reload each of `runs` in turn while `hammer` sends requests from another thread."""
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    for run_dir in runs:
+        body = {"run_dir": str(run_dir)}
+        assert client.post("/admin/reload", headers=AUTH, json=body).status_code == 200
+    worker.join()
+
+
 def test_reload_under_load_drops_nothing(client: TestClient, pop_run: Path, gmf_run: Path):
     statuses: list[int] = []
 
@@ -383,12 +402,7 @@ def test_reload_under_load_drops_nothing(client: TestClient, pop_run: Path, gmf_
         for _ in range(60):
             statuses.append(client.get(f"/v1/users/{USER}/recommendations").status_code)
 
-    worker = threading.Thread(target=hammer)
-    worker.start()
-    for run_dir in (pop_run, gmf_run, pop_run):
-        body = {"run_dir": str(run_dir)}
-        assert client.post("/admin/reload", headers=AUTH, json=body).status_code == 200
-    worker.join()
+    reload_during(client, hammer, [pop_run, gmf_run, pop_run])
     assert statuses == [200] * 60
 
 
@@ -420,6 +434,68 @@ def test_two_stage_excludes_history_beyond_the_candidate_budget(gmf_run: Path, r
         assert len(ids) == len(set(ids)) == 10 and not set(ids) & history(rec, USER)
         scores = [i["score"] for i in items]
         assert scores == sorted(scores, reverse=True)
+
+
+def test_similar_items_and_sessions_through_the_item_index_agree_with_exact(
+    gmf_run: Path, rec: Recommender
+):
+    """Above the threshold, similar items and sessions are the quantised index's candidates
+    re-ranked by their exact cosine: with 30 of 120 items as candidates, the top 10 and
+    their scores are the exact ones."""
+    pytest.importorskip("faiss")
+    settings = ServeSettings(ann_threshold=0, ann_candidates=30, ann_item_nprobe=1000)
+    with TestClient(create_app(gmf_run, settings)) as c:
+        for item in ["15", "95", "505"]:
+            body = c.get(f"/v1/items/{item}/similar?k=10").json()
+            expected, scores = rec.similar_items(item, k=10)
+            assert [i["item_id"] for i in body["items"]] == expected.tolist()
+            np.testing.assert_allclose([i["score"] for i in body["items"]], scores, atol=1e-5)
+        session = ["15", "95", "505"]
+        body = c.post("/v1/recommendations", json={"session_item_ids": session, "k": 10}).json()
+        expected, scores = rec.similar_to_items(session, k=10)
+        items = body["results"][0]["items"]
+        assert [i["item_id"] for i in items] == expected.tolist()
+        np.testing.assert_allclose([i["score"] for i in items], scores, atol=1e-5)
+
+
+def test_requests_during_reloads_of_two_stage_versions_never_fail(
+    monkeypatch: pytest.MonkeyPatch, gmf_run: Path, other_gmf_run: Path
+):
+    """Each reload builds both ANN indexes and warms the version up off the serving path,
+    then swaps it in: every kind of request in between is answered, by one version or the
+    other, and an explained list comes from the version that answers it, never from a fold
+    the previous version kept."""
+    pytest.importorskip("faiss")
+    monkeypatch.setenv("RECOMMENDER_ADMIN_TOKEN", TOKEN)
+    settings = ServeSettings(ann_threshold=0, ann_candidates=30, ann_item_nprobe=1000)
+    shots = [
+        ("GET", f"/v1/users/{USER}/recommendations?k=5&explain=true", None),
+        ("GET", "/v1/items/15/similar?k=5", None),
+        ("POST", "/v1/recommendations", {"session_item_ids": ["15", "95"], "k": 5}),
+        ("POST", "/v1/recommendations", {"user_ids": ["u7", USER, "nobody"], "k": 5}),
+        ("POST", "/v1/score", {"pairs": [{"user_id": USER, "item_id": "15"}]}),
+    ]
+    answers: list[httpx.Response] = []
+    with TestClient(create_app(gmf_run, settings)) as c:
+
+        def hammer() -> None:
+            for n in range(100):
+                method, url, body = shots[n % len(shots)]
+                answers.append(c.request(method, url, json=body))
+
+        first = c.get("/v1/model").json()["version"]
+        reload_during(c, hammer, [other_gmf_run, gmf_run, other_gmf_run])
+        last = c.get("/v1/model").json()["version"]
+        explained = c.get(f"/v1/users/{USER}/recommendations?k=5&explain=true").json()
+    assert [a.status_code for a in answers] == [200] * 100
+    assert {a.json()["model_version"] for a in answers} <= {first, last} and first != last
+    fresh = Recommender.from_run(other_gmf_run)
+    ids = [i["item_id"] for i in explained["items"]]
+    whys = [i["explanation"]["supporting_items"] for i in explained["items"]]
+    assert whys == [e.supporting_items for e in fresh.explain_many(USER, ids)]
+    scores = [i["explanation"]["score"] for i in explained["items"]]
+    assert scores == [e.score for e in fresh.explain_many(USER, ids)]
+    assert scores != [e.score for e in Recommender.from_run(gmf_run).explain_many(USER, ids)]
 
 
 # -- settings ----------------------------------------------------------------------------------

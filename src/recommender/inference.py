@@ -34,6 +34,7 @@ from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.evaluate import exact_top_k
 from recommender.explain import FoldIn, GraphExplainer, explainer
+from recommender.explanations import Explanation, FoldCache, from_attribution
 from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError
 
@@ -52,12 +53,22 @@ class Retriever(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-# Explanation.method of an attribution; "popularity" marks the fallback.
-ATTRIBUTION = FoldIn.method  # the ID models'; LightGCN's is GraphExplainer.method
+class Neighbours(Protocol):
+    """Approximate nearest items in the item space, for a catalog too large to score whole per
+    request (serving.retrieval.ItemNeighbours): (Q, r) query vectors -> (Q, k) item indices
+    (-1: empty) and their inner products; `exclude[q]` holds the items query q must not get."""
+
+    def topk(
+        self, queries: torch.Tensor, k: int, exclude: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 # How `recommend` represents a user (`representations`): their trained vector, a vector folded
 # in from a given history, or the popularity list (an unknown user without a usable history,
 # or a run with no user vectors).
 TRAINED, FOLDED_IN, POPULARITY = "trained", "folded_in", "popularity"
+# Users whose folds (explanations.FoldCache) a Recommender keeps for their next explanations.
+FOLD_CACHE_USERS = 256
 # New users folded in per batched solve: a bound on its (users, N, D) tensors, not a speed-up
 # (a user's fold-in costs the same alone or in a batch).
 FOLD_CHUNK = 32
@@ -72,42 +83,6 @@ class _NewUsers:
     rows: np.ndarray
     items: list[np.ndarray]
     latest: np.ndarray | None
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """The history items that raise a recommendation's score most, strongest first.
-
-    The weights are integrated-gradients attributions (explain/), in units of the score (a
-    probability under train.loss=bce, a ranking score under softmax): how much each history
-    item raises the item's score for the user refitted to the history ("fold-in"), against a
-    user with no history. All history items' weights, negative ones included, sum to
-    `score - baseline_score`; only the top positive ones are listed. `fidelity` is the Spearman
-    correlation over the catalog between the refitted user's scores and the trained user's, so
-    a reader can tell how closely the refit stands in for the model. LightGCN is explained
-    over its graph instead (`method` says which): each history edge re-weighted, the user's
-    layers recomputed, so the full-history score is the model's own (fidelity 1). The last
-    three fields are None for the popularity fallback.
-    """
-
-    item_id: str
-    supporting_items: list[str]
-    weights: list[float]
-    method: str
-    score: float | None = None
-    baseline_score: float | None = None
-    fidelity: float | None = None
-
-    def one_line(self, titles: dict[str, str] | None = None) -> str:
-        if self.method == "popularity":
-            return "popular with all users"
-        if not self.supporting_items:
-            return "no item in your history raises its score"
-        named = [
-            f"{titles.get(i, i) if titles else i} (+{w:.3f})"
-            for i, w in zip(self.supporting_items, self.weights, strict=True)
-        ]
-        return "because you liked " + ", ".join(named)
 
 
 class Recommender:
@@ -151,6 +126,7 @@ class Recommender:
         counts = torch.as_tensor(self.item_counts, dtype=torch.float32, device=self.device)
         self._popularity_share = counts / counts.max().clamp(min=1)
         self.meta = meta
+        self.folds = FoldCache(FOLD_CACHE_USERS)
         titles = meta.get("item_titles")
         self.titles: dict[str, str] | None = (
             dict(zip(items.to_list(), titles, strict=True)) if titles is not None else None
@@ -453,34 +429,57 @@ class Recommender:
         fallback = self._popularity_share[i]
         return torch.where(known, model_scores, fallback).cpu().numpy()
 
+    @property
+    def item_space(self) -> torch.Tensor | None:
+        """(n_items, r) normalised item representations: `similar_items` ranks by their inner
+        products (cosine similarity); None for a model without an item representation."""
+        return self._item_rep
+
     @torch.no_grad()
-    def similar_items(self, item_id: str | int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Items closest to `item_id` by cosine similarity of the model's item representation."""
-        if self._item_rep is None:
-            raise RecommenderError(f"the {self.model_name} model has no item representation")
-        idx = int(self.items.index([item_id])[0])
-        sims = self._item_rep @ self._item_rep[idx]
-        sims[idx] = -torch.inf
-        top = torch.topk(sims, min(k, len(self.items) - 1))
-        return self.items.to_ids(top.indices), top.values.cpu().numpy()
+    def similar_items(
+        self, item_id: str | int, k: int = 10, neighbours: Neighbours | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Items closest to `item_id` by cosine similarity of the model's item representation;
+        with `neighbours` (the service's ANN search over a large catalog), among its candidates."""
+        space = self._space()
+        idx = self.items.index([item_id])
+        return self._nearest(space[int(idx[0])], idx, k, neighbours)
 
     @torch.no_grad()
     def similar_to_items(
-        self, item_ids: Sequence[str | int], k: int = 10
+        self, item_ids: Sequence[str | int], k: int = 10, neighbours: Neighbours | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Items closest to a set of items (an anonymous session), the set itself excluded.
 
         The score is the cosine similarity to the mean of the items' normalised vectors, so a
-        visitor with no user id is answered from what they just looked at.
+        visitor with no user id is answered from what they just looked at. `neighbours`: as
+        in `similar_items`.
         """
-        if self._item_rep is None:
-            raise RecommenderError(f"the {self.model_name} model has no item representation")
+        space = self._space()
         if not len(item_ids):
             raise RecommenderError("similar_to_items needs at least one item id")
-        idx = torch.from_numpy(self.items.index([str(x) for x in item_ids])).to(self.device)
-        sims = self._item_rep @ self._item_rep[idx].mean(0)  # (n_items,)
-        sims[idx] = -torch.inf
-        top = torch.topk(sims, min(k, len(self.items) - len(torch.unique(idx))))
+        idx = self.items.index([str(x) for x in item_ids])
+        query = space[torch.from_numpy(idx).to(self.device)].mean(0)
+        return self._nearest(query, np.unique(idx), k, neighbours)
+
+    def _space(self) -> torch.Tensor:
+        if self._item_rep is None:
+            raise RecommenderError(f"the {self.model_name} model has no item representation")
+        return self._item_rep
+
+    def _nearest(
+        self, query: torch.Tensor, exclude: np.ndarray, k: int, neighbours: Neighbours | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(r,) query -> ids and scores of the items with the largest inner product with it in
+        the item space, best first, `exclude` (item indices) left out: over the whole catalog,
+        or over the candidates of `neighbours`."""
+        if neighbours is not None:
+            idx, scores = neighbours.topk(query[None], k, [exclude])
+            found = idx[0] >= 0
+            return self.items.to_ids(idx[0][found]), scores[0][found]
+        sims = self._space() @ query  # (n_items,)
+        sims[torch.from_numpy(exclude).to(self.device)] = -torch.inf
+        top = torch.topk(sims, min(k, len(self.items) - len(exclude)))
         return self.items.to_ids(top.indices), top.values.cpu().numpy()
 
     @cached_property
@@ -506,8 +505,10 @@ class Recommender:
         """One Explanation per item, in order, from a single fold-in of the user's history.
 
         Explaining a whole recommendation list costs about as much as explaining one item
-        (tens of milliseconds on a CPU for MovieLens-100K). Unknown users, users without a
-        history and the Popularity model get the popularity fallback; unknown items are an error.
+        (tens of milliseconds on a CPU for MovieLens-100K), and the fold is kept (`folds`,
+        the latest FOLD_CACHE_USERS users), so the same user's next list costs a few. Unknown
+        users, users without a history and the Popularity model get the popularity fallback;
+        unknown items are an error.
         `after` explains a `recommend_next` list of a known user: the recent items join the
         history, and the Markov term reads the context that list was scored with. `history`
         explains an unknown user's list scored from that history (`recommend(histories=)`):
@@ -530,29 +531,13 @@ class Recommender:
         if fold_in is None or unfoldable or not len(seen) or not items:
             return [Explanation(item, [], [], "popularity") for item in items]
         targets = torch.from_numpy(item_idx).to(self.device)
+        key = (user_idx, seen.tobytes(), None if latest is None else latest.tobytes())
         if isinstance(fold_in, FoldIn):
-            why = fold_in.user(user_idx if user_idx >= 0 else None, seen, latest).attribute(targets)
+            user = user_idx if user_idx >= 0 else None
+            fold = self.folds.get(key, lambda: fold_in.user(user, seen, latest))
         else:
-            why = fold_in.user(user_idx, seen, latest).attribute(targets)
-        top = torch.topk(why.weights, min(n, len(seen)), dim=1)
-        weights = top.values.cpu().numpy()  # (T, n)
-        supporting = seen[top.indices.cpu().numpy()]  # (T, n) item indices
-        scores, baselines = why.score.tolist(), why.baseline.tolist()
-        explanations = []
-        for row, item in enumerate(items):
-            positive = weights[row] > 0
-            explanations.append(
-                Explanation(
-                    item,
-                    [str(x) for x in self.items.to_ids(supporting[row][positive])],
-                    [round(float(w), 4) for w in weights[row][positive]],
-                    fold_in.method,
-                    round(scores[row], 4),
-                    round(baselines[row], 4),
-                    None if why.fidelity is None else round(why.fidelity, 4),
-                )
-            )
-        return explanations
+            fold = self.folds.get(key, lambda: fold_in.user(user_idx, seen, latest))
+        return from_attribution(fold.attribute(targets), seen, self.items, items, n, fold_in.method)
 
     def title(self, item_id: str) -> str:
         return self.titles.get(item_id, item_id) if self.titles else item_id

@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, cast
 
 import numpy as np
@@ -93,6 +94,22 @@ class Attribution:
 
     weights: torch.Tensor
     score: torch.Tensor
+    baseline: torch.Tensor
+    fidelity: float | None
+
+
+@dataclass(frozen=True)
+class _Walked:
+    """UserFold's integration path, independent of the explained items: the (m,) quadrature
+    weights; at each point the (m, N) explained logits, the (m, H, D) items' gradients and the
+    LU factors of the (m, D, D) Hessian; the (N,) logits of the whole history's fold and of
+    the baseline; the fidelity."""
+
+    quadrature: torch.Tensor
+    logits: torch.Tensor
+    item_gradients: torch.Tensor
+    hessian_lu: tuple[torch.Tensor, torch.Tensor]
+    full: torch.Tensor
     baseline: torch.Tensor
     fidelity: float | None
 
@@ -584,9 +601,28 @@ class UserFold(_Fit):
     @torch.no_grad()
     def attribute(self, targets: torch.Tensor) -> Attribution:
         """Integrated gradients of the (T,) target items' folded probabilities."""
-        fold_in, history = self.fold_in, self.history
         if len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < len(self.labels):
             raise RecommenderError(f"target item indices must lie in [0, {len(self.labels)})")
+        path, jac = self._walked, self.jacobian
+        # The score is the sigmoid whichever loss trained the model: what serving shows.
+        p_t = torch.sigmoid(path.logits[:, targets])
+        slope = p_t * (1 - p_t)  # (m, T)
+        rhs = (slope[..., None] * jac[targets]).transpose(1, 2)
+        solved = torch.linalg.lu_solve(*path.hessian_lu, rhs)
+        grads = -(path.item_gradients @ solved)  # (m, H, T): d score_t / d alpha_j at each point
+        # The Markov term is linear in alpha: a latest item adds its share of the targets' logits.
+        grads.index_add_(1, self.markov_at, slope[:, None, :] * self.markov_shares[:, targets])
+        attributions = torch.einsum("m,mht->th", path.quadrature, grads)
+        score = torch.sigmoid(path.full[targets])
+        baseline = torch.sigmoid(path.baseline[targets])
+        return Attribution(attributions, score, baseline, path.fidelity)
+
+    @cached_property
+    def _walked(self) -> _Walked:
+        """The integration path's folded users and what `attribute` needs of them for any
+        targets, computed on first use: a fold kept for a served user explains its next list
+        at the cost of the targets' solves alone."""
+        history = self.history
         nodes, quad = self._path()
         alpha = nodes[:, None].expand(-1, len(history))  # (m, H): the path's points
         theta = self.fold(alpha)
@@ -597,19 +633,16 @@ class UserFold(_Fit):
         # gradients below need the optimum, and the Hessian barely moves in that step.
         theta = theta - torch.linalg.solve(hessian, self._gradient(theta, weights, prob, jac))
         local = self.logits(theta)
-        g = self._item_gradients(self._prob(local))  # (m, H, D)
-        # The score is the sigmoid whichever loss trained the model: what serving shows.
-        p_t = torch.sigmoid((local + self.markov(alpha))[:, targets])
-        slope = p_t * (1 - p_t)  # (m, T)
-        solved = torch.linalg.solve(hessian, (slope[..., None] * jac[targets]).transpose(1, 2))
-        grads = -(g @ solved)  # (m, H, T): d score_t / d alpha_j at each path point
-        # The Markov term is linear in alpha: a latest item adds its share of the targets' logits.
-        grads.index_add_(1, self.markov_at, slope[:, None, :] * self.markov_shares[:, targets])
-        attributions = torch.einsum("m,mht->th", quad, grads)
         full = self.logits(self.full)[0] + self.markov(self.labels.new_ones(1, len(history)))[0]
-        score = torch.sigmoid(full[targets])
-        baseline = torch.sigmoid(self.logits(fold_in.mean[None])[0, targets])
-        return Attribution(attributions, score, baseline, self._fidelity(full))
+        return _Walked(
+            quadrature=quad,
+            logits=local + self.markov(alpha),
+            item_gradients=self._item_gradients(self._prob(local)),  # (m, H, D)
+            hessian_lu=torch.linalg.lu_factor(hessian),
+            full=full,
+            baseline=self.logits(self.fold_in.mean[None])[0],
+            fidelity=self._fidelity(full),
+        )
 
     def _path(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Gauss-Legendre nodes and weights for t in (0, 1), spaced geometrically.

@@ -1,22 +1,37 @@
-"""One loaded model version as the service sees it: the `Recommender` plus serving extras.
+"""One loaded model version as the service sees it: the `Recommender` plus serving extras,
+and `ModelCalls`, the threads that run it.
 
 A `ServedModel` is immutable once built. A reload builds a new one beside the old and swaps a
-single reference, so a request that picked up the old version finishes on it.
+single reference, so a request that picked up the old version finishes on it. The build, the
+checkpoint, the ANN indexes of a large catalog and a first call of each kind, runs off the
+serving path (`ServedModel.load`): in a thread of its own at low CPU priority, so the old
+version keeps answering at full speed until the new one is ready to take over.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from recommender.explanations import FoldCache
 from recommender.inference import FOLDED_IN, POPULARITY, TRAINED, Recommender
-from recommender.serving.retrieval import TwoStageRetriever
+from recommender.serving.retrieval import ItemNeighbours, TwoStageRetriever
 from recommender.serving.settings import ServeSettings
+
+T = TypeVar("T")
 
 log = logging.getLogger("recommender")
 
@@ -27,6 +42,15 @@ ANONYMOUS = ""
 
 # Ranked.representation of a list scored from items alone (a session, similar items).
 SESSION = "session"
+# Nice value of the thread that builds a model version: the serving threads come first, and
+# the build still gets about a quarter of a core they keep busy.
+BUILD_NICE = 5
+# Seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms).
+# Short, because request handling waits on it at every hand-over: while a model version
+# loads, its unpickling holds the GIL for seconds, and a model thread's Python holds it
+# between torch calls (1M-item reload, longest stall of a thread sleeping 1 ms: 20 ms at
+# the default, 7 ms at 0.2 ms).
+GIL_SWITCH_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -66,32 +90,62 @@ class ServedModel:
         stamp = "".join(ch for ch in created[:19] if ch.isdigit())
         # Digest plus training time: a rerun of the same config is still a new version.
         self.version = f"{digest}-{stamp}" if stamp else digest
+        rec.folds = FoldCache(settings.explain_cache)
         self.retriever: TwoStageRetriever | None = None
-        if len(rec.items) > settings.ann_threshold:
-            if rec.model.retrieval_vectors() is None:
-                log.warning(
-                    "%s has no retrieval vectors: scoring all %d items exactly per request",
-                    rec.model_name,
-                    len(rec.items),
-                )
-            else:
-                self.retriever = TwoStageRetriever(
-                    rec.model,
-                    settings.ann_candidates,
-                    settings.ann_nprobe,
-                    settings.ann_nlist,
-                    rec.device,
-                )
+        self.neighbours: ItemNeighbours | None = None
+        if len(rec.items) <= settings.ann_threshold:
+            return
+        if rec.model.retrieval_vectors() is None:
+            log.warning(
+                "%s has no retrieval vectors: scoring all %d items exactly per user",
+                rec.model_name,
+                len(rec.items),
+            )
+        else:
+            self.retriever = TwoStageRetriever(
+                rec.model,
+                settings.ann_candidates,
+                settings.ann_nprobe,
+                settings.ann_nlist,
+                rec.device,
+            )
+        if rec.item_space is not None:
+            self.neighbours = ItemNeighbours(
+                rec.item_space,
+                settings.ann_candidates,
+                settings.ann_item_nprobe,
+                settings.ann_nlist,
+            )
 
     @classmethod
     def load(cls, run_dir: str | Path, settings: ServeSettings) -> ServedModel:
-        """Load `run_dir` and build what serving precomputes; raises RecommenderError."""
+        """Load `run_dir`, build what serving precomputes and answer one request of each kind,
+        off the serving path (module doc); returns once the version is ready to swap in.
+        Raises what the load raised (RecommenderError for a run that is not one)."""
+        with ThreadPoolExecutor(1, "model-build", initializer=_lower_priority) as builder:
+            return builder.submit(cls._build, run_dir, settings).result()
+
+    @classmethod
+    def _build(cls, run_dir: str | Path, settings: ServeSettings) -> ServedModel:
         start = time.perf_counter()
         rec = Recommender.from_run(run_dir)
         served = cls(rec, settings, 0.0)
+        served._warm_up()
         served.load_seconds = round(time.perf_counter() - start, 3)
         log.info("loaded %s (%s) in %.1f s", run_dir, served.version, served.load_seconds)
         return served
+
+    def _warm_up(self) -> None:
+        """One call of each kind, so the first requests after a swap do not pay for lazy
+        set-up (torch kernels, FAISS, the explainer of an exactly scored catalog)."""
+        rec = self.rec
+        if len(rec.users):
+            self.recommend([str(rec.users.ids[0])], 10, True)
+        if len(rec.items) and rec.item_space is not None:
+            self.similar(str(rec.items.ids[0]), 10)
+        if len(rec.users) and self.retriever is None and rec.personalised:
+            user = str(rec.users.ids[0])
+            rec.explain_many(user, self.recommend([user], 1, True)[0].item_ids)
 
     @property
     def retrieval(self) -> str:
@@ -161,7 +215,7 @@ class ServedModel:
         if self.rec.reads_context:
             ids, scores = self.rec.recommend_next(item_ids, k=k)
         else:
-            ids, scores = self.rec.similar_to_items(item_ids, k=k)
+            ids, scores = self.rec.similar_to_items(item_ids, k, self.neighbours)
         return _ranked(None, ids, scores, False, SESSION)
 
     def after(self, user_id: str, item_ids: list[str], k: int, exclude_seen: bool) -> Ranked:
@@ -175,7 +229,7 @@ class ServedModel:
         return _ranked(user_id, ids, scores, False, TRAINED if known else SESSION)
 
     def similar(self, item_id: str, k: int) -> Ranked:
-        ids, scores = self.rec.similar_items(item_id, k=k)
+        ids, scores = self.rec.similar_items(item_id, k, self.neighbours)
         return _ranked(None, ids, scores, False, SESSION)
 
     def score(self, user_ids: list[str], item_ids: list[str]) -> list[float]:
@@ -218,3 +272,38 @@ class ServedModel:
     def known_users(self, user_ids: list[str]) -> np.ndarray:
         """(U,) bool: which users the model trained on (the others get the fallback)."""
         return self.rec.known_users(user_ids)
+
+
+def _lower_priority() -> None:
+    """Give the calling thread BUILD_NICE; on Linux only, where a nice value is per thread
+    (elsewhere setpriority takes process ids)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICE)
+
+
+class ModelCalls:
+    """The threads that run model calls for the request handlers, `threads` at most at once.
+
+    A handler awaits its call, so the event loop keeps accepting and parsing requests while
+    a slow call (an explanation, a fold-in) runs, and calls beyond `threads` queue here
+    rather than on the event loop. Torch releases the GIL inside its kernels, and the
+    interpreter hands the GIL over every GIL_SWITCH_S (a per-process setting, put back by
+    `close`), so request handling never waits long behind a model thread's Python.
+
+    Example:
+        >>> calls = ModelCalls(threads=2)                                # doctest: +SKIP
+        >>> ranked = await calls(served.recommend, ["196"], 10, True)    # doctest: +SKIP
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_S)
+        self._pool = ThreadPoolExecutor(threads, "model-call")
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        sys.setswitchinterval(self._switch_interval)

@@ -1,9 +1,11 @@
 """The HTTP endpoints. Handlers are thin: validate, call the ServedModel, shape the response.
 
-Handlers are `async` and call the model inline: a request is a millisecond of batched tensor
-work that already uses every core through torch's own threads, so a thread-pool hop would
-add latency without adding throughput. Each handler takes the served model once, through
-`served_model`, so a reload mid-request cannot mix two versions in one answer.
+Handlers are `async`; they validate on the event loop and hand the model work of a request,
+shaping its answer included, to the worker's model threads (engine.ModelCalls) in one call.
+Most requests are a millisecond of tensor work, but an explanation or a fold-in takes tens:
+run inline, it would hold every other request behind it, and the event loop could not even
+accept them. Each handler takes the served model once, through `served_model`, so a reload
+mid-request cannot mix two versions in one answer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse
 
-from recommender.serving.engine import Ranked, ServedModel
+from recommender.serving.engine import ModelCalls, Ranked, ServedModel
 from recommender.serving.metrics import CONTENT_TYPE, Metrics
 from recommender.serving.schemas import (
     MAX_K,
@@ -77,9 +79,14 @@ def metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def model_calls(request: Request) -> ModelCalls:
+    return request.app.state.calls
+
+
 Served = Annotated[ServedModel, Depends(served_model)]
 Settings = Annotated[ServeSettings, Depends(settings)]
 Registry = Annotated[Metrics, Depends(metrics)]
+Calls = Annotated[ModelCalls, Depends(model_calls)]
 K = Annotated[int, Query(ge=1, le=MAX_K, description="List length.")]
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 503)
@@ -136,62 +143,80 @@ def _as_list(
     )
 
 
+def _user_list(
+    served: ServedModel, user_id: str, k: int, exclude_seen: bool, explain: bool
+) -> RecommendationList:
+    return _as_list(served, served.recommend([user_id], k, exclude_seen)[0], explain)
+
+
 @router.get("/v1/users/{user_id}/recommendations", tags=["recommendations"])
 async def user_recommendations(
     user_id: str,
     served: Served,
     registry: Registry,
+    calls: Calls,
     k: K = 10,
     exclude_seen: bool = True,
     explain: bool = False,
 ) -> RecommendationList:
     """Top-k items for one user; an unknown user gets the popularity list."""
-    ranked = served.recommend([user_id], k, exclude_seen)[0]
-    registry.fallback(int(ranked.fallback))
-    return _as_list(served, ranked, explain)
+    answer = await calls(_user_list, served, user_id, k, exclude_seen, explain)
+    registry.fallback(int(answer.fallback is not None))
+    return answer
+
+
+def _lists(
+    served: ServedModel, body: RecommendationsRequest, users: list[str]
+) -> list[RecommendationList]:
+    """The lists of a batch request (`users`, or an anonymous session, or one user after
+    the session's items), explained when asked."""
+    after = None  # the recent items of one user's list, which its explanations read
+    session = body.session_item_ids
+    if session is None:
+        ranked = served.recommend(users, body.k, body.exclude_seen, body.histories)
+    elif body.user_ids is None:
+        ranked = [served.session(session, body.k)]
+    else:
+        try:
+            ranked = [served.after(users[0], session, body.k, body.exclude_seen)]
+        except RecommenderError as exc:  # a model without model.context
+            raise ApiError(409, str(exc), "session_item_ids") from None
+        after = session
+    return [_as_list(served, r, body.explain, after) for r in ranked]
 
 
 @router.post("/v1/recommendations", tags=["recommendations"])
 async def batch_recommendations(
-    body: RecommendationsRequest, served: Served, limits: Settings, registry: Registry
+    body: RecommendationsRequest,
+    served: Served,
+    limits: Settings,
+    registry: Registry,
+    calls: Calls,
 ) -> RecommendationsResponse:
     """A batch of users, new ones with the items they interacted with (`histories`: a user
     vector folded in from them); an anonymous session (what follows its items under a
     model.context run's Markov term, else item similarity); or one user with their recent
     items. Each list says what it was scored from (`representation`)."""
-    after = None  # the recent items of one user's list, which its explanations read
+    users = body.user_ids if body.user_ids is not None else list(body.histories or {})
     if body.session_item_ids is None:
-        histories = body.histories
-        users = body.user_ids if body.user_ids is not None else list(histories or {})
         _check_size("user_ids", len(users), limits.max_batch)
-        if histories is not None:
-            _check_histories(histories, users, limits.max_session_items)
-        ranked = served.recommend(users, body.k, body.exclude_seen, histories)
-        registry.fallback(sum(r.fallback for r in ranked))
+        if body.histories is not None:
+            _check_histories(body.histories, users, limits.max_session_items)
     else:
         session = body.session_item_ids
         _check_size("session_item_ids", len(session), limits.max_session_items)
         _check_items(served, session, "session_item_ids.{}")
-        if body.user_ids is None:
-            ranked = [served.session(session, body.k)]
-        else:
-            try:
-                ranked = [served.after(body.user_ids[0], session, body.k, body.exclude_seen)]
-            except RecommenderError as exc:  # a model without model.context
-                raise ApiError(409, str(exc), "session_item_ids") from None
-            after = session
-    return RecommendationsResponse(
-        results=[_as_list(served, r, body.explain, after) for r in ranked],
-        model_version=served.version,
-    )
+    results = await calls(_lists, served, body, users)
+    registry.fallback(sum(r.fallback is not None for r in results))
+    return RecommendationsResponse(results=results, model_version=served.version)
 
 
 @router.get("/v1/items/{item_id}/similar", tags=["items"])
-async def similar_items(item_id: str, served: Served, k: K = 10) -> SimilarItems:
+async def similar_items(item_id: str, served: Served, calls: Calls, k: K = 10) -> SimilarItems:
     """Items closest to `item_id` in the model's item space (cosine similarity)."""
     _check_items(served, [item_id], "item_id", status=404)  # the path names a resource
     try:
-        ranked = served.similar(item_id, k)
+        ranked = await calls(served.similar, item_id, k)
     except RecommenderError as exc:
         raise ApiError(409, str(exc)) from None
     items = [
@@ -208,12 +233,13 @@ def _items(served: ServedModel, item_ids: list[str]) -> list[Item]:
 @router.get("/v1/items", tags=["items"])
 async def search_items(
     served: Served,
+    calls: Calls,
     q: Annotated[str, Query(max_length=200, description="Part of a title, or an id.")] = "",
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> ItemSearch:
     """Items whose title contains `q` (any case) or whose id is `q`, most popular first; an
     empty `q` lists the most popular items. A run without titles matches ids."""
-    items = _items(served, served.search(q, limit))
+    items = _items(served, await calls(served.search, q, limit))  # a pass over every title
     return ItemSearch(query=q, items=items, model_version=served.version)
 
 
@@ -256,12 +282,14 @@ async def page_asset(name: str) -> FileResponse:
 
 
 @router.post("/v1/score", tags=["recommendations"])
-async def score(body: ScoreRequest, served: Served, limits: Settings) -> ScoreResponse:
+async def score(
+    body: ScoreRequest, served: Served, limits: Settings, calls: Calls
+) -> ScoreResponse:
     """Probability per (user, item) pair, in request order; unknown users get popularity."""
     _check_size("pairs", len(body.pairs), limits.max_batch)
     items = [p.item_id for p in body.pairs]
     _check_items(served, items, "pairs.{}.item_id")
-    scores = served.score([p.user_id for p in body.pairs], items)
+    scores = await calls(served.score, [p.user_id for p in body.pairs], items)
     return ScoreResponse(scores=scores, model_version=served.version)
 
 
