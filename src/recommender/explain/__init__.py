@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from recommender.config import TrainConfig
-from recommender.explain.fold_in import Attribution, FoldIn, UserFold, supports
+from recommender.explain.fold_in import Attribution, FoldIn, UserFold
 from recommender.explain.graph import GraphExplainer, GraphUser
+from recommender.explain.side import supports
 from recommender.models import LightGCN, RecModel
 
 __all__ = [
