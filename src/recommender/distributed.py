@@ -24,6 +24,7 @@ docs/CODE_EXPLANATION.md, "Scale and distributed training".
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,6 +89,11 @@ class Dist:
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
+            # DDP wrappers of finished stages can outlive their stage in reference cycles; a
+            # reducer collected after the group is gone aborts the process at exit
+            # ("terminate called without an active exception", seen in the 2-process test).
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
 
     def barrier(self) -> None:

@@ -1,7 +1,7 @@
 """What an explanation is, how an attribution becomes one, and the cache of users' folds.
 
 `Recommender.explain_many` answers with one `Explanation` per item: the history items whose
-integrated-gradients attribution (explain.py) raises its score most. Folding a user in and
+integrated-gradients attribution (explain/) raises its score most. Folding a user in and
 walking the attribution path cost tens of milliseconds and do not depend on which items are
 explained, so `FoldCache` keeps the latest users' folds (explain.UserFold, path included):
 the user's next list costs only its items' solves. The cache belongs to the Recommender that
