@@ -15,11 +15,12 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
 
-from recommender.config import Config, load_config
+from recommender.config import Config, ModelName, load_config
 from recommender.utils import (
     DataError,
     RecommenderError,
@@ -293,7 +294,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--train", help="pre-split train file (NCF .train.rating)")
     parser.add_argument("--test", help="pre-split test file (NCF .test.rating)")
     parser.add_argument("--test-negatives", help="NCF .test.negative file")
-    parser.add_argument("--model", choices=["neumf", "gmf", "mlp", "mf", "popularity"])
+    parser.add_argument("--model", choices=get_args(ModelName))
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     parser.add_argument(
         "--mlflow", action="store_true", help="log to MLflow (MLFLOW_TRACKING_URI, or ./mlflow.db)"

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from recommender.search_space import NOT_TUNABLE, PARAM_TYPES, ParamSpec, default_space
 from recommender.utils import ConfigError, atomic_write_text
 
-ModelName = Literal["neumf", "gmf", "mlp", "mf", "popularity"]
-SplitName = Literal["leave_last_out", "temporal", "random"]
+ModelName = Literal["neumf", "gmf", "mlp", "mf", "popularity", "sasrec"]
+SplitName = Literal["leave_last_out", "temporal", "random", "last_two_out"]
 
 
 class _Section(BaseModel):
@@ -106,6 +106,23 @@ class ModelConfig(_Section):
             )
         return self
 
+    max_len: int = Field(
+        50, ge=1, description="sasrec only: the latest items of a user's sequence it reads."
+    )
+    blocks: int = Field(2, ge=1, description="sasrec only: causal self-attention blocks.")
+    heads: int = Field(
+        1, ge=1, description="sasrec only: attention heads; embedding_dim must divide by it."
+    )
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.name == "sasrec" and self.embedding_dim % self.heads:
+            raise ValueError(
+                f"embedding_dim={self.embedding_dim} is not divisible by heads={self.heads}: "
+                "each attention head takes an equal share of the dimensions"
+            )
+        return self
+
 
 class StageConfig(_Section):
     """Optimisation settings of one training stage (a pretraining model or the final one)."""
@@ -160,13 +177,16 @@ class TrainConfig(_Section):
     )
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    loss: Literal["bce", "softmax"] = Field(
+    loss: Literal["bce", "softmax", "gbce"] = Field(
         "bce",
         description="bce: pointwise binary cross-entropy on each positive and its num_negatives "
         "sampled negatives (the NCF paper; the sigmoid output is an interaction probability). "
         "softmax: cross-entropy of each positive against the whole catalog (every other item a "
         "negative, no sampling); a ranking objective whose sigmoid output is a score, not a "
-        "calibrated probability. Costs a batch x catalog score matrix per step.",
+        "calibrated probability. Costs a batch x catalog score matrix per step. "
+        "gbce (sasrec only): gSASRec's generalised BCE against num_negatives uniformly drawn "
+        "items shared by a batch, for catalogs too large for a softmax at every position. "
+        "sasrec defaults to softmax.",
     )
     num_negatives: int = Field(
         16, ge=1, description="Negatives drawn per positive each epoch (loss=bce)."
@@ -202,6 +222,13 @@ class TrainConfig(_Section):
         "auto", description="bf16 autocast in training; auto: on for CUDA, off on CPU."
     )
     progress: bool = True
+    gbce_t: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="loss=gbce: calibration of the positive's term; 0 is plain BCE, 1 matches "
+        "a full softmax's confidence (Petrov & Macdonald 2023 use 0.75).",
+    )
 
 
 class EvalConfig(_Section):
@@ -271,6 +298,51 @@ class Config(_Section):
             )
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sequence_loss_default(cls, data: Any) -> Any:
+        """sasrec trains with the full softmax unless train.loss says otherwise: bce, the
+        other models' default, does not apply to next-item targets."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        train = data.get("train") or {}
+        sasrec = data["model"].get("name") == "sasrec"
+        if sasrec and isinstance(train, dict) and "loss" not in train:
+            return {**data, "train": {**train, "loss": "softmax"}}
+        return data
+
+    @model_validator(mode="after")
+    def _sequence_training(self) -> Config:
+        """sasrec trains on next-item targets with softmax or gbce, and gbce applies to it
+        alone; checked for every pair a study can draw, as _loss_fits_model does."""
+        space = self.tune.space
+        losses = space["train.loss"].edge_values() if "train.loss" in space else [self.train.loss]
+        names = space["model.name"].edge_values() if "model.name" in space else [self.model.name]
+        where = "tune.space can draw " if len(losses) > 1 or len(names) > 1 else ""
+        for name in names:
+            for loss in losses:
+                fits = loss in ("softmax", "gbce") if name == "sasrec" else loss != "gbce"
+                if not fits:
+                    raise ValueError(
+                        f"{where}train.loss={loss} with model.name={name}: sasrec trains with "
+                        "softmax (the whole catalog) or gbce (sampled negatives), and gbce is "
+                        "for sasrec only"
+                    )
+        t = self.train
+        if "sasrec" in names:
+            if t.sparse:
+                raise ValueError("train.sparse does not apply to sasrec; set train.sparse=false")
+            if t.confidence != "none":
+                raise ValueError(
+                    f"train.confidence={t.confidence} does not apply to sasrec: its targets are "
+                    "the next items of sequences; set train.confidence=none"
+                )
+            if t.sampling != "uniform":
+                raise ValueError(
+                    "sasrec's gbce negatives are drawn uniformly; set train.sampling=uniform"
+                )
+        return self
+
     @model_validator(mode="after")
     def _tune_space(self) -> Config:
         """Every space key must be a model / train setting, and every value it can draw valid."""
@@ -332,6 +404,11 @@ class Config(_Section):
             tree["model"].pop("context")
         if tree["train"]["max_epochs"] is None:
             tree["train"].pop("max_epochs")
+        if tree["model"]["name"] != "sasrec":
+            for key in ("max_len", "blocks", "heads"):
+                tree["model"].pop(key)
+        if self.train.loss != "gbce":
+            tree["train"].pop("gbce_t")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

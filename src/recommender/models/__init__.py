@@ -1,4 +1,5 @@
-"""Models: GMF, MLP (the seed's NCF), NeuMF, MF and Popularity, built from a ModelConfig."""
+"""Models: GMF, MLP (the seed's NCF), NeuMF, MF, SASRec and Popularity, built from a
+ModelConfig."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from recommender.models.mf import MF
 from recommender.models.mlp import MLP
 from recommender.models.neumf import NeuMF
 from recommender.models.popularity import Popularity
+from recommender.models.sasrec import SASRec
 
-__all__ = ["GMF", "MF", "MLP", "NeuMF", "Popularity", "RecModel", "build_model"]
+__all__ = ["GMF", "MF", "MLP", "NeuMF", "Popularity", "RecModel", "SASRec", "build_model"]
 
 
 def build_model(cfg: ModelConfig, n_users: int, n_items: int, sparse: bool = False) -> RecModel:
@@ -23,4 +25,8 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, sparse: bool = Fal
         return MLP(n_users, n_items, cfg.mlp_layers, cfg.dropout, sparse)
     if cfg.name == "neumf":
         return NeuMF(n_users, n_items, cfg.embedding_dim, cfg.mlp_layers, cfg.dropout, sparse)
+    if cfg.name == "sasrec":
+        return SASRec(
+            n_users, n_items, cfg.embedding_dim, cfg.max_len, cfg.blocks, cfg.heads, cfg.dropout
+        )
     return Popularity(n_users, n_items)
