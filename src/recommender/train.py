@@ -53,9 +53,11 @@ from recommender.config import Config, ModelConfig
 from recommender.data.interactions import Interactions
 from recommender.data.pipeline import DataBundle
 from recommender.data.sampling import NegativeSampler, epoch_batches, to_device
+from recommender.data.sequences import latest_sequences
 from recommender.distributed import Dist, check_supported
 from recommender.evaluate import evaluate_full
-from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, build_model
+from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, SASRec, build_model
+from recommender.sequential import SequenceSource, sequence_epoch, sequence_source
 from recommender.stages import Stage, log_plan, plan_stages
 from recommender.utils import ConfigError, DataError, RecommenderError
 
@@ -195,11 +197,20 @@ class Trainer:
                 "are ordered by item index alone; the Markov term has no order to learn",
                 data.source,
             )
+        unordered = stamps is None or (len(stamps) > 0 and np.ptp(stamps) == 0)
+        if cfg.model.name == "sasrec" and unordered:
+            raise ConfigError(
+                f"model.name=sasrec reads each user's items in time order, but {data.source} has "
+                f"{'no timestamp column' if stamps is None else 'one timestamp on every row'} "
+                "(map one with data.columns.timestamp, or use data.format=sasrec, whose line "
+                "order is the time order)"
+            )
         self.monitor = cfg.train.monitor
         self.valid_ks = sorted({int(self.monitor.partition("@")[2]), *cfg.eval.ks})
         self.run_data = run_data(data)
         self.completed: dict[str, dict[str, Any]] = {}
         self._tensors: dict[str, EpochSource] = {}
+        self._sequences: dict[str, SequenceSource] = {}
 
     # -- data on the device ------------------------------------------------------------------
 
@@ -229,6 +240,12 @@ class Trainer:
             self._tensors[which] = EpochSource(users, items, weights, context, sampler)
         return self._tensors[which]
 
+    def _sequence_source(self, which: str, max_len: int) -> SequenceSource:
+        """A split's training sequences on the device (a sequence model), built once per split."""
+        if which not in self._sequences:
+            self._sequences = {which: sequence_source(self._split(which), max_len, self.device)}
+        return self._sequences[which]
+
     # -- models and optimisers ---------------------------------------------------------------
 
     def _model_config(self, name: str) -> ModelConfig:
@@ -249,6 +266,8 @@ class Trainer:
             model.load_pretrained(gmf, mlp, self.cfg.train.pretrain.alpha)
         if model.context:  # scores after this stage use its data
             model.set_latest(self._split(stage.data).latest_items(model.context))
+        if isinstance(model, SASRec):  # so does a sequence model: test reads all before it
+            model.set_latest(latest_sequences(self._split(stage.data), model.max_len))
         return model
 
     def _completed_model(self, stage_name: str) -> RecModel:
@@ -291,10 +310,17 @@ class Trainer:
     ) -> tuple[float, int, float]:
         """One epoch of this rank's share; `net` is the module to step through (DDP's wrapper
         around `model` when distributed). Returns (mean loss, samples, seconds) of this rank."""
+        if isinstance(model, SASRec):  # rows are users' sequences: see sequential.py
+            rows = self._sequence_source(stage.data, model.max_len)
+            return sequence_epoch(
+                model if net is None else net, optimizers, rows, self.cfg.train, generator,
+                self.dist, amp=self.amp, desc=desc,
+            )  # fmt: skip
         source = self._epoch_source(stage.data)
         t = self.cfg.train
         # softmax batches are positives only: the whole catalog is every row's negatives
         negatives = t.num_negatives if t.loss == "bce" else 0
+        assert t.loss != "gbce"  # sasrec's alone, trained above
         net = model if net is None else net
         model.train()
         start = time.perf_counter()
