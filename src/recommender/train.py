@@ -396,6 +396,8 @@ class Trainer:
             self._run_stage(index, state if index == first else None)
             for index in range(first, len(self.stages))
         ]
+        if isinstance(models[-1], SASRec):
+            models[-1].load_state_dict(self._served_state(models[-1]))
         return models[-1]
 
     def _load_resume_state(self) -> LastCheckpoint:
@@ -547,6 +549,16 @@ class Trainer:
             ),
         )
 
+    def _served_state(self, model: RecModel) -> dict[str, torch.Tensor]:
+        """The final model's weights. A sequence model last trained on train alone (no refit)
+        reads train + validation once trained, so the test item is predicted from everything
+        before it, as the sequential literature evaluates; its validation read train alone."""
+        state = model.state_dict()
+        if isinstance(model, SASRec) and self.stages[-1].data == "train":
+            latest = latest_sequences(self.data.train_full, model.max_len)
+            state["latest"] = torch.from_numpy(latest).to(state["latest"].device)
+        return state
+
     def _save_best(self, model: RecModel, name: str, epoch: int, valid: dict[str, float]) -> None:
         save_best(
             self.out,
@@ -558,7 +570,7 @@ class Trainer:
                 model_config=self._model_config(name).model_dump(mode="json"),
                 n_users=len(self.data.users),
                 n_items=len(self.data.items),
-                state_dict=model.state_dict(),
+                state_dict=self._served_state(model),
                 epoch=epoch,
                 valid_metrics=valid,
                 **self.run_data,
