@@ -185,3 +185,15 @@ def test_ranks_share_the_permutation_but_not_the_negatives():
     negatives = [torch.stack([n for _, _, n in batches if n is not None]) for batches in drawn]
     assert negatives[0].shape == negatives[1].shape == (3, 5)
     assert not torch.equal(negatives[0], negatives[1])
+
+
+def test_batches_are_cut_to_their_longest_sequence():
+    pad = 9
+    inputs = torch.tensor([[pad, pad, pad, 1], [pad, pad, 2, 3], [4, 5, 6, 7]])
+    source = SequenceSource(inputs, inputs, n_items=pad)
+    gen = torch.Generator().manual_seed(0)
+    widths = {
+        int(x[:, -1].min()): x.shape[1]
+        for x, _, _ in sequence_batches(source, batch_size=1, num_negatives=0, generator=gen)
+    }
+    assert widths == {1: 1, 3: 2, 7: 4}

@@ -58,7 +58,8 @@ def sequence_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Yield (inputs (B, L), targets (B, L), negatives (K,) or None) batches of one epoch.
+    """Yield (inputs (B, L), targets (B, L), negatives (K,) or None) batches of one epoch, L
+    the longest sequence in the batch (at most max_len).
 
     num_negatives > 0 draws K uniform items per batch (gbce); 0 draws none (softmax). Under
     DDP the permutation is the same on every rank (the generator is seeded identically) and
@@ -77,7 +78,11 @@ def sequence_batches(
             negatives = torch.randint(
                 source.n_items, (num_negatives,), generator=generator, device=device
             )
-        yield source.inputs[rows], source.targets[rows], negatives
+        inputs, targets = source.inputs[rows], source.targets[rows]
+        # Columns that are padding in every row change no output (positions count from the
+        # end, padding is masked): cut them, so a batch of short sequences costs what they do.
+        first = int((inputs != source.n_items).any(0).int().argmax())
+        yield inputs[:, first:], targets[:, first:], negatives
 
 
 def sequence_step(
