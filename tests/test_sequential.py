@@ -19,6 +19,7 @@ from recommender.inference import Recommender
 from recommender.models import SASRec
 from recommender.runs import load_run
 from recommender.sequential import SequenceSource, sequence_batches
+from recommender.tune import inert_keys
 from recommender.utils import ConfigError
 
 # A one-block model small enough to learn 120-item walks in about a second.
@@ -197,3 +198,11 @@ def test_batches_are_cut_to_their_longest_sequence():
         for x, _, _ in sequence_batches(source, batch_size=1, num_negatives=0, generator=gen)
     }
     assert widths == {1: 1, 3: 2, 7: 4}
+
+
+def test_a_study_tunes_only_what_sasrec_reads():
+    gbce = load_config(None, ["model.name=sasrec", "train.loss=gbce"])
+    assert {"model.mlp_layers", "train.pretrain"} <= inert_keys(gbce)
+    assert "train.gbce_t" not in inert_keys(gbce)
+    softmax = load_config(None, ["model.name=sasrec"])
+    assert {"train.gbce_t", "train.num_negatives"} <= inert_keys(softmax)

@@ -87,6 +87,10 @@ def inert_keys(cfg: Config) -> set[str]:
         inert |= {f"train.pretrain.{k}" for k in ("gmf", "mlp", "alpha", "finetune_lr")}
     if t.sampling != "popularity":
         inert.add("train.popularity_power")
+    if name == "sasrec":
+        inert.add("model.mlp_layers")
+        if t.loss != "gbce":
+            inert |= {"train.gbce_t", "train.num_negatives"}
     return inert
 
 
