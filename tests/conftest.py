@@ -170,6 +170,28 @@ def write_lightgcn_split(
     return paths
 
 
+def interrupted_run(args: list[str], kill_at: int, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run `recommender train` killed after its `kill_at`-th epoch trained but before that
+    epoch's checkpoint, as a Ctrl-C (or a kill) would; returns its stderr."""
+    from recommender.train import Trainer
+
+    calls = {"n": 0}
+    original = Trainer.train_epoch
+
+    def killed(self: Trainer, *a: Any, **kw: Any) -> tuple[float, int, float]:
+        result = original(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "train_epoch", killed)
+        code, _, err = run_cli(args, capsys)
+    assert code == 130, err
+    return err
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> None:
     """The CI machine has two shared cores; one intra-op thread is faster and reproducible."""

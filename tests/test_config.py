@@ -44,6 +44,7 @@ def test_next_item_preset_is_the_benchmarked_variant(monkeypatch: pytest.MonkeyP
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look themselves up
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))  # as `python benchmarks/...` has it
     spec.loader.exec_module(bench)
     name, overrides = bench.VARIANTS["mf-context"]
     preset = load_config(root / "configs" / "next-item.yaml")

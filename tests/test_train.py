@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import FAST, planted_frame, run_cli, sequential_frame, write_csv
+from conftest import FAST, interrupted_run, planted_frame, run_cli, sequential_frame, write_csv
 from recommender.checkpoint import load_checkpoint, save_checkpoint
 from recommender.config import load_config
 from recommender.data.pipeline import load_data
@@ -178,7 +178,6 @@ def test_resume_gives_the_uninterrupted_result(
     planted_csv: Path,
     uninterrupted: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     kill_at: int,
 ):
@@ -186,22 +185,9 @@ def test_resume_gives_the_uninterrupted_result(
 
     Epoch calls 1-3 are selection, 4.. the refit: kill_at=4 dies as a new stage starts.
     """
-    calls = {"n": 0}
-    original = Trainer.train_epoch
-
-    def killed(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == kill_at:
-            raise KeyboardInterrupt  # as if Ctrl-C (or a kill) arrived before the checkpoint
-        return result
-
     out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "train_epoch", killed)
-    code, _, err = run_cli(train_args(planted_csv, out), capsys)
-    assert code == 130 and "interrupted" in err
+    assert "interrupted" in interrupted_run(train_args(planted_csv, out), kill_at, capsys)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == kill_at - 1
-    monkeypatch.setattr(Trainer, "train_epoch", original)
 
     code, _, err = run_cli([*train_args(planted_csv, out), "--resume"], capsys)
     assert code == 0, err

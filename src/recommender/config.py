@@ -25,14 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from recommender.search_space import NOT_TUNABLE, PARAM_TYPES, ParamSpec, default_space
 from recommender.utils import ConfigError, atomic_write_text
 
-ModelName = Literal["neumf", "gmf", "mlp", "mf", "lightgcn", "popularity"]
-LossName = Literal["bce", "softmax", "sampled_softmax", "bpr", "ccl"]
+ModelName = Literal["neumf", "gmf", "mlp", "mf", "lightgcn", "popularity", "sasrec"]
+LossName = Literal["bce", "softmax", "sampled_softmax", "bpr", "ccl", "gbce"]
 
 # Which models each loss can train, and why not the others (the models missing from a list).
 # bce, sampled_softmax and bpr score pairs, which every trainable model does.
 LOSS_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
     "softmax": (
-        ("mf", "gmf", "lightgcn"),
+        ("mf", "gmf", "lightgcn", "sasrec"),
         "softmax scores the whole catalog at every step, one matmul for the dot-product models "
         "(mf, gmf, lightgcn) but a pass of the MLP tower per item for {name}; use "
         "train.loss=sampled_softmax (a pool of sampled items) or bce for it",
@@ -44,7 +44,7 @@ LOSS_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
         "layer, which has no such cosine; use train.loss=bpr or sampled_softmax for it",
     ),
 }
-SplitName = Literal["leave_last_out", "temporal", "random"]
+SplitName = Literal["leave_last_out", "temporal", "random", "last_two_out"]
 
 
 class _Section(BaseModel):
@@ -154,6 +154,23 @@ class ModelConfig(_Section):
             )
         return self
 
+    max_len: int = Field(
+        50, ge=1, description="sasrec only: the latest items of a user's sequence it reads."
+    )
+    blocks: int = Field(2, ge=1, description="sasrec only: causal self-attention blocks.")
+    heads: int = Field(
+        1, ge=1, description="sasrec only: attention heads; embedding_dim must divide by it."
+    )
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.name == "sasrec" and self.embedding_dim % self.heads:
+            raise ValueError(
+                f"embedding_dim={self.embedding_dim} is not divisible by heads={self.heads}: "
+                "each attention head takes an equal share of the dimensions"
+            )
+        return self
+
 
 class StageConfig(_Section):
     """Optimisation settings of one training stage (a pretraining model or the final one)."""
@@ -219,7 +236,9 @@ class TrainConfig(_Section):
         "correction (every model; the MLP towers score batch x pool pairs per step). bpr: "
         "each positive above each of its num_negatives negatives (Rendle et al. 2009). ccl: "
         "SimpleX's cosine contrastive loss over num_negatives negatives (Mao et al. 2021; mf "
-        "and lightgcn, which then score by cosine).",
+        "and lightgcn, which then score by cosine). gbce (sasrec only): gSASRec's generalised "
+        "BCE against num_negatives uniformly drawn items shared by a batch, for catalogs too "
+        "large for a softmax at every position. sasrec defaults to softmax.",
     )
     num_negatives: int = Field(
         16,
@@ -294,6 +313,13 @@ class TrainConfig(_Section):
         "auto", description="bf16 autocast in training; auto: on for CUDA, off on CPU."
     )
     progress: bool = True
+    gbce_t: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="loss=gbce: calibration of the positive's term; 0 is plain BCE, 1 matches "
+        "a full softmax's confidence (Petrov & Macdonald 2023 use 0.75).",
+    )
 
 
 class EvalConfig(_Section):
@@ -375,6 +401,51 @@ class Config(_Section):
             )
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sequence_loss_default(cls, data: Any) -> Any:
+        """sasrec trains with the full softmax unless train.loss says otherwise: bce, the
+        other models' default, does not apply to next-item targets."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        train = data.get("train") or {}
+        sasrec = data["model"].get("name") == "sasrec"
+        if sasrec and isinstance(train, dict) and "loss" not in train:
+            return {**data, "train": {**train, "loss": "softmax"}}
+        return data
+
+    @model_validator(mode="after")
+    def _sequence_training(self) -> Config:
+        """sasrec trains on next-item targets with softmax or gbce, and gbce applies to it
+        alone; checked for every pair a study can draw, as _loss_fits_model does."""
+        space = self.tune.space
+        losses = space["train.loss"].edge_values() if "train.loss" in space else [self.train.loss]
+        names = space["model.name"].edge_values() if "model.name" in space else [self.model.name]
+        where = "tune.space can draw " if len(losses) > 1 or len(names) > 1 else ""
+        for name in names:
+            for loss in losses:
+                fits = loss in ("softmax", "gbce") if name == "sasrec" else loss != "gbce"
+                if not fits:
+                    raise ValueError(
+                        f"{where}train.loss={loss} with model.name={name}: sasrec trains with "
+                        "softmax (the whole catalog) or gbce (sampled negatives), and gbce is "
+                        "for sasrec only"
+                    )
+        t = self.train
+        if "sasrec" in names:
+            if t.sparse:
+                raise ValueError("train.sparse does not apply to sasrec; set train.sparse=false")
+            if t.confidence != "none":
+                raise ValueError(
+                    f"train.confidence={t.confidence} does not apply to sasrec: its targets are "
+                    "the next items of sequences; set train.confidence=none"
+                )
+            if t.sampling != "uniform":
+                raise ValueError(
+                    "sasrec's gbce negatives are drawn uniformly; set train.sampling=uniform"
+                )
+        return self
+
     @model_validator(mode="after")
     def _tune_space(self) -> Config:
         """Every space key must be a model / train setting, and every value it can draw valid."""
@@ -449,6 +520,11 @@ class Config(_Section):
         for section, keys in unused.items():
             for key in keys:
                 tree[section].pop(key)
+        if tree["model"]["name"] != "sasrec":
+            for key in ("max_len", "blocks", "heads"):
+                tree["model"].pop(key)
+        if self.train.loss != "gbce":
+            tree["train"].pop("gbce_t")
         blob = json.dumps(tree, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -57,10 +57,12 @@ from recommender.config import Config, ModelConfig
 from recommender.data.interactions import Interactions
 from recommender.data.pipeline import DataBundle
 from recommender.data.sampling import NegativeSampler, epoch_batches, to_device
+from recommender.data.sequences import latest_sequences
 from recommender.distributed import Dist, check_supported
 from recommender.evaluate import evaluate_full
-from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, build_model
+from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, SASRec, build_model
 from recommender.objective import Objective
+from recommender.sequential import SequenceSource, sequence_epoch, sequence_source
 from recommender.stages import Stage, log_plan, plan_stages
 from recommender.utils import ConfigError, DataError, RecommenderError
 
@@ -195,11 +197,20 @@ class Trainer:
                 "are ordered by item index alone; the Markov term has no order to learn",
                 data.source,
             )
+        unordered = stamps is None or (len(stamps) > 0 and np.ptp(stamps) == 0)
+        if cfg.model.name == "sasrec" and unordered:
+            raise ConfigError(
+                f"model.name=sasrec reads each user's items in time order, but {data.source} has "
+                f"{'no timestamp column' if stamps is None else 'one timestamp on every row'} "
+                "(map one with data.columns.timestamp, or use data.format=sasrec, whose line "
+                "order is the time order)"
+            )
         self.monitor = cfg.train.monitor
         self.valid_ks = sorted({int(self.monitor.partition("@")[2]), *cfg.eval.ks})
         self.run_data = run_data(data)
         self.completed: dict[str, dict[str, Any]] = {}
         self._tensors: dict[str, EpochSource] = {}
+        self._sequences: dict[str, SequenceSource] = {}
 
     # -- data on the device ------------------------------------------------------------------
 
@@ -233,6 +244,12 @@ class Trainer:
             self._tensors[which] = EpochSource(users, items, weights, context, sampler, objective)
         return self._tensors[which]
 
+    def _sequence_source(self, which: str, max_len: int) -> SequenceSource:
+        """A split's training sequences on the device (a sequence model), built once per split."""
+        if which not in self._sequences:
+            self._sequences = {which: sequence_source(self._split(which), max_len, self.device)}
+        return self._sequences[which]
+
     # -- models and optimisers ---------------------------------------------------------------
 
     def _model_config(self, name: str) -> ModelConfig:
@@ -257,6 +274,8 @@ class Trainer:
             model.set_latest(split.latest_items(model.context))
         if model.graph:  # the stage's own training pairs: validation pairs never in a selection
             model.set_graph(split.user_idx, split.item_idx)
+        if isinstance(model, SASRec):  # so does a sequence model: test reads all before it
+            model.set_latest(latest_sequences(split, model.max_len))
         return model
 
     def _completed_model(self, stage_name: str) -> RecModel:
@@ -299,6 +318,12 @@ class Trainer:
     ) -> tuple[float, int, float]:
         """One epoch of this rank's share; `net` is the module to step through (DDP's wrapper
         around `model` when distributed). Returns (mean loss, samples, seconds) of this rank."""
+        if isinstance(model, SASRec):  # rows are users' sequences: see sequential.py
+            rows = self._sequence_source(stage.data, model.max_len)
+            return sequence_epoch(
+                model if net is None else net, optimizers, rows, self.cfg.train, generator,
+                self.dist, amp=self.amp, desc=desc,
+            )  # fmt: skip
         source = self._epoch_source(stage.data)
         t, objective = self.cfg.train, source.objective
         net = model if net is None else net
@@ -382,6 +407,8 @@ class Trainer:
             self._run_stage(index, state if index == first else None)
             for index in range(first, len(self.stages))
         ]
+        if isinstance(models[-1], SASRec):
+            models[-1].load_state_dict(self._served_state(models[-1]))
         return models[-1]
 
     def _load_resume_state(self) -> LastCheckpoint:
@@ -533,6 +560,16 @@ class Trainer:
             ),
         )
 
+    def _served_state(self, model: RecModel) -> dict[str, torch.Tensor]:
+        """The final model's weights. A sequence model last trained on train alone (no refit)
+        reads train + validation once trained, so the test item is predicted from everything
+        before it, as the sequential literature evaluates; its validation read train alone."""
+        state = model.state_dict()
+        if isinstance(model, SASRec) and self.stages[-1].data == "train":
+            latest = latest_sequences(self.data.train_full, model.max_len)
+            state["latest"] = torch.from_numpy(latest).to(state["latest"].device)
+        return state
+
     def _save_best(self, model: RecModel, name: str, epoch: int, valid: dict[str, float]) -> None:
         save_best(
             self.out,
@@ -544,7 +581,7 @@ class Trainer:
                 model_config=self._model_config(name).model_dump(mode="json"),
                 n_users=len(self.data.users),
                 n_items=len(self.data.items),
-                state_dict=model.state_dict(),
+                state_dict=self._served_state(model),
                 epoch=epoch,
                 valid_metrics=valid,
                 **self.run_data,

@@ -101,6 +101,10 @@ def inert_keys(cfg: Config) -> set[str]:
     )
     if not by_popularity:
         inert.add("train.popularity_power")
+    if name == "sasrec":
+        inert.add("model.mlp_layers")
+        if t.loss != "gbce":
+            inert |= {"train.gbce_t", "train.num_negatives"}
     return inert
 
 

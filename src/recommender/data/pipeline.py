@@ -5,7 +5,8 @@ file / built-in dataset / pre-split files (NCF, LightGCN: data/presplit.py)
   -> implicit positives (rating >= threshold), duplicate pairs collapsed, k-core filter
   -> Vocabulary for users and items, Interactions of indices
   -> test split, then a validation split carved from train (never from test); pre-split files
-     keep their test split and carve validation by data.valid_rule
+     keep their test split and carve validation by data.valid_rule; last_two_out
+     (the sequential literature's) holds out each user's last two items at once
 
 Large csv / tsv / parquet files take the columnar path (data/columnar.py: same result, a
 fraction of the time and memory), and the processed result is cached (data/cache.py) so the
@@ -26,6 +27,7 @@ from recommender.data.columnar import read_indexed
 from recommender.data.datasets import load_builtin
 from recommender.data.interactions import Interactions, Vocabulary
 from recommender.data.readers import read_interactions, requested_columns
+from recommender.data.sequences import last_two_out
 from recommender.utils import DataError
 
 log = logging.getLogger("recommender")
@@ -181,10 +183,13 @@ def _load_file(cfg: DataConfig, seed: int) -> DataBundle:
         items = Vocabulary.from_values(frame["item_id"], "item")
         data = to_interactions(frame, users, items)
         del frame
-    first, test = splits.split(data, cfg.split, cfg.test_ratio, rng)
-    del data  # at 20M rows each copy of the interactions is 0.5 GB
-    train, valid = splits.split(first, cfg.split, cfg.valid_ratio, rng)
-    del first
+    if cfg.split == "last_two_out":  # one three-way split: test and validation together
+        train, valid, test = (data.subset(mask) for mask in last_two_out(data))
+    else:
+        first, test = splits.split(data, cfg.split, cfg.test_ratio, rng)
+        del data  # at 20M rows each copy of the interactions is 0.5 GB
+        train, valid = splits.split(first, cfg.split, cfg.valid_ratio, rng)
+        del first
     _check_nonempty(source, cfg.split, valid, test)
     full = train.concat(valid, disjoint=True)
     # train and valid become views of full: one copy of the rows in memory, not two.
@@ -241,8 +246,8 @@ def _load_presplit(cfg: DataConfig, seed: int) -> DataBundle:
 def _check_nonempty(source: str, split: str, valid: Interactions, test: Interactions) -> None:
     """Early stopping needs validation data and evaluation needs test data: say so up front."""
     hint = (
-        "users need at least 3 interactions under leave_last_out"
-        if split == "leave_last_out"
+        f"users need at least 3 interactions under {split}"
+        if split in ("leave_last_out", "last_two_out")
         else "raise data.test_ratio / data.valid_ratio or use more data"
     )
     for name, part in (("test", test), ("validation", valid)):

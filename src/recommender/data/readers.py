@@ -4,7 +4,8 @@ Besides generic csv / tsv / parquet, the readers know the files of the built-in 
 MovieLens formats (u.data, ratings.dat, ratings.csv and their item files, LF or CRLF) and
 Last.fm HetRec 2011's `user_artists.dat` (`hetrec-lastfm`: the play count, `weight`, becomes the
 rating column) and `artists.dat` (`hetrec-lastfm-artists`: artist names as titles), and the
-adjacency lists of NGCF / LightGCN (`lightgcn`, data/adjacency.py: `user item item ...`).
+adjacency lists of NGCF / LightGCN (`lightgcn`, data/adjacency.py: `user item item ...`), and the
+SASRec format (`sasrec`: `user item` lines in time order, read by data/sequences.py).
 
 The canonical interactions frame has columns `user_id` and `item_id` (raw ids, always strings, so
 "0012" keeps its zeros) and, when the file has them, `rating` (float64) and `timestamp` (int64).
@@ -34,15 +35,17 @@ import numpy as np
 import pandas as pd
 
 from recommender.data.adjacency import looks_like_adjacency, read_adjacency
+from recommender.data.sequences import read_sasrec
 from recommender.utils import ConfigError, DataError
 
 FORMATS = ("auto", "csv", "tsv", "parquet", "ml-100k", "ml-dat", "ml-csv", "recbole",
-           "hetrec-lastfm", "lightgcn")  # fmt: skip
+           "hetrec-lastfm", "lightgcn", "sasrec")  # fmt: skip
 ITEM_FORMATS = ("ml-100k-item", "ml-dat-movies", "ml-csv-movies", "recbole-item",
                 "hetrec-lastfm-artists")  # fmt: skip
 
 CANONICAL = ("user_id", "item_id", "rating", "timestamp")
 _OPTIONAL = ("rating", "timestamp")
+_HEADERLESS = ("ml-100k", "ml-dat", "lightgcn", "sasrec")  # formats that fix their own columns
 _KEYS = {"user": "user_id", "item": "item_id", "rating": "rating", "timestamp": "timestamp"}
 _ML_CSV_COLUMNS = {"user_id": "userId", "item_id": "movieId", "rating": "rating",
                    "timestamp": "timestamp"}  # fmt: skip
@@ -276,10 +279,10 @@ def detect_format(
     if sep is not None and fmt not in ("csv", "tsv"):
         raise ConfigError(f"sep applies to csv and tsv only, not to format {fmt!r}")
     # Dataset formats fix their own column names; the generic default mapping means "as is".
-    if columns is not None and fmt in ("ml-100k", "ml-dat", "ml-csv", "hetrec-lastfm", "lightgcn"):
+    if columns is not None and fmt in (*_HEADERLESS, "ml-csv", "hetrec-lastfm"):
         if all(_KEYS.get(key) == name for key, name in columns.items()):
             columns = None
-        elif fmt not in ("ml-csv", "hetrec-lastfm"):
+        elif fmt in _HEADERLESS:
             raise ConfigError(f"columns does not apply to the headerless format {fmt!r}")
     default = {"ml-csv": _ML_CSV_COLUMNS, "hetrec-lastfm": _HETREC_COLUMNS}.get(
         fmt, {c: c for c in CANONICAL}
@@ -382,6 +385,8 @@ def read_interactions(
     fmt, mapping = file.name, file.columns
     if fmt == "lightgcn":
         return read_adjacency(path)[0]
+    if fmt == "sasrec":
+        return read_sasrec(path)
     numeric = tuple(mapping[c] for c in _OPTIONAL if c in mapping)
 
     source: _TextSource | _ParquetSource

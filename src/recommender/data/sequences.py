@@ -29,9 +29,9 @@ def _ordered(data: Interactions) -> Interactions:
     """`data`, refused unless its timestamps order each user's interactions."""
     if data.timestamp is None:
         raise DataError(
-            "a sequential model needs timestamps to order each user's interactions; this data "
-            "has none (map data.columns.timestamp, or use data.format=sasrec, whose line order "
-            "is the time order)"
+            "sequences (a sequential model, the last_two_out split) need timestamps to order "
+            "each user's interactions; this data has none (map data.columns.timestamp, or use "
+            "data.format=sasrec, whose line order is the time order)"
         )
     return data
 

@@ -59,7 +59,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import numpy as np
 import torch
@@ -146,7 +145,7 @@ class FoldIn:
         max_steps: int = 40,
         refit_steps: int = 6,
         tolerance: float = 1e-4,
-        loss: Literal["bce", "softmax"] = "bce",
+        loss: str = "bce",
     ) -> None:
         counts = {"num_negatives": num_negatives, "path_points": path_points}
         counts |= {"max_steps": max_steps, "refit_steps": refit_steps}

@@ -1,4 +1,4 @@
-"""Models: GMF, MLP (the seed's NCF), NeuMF, MF, LightGCN and Popularity, built from a
+"""Models: GMF, MLP (the seed's NCF), NeuMF, MF, LightGCN, SASRec and Popularity, built from a
 ModelConfig."""
 
 from __future__ import annotations
@@ -11,8 +11,19 @@ from recommender.models.mf import MF
 from recommender.models.mlp import MLP
 from recommender.models.neumf import NeuMF
 from recommender.models.popularity import Popularity
+from recommender.models.sasrec import SASRec
 
-__all__ = ["GMF", "MF", "MLP", "LightGCN", "NeuMF", "Popularity", "RecModel", "build_model"]
+__all__ = [
+    "GMF",
+    "MF",
+    "MLP",
+    "LightGCN",
+    "NeuMF",
+    "Popularity",
+    "RecModel",
+    "SASRec",
+    "build_model",
+]
 
 
 def build_model(
@@ -31,4 +42,8 @@ def build_model(
         return NeuMF(n_users, n_items, cfg.embedding_dim, cfg.mlp_layers, cfg.dropout, sparse)
     if cfg.name == "lightgcn":
         return LightGCN(n_users, n_items, cfg.embedding_dim, cfg.layers, cosine)
+    if cfg.name == "sasrec":
+        return SASRec(
+            n_users, n_items, cfg.embedding_dim, cfg.max_len, cfg.blocks, cfg.heads, cfg.dropout
+        )
     return Popularity(n_users, n_items)
