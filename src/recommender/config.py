@@ -22,28 +22,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from recommender.losses import loss_refusal
 from recommender.search_space import NOT_TUNABLE, PARAM_TYPES, ParamSpec, default_space
 from recommender.utils import ConfigError, atomic_write_text
 
 ModelName = Literal["neumf", "gmf", "mlp", "mf", "lightgcn", "popularity", "sasrec"]
 LossName = Literal["bce", "softmax", "sampled_softmax", "bpr", "ccl", "gbce"]
 
-# Which models each loss can train, and why not the others (the models missing from a list).
-# bce, sampled_softmax and bpr score pairs, which every trainable model does.
-LOSS_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
-    "softmax": (
-        ("mf", "gmf", "lightgcn", "sasrec"),
-        "softmax scores the whole catalog at every step, one matmul for the dot-product models "
-        "(mf, gmf, lightgcn) but a pass of the MLP tower per item for {name}; use "
-        "train.loss=sampled_softmax (a pool of sampled items) or bce for it",
-    ),
-    "ccl": (
-        ("mf", "lightgcn"),
-        "ccl trains the cosine of a user vector and an item vector (SimpleX), and mf and "
-        "lightgcn score by that cosine after it; {name} scores a pair through its own output "
-        "layer, which has no such cosine; use train.loss=bpr or sampled_softmax for it",
-    ),
-}
 SplitName = Literal["leave_last_out", "temporal", "random", "last_two_out"]
 
 
@@ -380,19 +365,16 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _loss_fits_model(self) -> Config:
-        """Each loss only for the models it can train (LOSS_MODELS), here and in every trial a
-        study can draw; NeuMF's pretrained GMF and MLP train with the same loss."""
+        """Each loss only for the models it can train (losses.loss_refusal), here and in every
+        trial a study can draw; NeuMF's pretrained GMF and MLP train with the same loss."""
         losses = self._drawn("train.loss", self.train.loss)
         names = self._drawn("model.name", self.model.name)
         where = "tune.space can draw " if len(losses) > 1 or len(names) > 1 else ""
         for loss in losses:
-            fits, reason = LOSS_MODELS.get(loss, ((), ""))
             for name in names:
-                if reason and name not in (*fits, "popularity"):
-                    raise ValueError(
-                        f"{where}train.loss={loss} with model.name={name}: "
-                        + reason.format(name=name)
-                    )
+                reason = loss_refusal(loss, name)
+                if reason:
+                    raise ValueError(f"{where}train.loss={loss} with model.name={name}: {reason}")
         if "lightgcn" in names and True in self._drawn("train.sparse", self.train.sparse):
             raise ValueError(
                 f"{where}train.sparse=true with model.name=lightgcn: every step propagates the "
@@ -416,23 +398,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _sequence_training(self) -> Config:
-        """sasrec trains on next-item targets with softmax or gbce, and gbce applies to it
-        alone; checked for every pair a study can draw, as _loss_fits_model does."""
-        space = self.tune.space
-        losses = space["train.loss"].edge_values() if "train.loss" in space else [self.train.loss]
-        names = space["model.name"].edge_values() if "model.name" in space else [self.model.name]
-        where = "tune.space can draw " if len(losses) > 1 or len(names) > 1 else ""
-        for name in names:
-            for loss in losses:
-                fits = loss in ("softmax", "gbce") if name == "sasrec" else loss != "gbce"
-                if not fits:
-                    raise ValueError(
-                        f"{where}train.loss={loss} with model.name={name}: sasrec trains with "
-                        "softmax (the whole catalog) or gbce (sampled negatives), and gbce is "
-                        "for sasrec only"
-                    )
+        """The training settings that do not apply to sasrec's next-item targets (its losses
+        are checked with the others' in _loss_fits_model)."""
         t = self.train
-        if "sasrec" in names:
+        if "sasrec" in self._drawn("model.name", self.model.name):
             if t.sparse:
                 raise ValueError("train.sparse does not apply to sasrec; set train.sparse=false")
             if t.confidence != "none":

@@ -16,6 +16,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Which models each loss can train, and why not the others (the models missing from a list).
+# bce, sampled_softmax and bpr score pairs, which every model but sasrec does.
+LOSS_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
+    "softmax": (
+        ("mf", "gmf", "lightgcn", "sasrec"),
+        "softmax scores the whole catalog at every step, one matmul for the dot-product models "
+        "(mf, gmf, lightgcn) but a pass of the MLP tower per item for {name}; use "
+        "train.loss=sampled_softmax (a pool of sampled items) or bce for it",
+    ),
+    "ccl": (
+        ("mf", "lightgcn"),
+        "ccl trains the cosine of a user vector and an item vector (SimpleX), and mf and "
+        "lightgcn score by that cosine after it; {name} scores a pair through its own output "
+        "layer, which has no such cosine; use train.loss=bpr or sampled_softmax for it",
+    ),
+}
+
+
+def loss_refusal(loss: str, name: str) -> str | None:
+    """Why `loss` cannot train model `name`, or None when it can. sasrec's targets are the
+    next items of sequences: it trains with softmax or gbce, and gbce is for it alone."""
+    if name == "popularity":
+        return None
+    if (name == "sasrec") != (loss == "gbce") and not (name == "sasrec" and loss == "softmax"):
+        return (
+            "sasrec trains with softmax (the whole catalog) or gbce (sampled negatives), and "
+            "gbce is for sasrec only"
+        )
+    fits, reason = LOSS_MODELS.get(loss, ((), ""))
+    return reason.format(name=name) if reason and name not in fits else None
+
 
 def _mean(per_row: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """(B,) losses -> their mean, or their `weights`-weighted mean."""
