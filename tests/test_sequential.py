@@ -206,3 +206,9 @@ def test_a_study_tunes_only_what_sasrec_reads():
     assert "train.gbce_t" not in inert_keys(gbce)
     softmax = load_config(None, ["model.name=sasrec"])
     assert {"train.gbce_t", "train.num_negatives"} <= inert_keys(softmax)
+
+
+def test_sequential_preset_is_sasrec_with_a_loss_that_scales():
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "sequential.yaml")
+    assert cfg.model.name == "sasrec" and cfg.train.loss == "gbce"
+    assert not cfg.train.refit and cfg.eval.num_negatives == 100
