@@ -92,8 +92,9 @@ class Dist:
             # DDP wrappers of finished stages can outlive their stage in reference cycles; a
             # reducer collected after the group is gone aborts the process at exit
             # ("terminate called without an active exception", seen in the 2-process test).
+            # No barrier here: close also runs after an error on one rank, where a barrier
+            # would wait forever for the others.
             gc.collect()
-            dist.barrier()
             dist.destroy_process_group()
 
     def barrier(self) -> None:
