@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,3 +153,14 @@ class Objective:
             weights=weight,
         )
         return value, pool
+
+
+def descend(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> torch.Tensor:
+    """One optimiser step on `loss` (every optimizer: dense and sparse parameters may have their
+    own); returns the loss, detached. The one step pair models and sequence models share."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return loss.detach()

@@ -29,6 +29,7 @@ from recommender.data.sampling import to_device
 from recommender.data.sequences import training_sequences
 from recommender.distributed import Dist
 from recommender.models.sasrec import gbce_loss, sequence_softmax_loss
+from recommender.objective import descend
 
 
 @dataclass(frozen=True)
@@ -105,12 +106,7 @@ def sequence_step(
         loss = sequence_softmax_loss(logits, targets[targets != n_items])
     else:
         loss = gbce_loss(logits, targets, n_items, gbce_t)
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for opt in optimizers:
-        opt.step()
-    return loss.detach()
+    return descend(loss, optimizers)
 
 
 def sequence_epoch(

@@ -61,7 +61,7 @@ from recommender.data.sequences import latest_sequences
 from recommender.distributed import Dist, check_supported
 from recommender.evaluate import evaluate_full
 from recommender.models import GMF, MLP, NeuMF, Popularity, RecModel, SASRec, build_model
-from recommender.objective import Objective
+from recommender.objective import Objective, descend
 from recommender.sequential import SequenceSource, sequence_epoch, sequence_source
 from recommender.stages import Stage, log_plan, plan_stages
 from recommender.utils import ConfigError, DataError, RecommenderError
@@ -141,12 +141,7 @@ def train_step(
     objective = objective or Objective(loss_kind)
     with torch.autocast(u.device.type, dtype=torch.bfloat16, enabled=amp):
         loss = objective(net, u, i, y, weight=weight, context=context, generator=generator)
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for opt in optimizers:
-        opt.step()
-    return loss.detach()
+    return descend(loss, optimizers)
 
 
 class Trainer:
