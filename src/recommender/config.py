@@ -26,7 +26,7 @@ from recommender.losses import loss_refusal
 from recommender.search_space import NOT_TUNABLE, PARAM_TYPES, ParamSpec, default_space
 from recommender.utils import ConfigError, atomic_write_text
 
-ModelName = Literal["neumf", "gmf", "mlp", "mf", "lightgcn", "popularity", "sasrec"]
+ModelName = Literal["neumf", "gmf", "mlp", "mf", "lightgcn", "graphfilter", "popularity", "sasrec"]
 LossName = Literal["bce", "softmax", "sampled_softmax", "bpr", "ccl", "gbce"]
 
 SplitName = Literal["leave_last_out", "temporal", "random", "last_two_out"]
@@ -124,6 +124,19 @@ class ModelConfig(_Section):
         ge=0,
         description="lightgcn: propagation layers over the user-item graph (He et al. use 3); "
         "0 is plain MF without biases.",
+    )
+
+    rank: int = Field(
+        256, ge=0, description="graphfilter: singular vectors kept by its ideal low-pass filter."
+    )
+    ideal_weight: float = Field(
+        0.3, ge=0, description="graphfilter: weight of the ideal filter beside the linear one."
+    )
+    sharpen: float = Field(
+        1.0, ge=0, description="graphfilter: step of the sharpening after the filters; 0: none."
+    )
+    degree_power: float = Field(
+        0.1, description="graphfilter: scores times each item's training degree to this power."
     )
 
     @model_validator(mode="after")
@@ -491,6 +504,9 @@ class Config(_Section):
                 tree[section].pop(key)
         if tree["model"]["name"] != "sasrec":
             for key in ("max_len", "blocks", "heads"):
+                tree["model"].pop(key)
+        if tree["model"]["name"] != "graphfilter":
+            for key in ("rank", "ideal_weight", "sharpen", "degree_power"):
                 tree["model"].pop(key)
         if self.train.loss != "gbce":
             tree["train"].pop("gbce_t")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from recommender.data.interactions import Vocabulary
-from recommender.explain import Attribution, FoldIn, GraphUser, UserFold
+from recommender.explain import Attribution, FilterUser, FoldIn, GraphUser, UserFold
 
 # Explanation.method of an attribution; "popularity" marks the fallback.
 ATTRIBUTION = FoldIn.method  # the ID models'; LightGCN's is GraphExplainer.method
@@ -106,13 +106,15 @@ class FoldCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._folds: OrderedDict[Hashable, UserFold | GraphUser] = OrderedDict()
+        self._folds: OrderedDict[Hashable, UserFold | GraphUser | FilterUser] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._folds)
 
-    def get(self, key: Hashable, build: Callable[[], UserFold | GraphUser]) -> UserFold | GraphUser:
+    def get(
+        self, key: Hashable, build: Callable[[], UserFold | GraphUser | FilterUser]
+    ) -> UserFold | GraphUser | FilterUser:
         with self._lock:
             fold = self._folds.get(key)
             if fold is not None:

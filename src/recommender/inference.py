@@ -33,7 +33,7 @@ from recommender.checkpoint import load_best
 from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.evaluate import exact_top_k
-from recommender.explain import FoldIn, GraphExplainer, explainer
+from recommender.explain import FilterExplainer, FoldIn, GraphExplainer, explainer
 from recommender.explanations import Explanation, FoldCache, from_attribution
 from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError
@@ -246,7 +246,7 @@ class Recommender:
         else:
             item_ids, top_scores = self._exact(user_idx, k, exclude_seen)
         new = self._new_users(ids, user_idx, histories)
-        if len(new.rows) and isinstance(self._fold_in, FoldIn):
+        if len(new.rows) and isinstance(self._fold_in, FoldIn | FilterExplainer):
             folded = self._folded(self._fold_in, new, k, exclude_seen)
             item_ids[new.rows], top_scores[new.rows] = folded
         return (item_ids[0], top_scores[0]) if single else (item_ids, top_scores)
@@ -269,8 +269,9 @@ class Recommender:
         """The unknown users among `ids` with a history holding known items, for a run whose
         model has user vectors to fold in."""
         rows, items, latest = [], [], []
-        # LightGCN's users are propagated over the training graph: no free vector to fold in
-        if histories and isinstance(self._fold_in, FoldIn):
+        # LightGCN's users are propagated over the training graph: no free vector to fold in;
+        # GraphFilter scores any history as it is
+        if histories and isinstance(self._fold_in, FoldIn | FilterExplainer):
             for row in np.flatnonzero(user_idx < 0):
                 given = histories.get(ids[row])
                 if given is None:
@@ -294,7 +295,7 @@ class Recommender:
         return np.unique(idx), latest
 
     def _folded(
-        self, fold_in: FoldIn, new: _NewUsers, k: int, exclude_seen: bool
+        self, fold_in: FoldIn | FilterExplainer, new: _NewUsers, k: int, exclude_seen: bool
     ) -> tuple[np.ndarray, np.ndarray]:
         """(F, k) item ids and scores of the new users, from vectors folded in from their
         histories, over the whole catalog."""
@@ -483,7 +484,7 @@ class Recommender:
         return self.items.to_ids(top.indices), top.values.cpu().numpy()
 
     @cached_property
-    def _fold_in(self) -> FoldIn | GraphExplainer | None:
+    def _fold_in(self) -> FoldIn | GraphExplainer | FilterExplainer | None:
         """The explainer, built on first use; None for a model without a user to explain."""
         # the loss and negatives as training used them (the saved config, else the defaults)
         train = TrainConfig.model_validate((self.meta.get("config") or {}).get("train", {}))
@@ -527,12 +528,12 @@ class Recommender:
         elif history is not None and user_idx < 0:
             seen, latest = self._history_indices(history)
         fold_in = self._fold_in
-        unfoldable = user_idx < 0 and not isinstance(fold_in, FoldIn)
+        unfoldable = user_idx < 0 and not isinstance(fold_in, FoldIn | FilterExplainer)
         if fold_in is None or unfoldable or not len(seen) or not items:
             return [Explanation(item, [], [], "popularity") for item in items]
         targets = torch.from_numpy(item_idx).to(self.device)
         key = (user_idx, seen.tobytes(), None if latest is None else latest.tobytes())
-        if isinstance(fold_in, FoldIn):
+        if isinstance(fold_in, FoldIn | FilterExplainer):
             user = user_idx if user_idx >= 0 else None
             fold = self.folds.get(key, lambda: fold_in.user(user, seen, latest))
         else:

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 # Which models each loss can train, and why not the others (the models missing from a list).
+# Models fitted in closed form, not by descending a loss: train.loss does not apply to them.
+CLOSED_FORM = ("popularity", "graphfilter")
+
 # bce, sampled_softmax and bpr score pairs, which every model but sasrec does.
 LOSS_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
     "softmax": (
@@ -37,7 +40,7 @@ LOSS_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
 def loss_refusal(loss: str, name: str) -> str | None:
     """Why `loss` cannot train model `name`, or None when it can. sasrec's targets are the
     next items of sequences: it trains with softmax or gbce, and gbce is for it alone."""
-    if name == "popularity":
+    if name in CLOSED_FORM:
         return None
     if (name == "sasrec") != (loss == "gbce") and not (name == "sasrec" and loss == "softmax"):
         return (

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from recommender.config import Config
+from recommender.losses import CLOSED_FORM
 
 log = logging.getLogger("recommender")
 
@@ -40,7 +41,7 @@ def plan_stages(cfg: Config) -> list[Stage]:
     stage chose, which the cap has already bounded.
     """
     t, name = cfg.train, cfg.model.name
-    if name == "popularity":
+    if name in CLOSED_FORM:
         return []
     cap = t.max_epochs or math.inf
     pretrain = name == "neumf" and t.pretrain.enabled
@@ -66,7 +67,8 @@ def log_plan(cfg: Config, stages: Sequence[Stage]) -> None:
     epoch budget, so a run that will take hours (NeuMF's pretraining and refit) says so."""
     if not stages:
         log.info(
-            "plan: %s counts the items of train + validation; nothing to train", cfg.model.name
+            "plan: %s is fitted in closed form on train + validation; nothing to train",
+            cfg.model.name,
         )
         return
     cap = cfg.train.max_epochs

@@ -3,7 +3,8 @@
 Each model is explained the way it represents a user. The ID-based models (GMF, MF, MLP,
 NeuMF) learn a free user vector, which fold_in.py re-derives from the history (a fold-in)
 and differentiates; LightGCN's user is propagated over the training graph, so graph.py
-re-weights the user's history edges instead. Both attribute by integrated gradients and
+re-weights the user's history edges instead. GraphFilter's score is linear in the history, so
+linear.py reads each item's share off exactly. All attribute by integrated gradients and
 return an Attribution. `explainer` picks the one for a trained run.
 
 Example:
@@ -20,11 +21,14 @@ import torch
 from recommender.config import TrainConfig
 from recommender.explain.fold_in import Attribution, FoldIn, UserFold
 from recommender.explain.graph import GraphExplainer, GraphUser
+from recommender.explain.linear import FilterExplainer, FilterUser
 from recommender.explain.side import supports
-from recommender.models import LightGCN, RecModel
+from recommender.models import GraphFilter, LightGCN, RecModel
 
 __all__ = [
     "Attribution",
+    "FilterExplainer",
+    "FilterUser",
     "FoldIn",
     "GraphExplainer",
     "GraphUser",
@@ -44,13 +48,15 @@ def fold_in_loss(loss: str) -> Literal["bce", "softmax"]:
 
 def explainer(
     model: RecModel, train: TrainConfig, item_counts: np.ndarray | None = None
-) -> FoldIn | GraphExplainer | None:
+) -> FoldIn | GraphExplainer | FilterExplainer | None:
     """The explainer of a trained model, trained with `train` (train.loss, the negatives it
     drew, from the run's saved config); None for a model with no user to explain with
     (Popularity, an MF scoring by cosine). `item_counts` ((n_items,) training positives per
     item) weigh the fold-in's negatives as popularity sampling drew them."""
     if isinstance(model, LightGCN):
         return GraphExplainer(model)
+    if isinstance(model, GraphFilter):
+        return FilterExplainer(model)
     if not supports(model):
         return None
     odds = None

@@ -1,11 +1,12 @@
-"""Models: GMF, MLP (the seed's NCF), NeuMF, MF, LightGCN, SASRec and Popularity, built from a
-ModelConfig."""
+"""Models: GMF, MLP (the seed's NCF), NeuMF, MF, LightGCN, GraphFilter, SASRec and Popularity,
+built from a ModelConfig."""
 
 from __future__ import annotations
 
 from recommender.config import ModelConfig
 from recommender.models.base import RecModel
 from recommender.models.gmf import GMF
+from recommender.models.graphfilter import GraphFilter
 from recommender.models.lightgcn import LightGCN
 from recommender.models.mf import MF
 from recommender.models.mlp import MLP
@@ -17,6 +18,7 @@ __all__ = [
     "GMF",
     "MF",
     "MLP",
+    "GraphFilter",
     "LightGCN",
     "NeuMF",
     "Popularity",
@@ -42,6 +44,10 @@ def build_model(
         return NeuMF(n_users, n_items, cfg.embedding_dim, cfg.mlp_layers, cfg.dropout, sparse)
     if cfg.name == "lightgcn":
         return LightGCN(n_users, n_items, cfg.embedding_dim, cfg.layers, cosine)
+    if cfg.name == "graphfilter":
+        return GraphFilter(
+            n_users, n_items, cfg.rank, cfg.ideal_weight, cfg.sharpen, cfg.degree_power
+        )
     if cfg.name == "sasrec":
         return SASRec(
             n_users, n_items, cfg.embedding_dim, cfg.max_len, cfg.blocks, cfg.heads, cfg.dropout

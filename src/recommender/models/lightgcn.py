@@ -67,6 +67,31 @@ def _csr(
         )
 
 
+def check_edges(
+    users: np.ndarray | torch.Tensor,
+    items: np.ndarray | torch.Tensor,
+    n_users: int,
+    n_items: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """(E,) user and item indices of distinct training pairs -> the (2, E) edges buffer of a
+    graph model; a shape mismatch, an index out of range or a repeated pair is an error."""
+    u = torch.as_tensor(users, dtype=torch.int64, device=device)
+    i = torch.as_tensor(items, dtype=torch.int64, device=device)
+    if u.shape != i.shape or u.dim() != 1:
+        raise ValueError(
+            f"graph edges need two (E,) arrays, got {tuple(u.shape)} and {tuple(i.shape)}"
+        )
+    if len(u) and not (int(u.min()) >= 0 and int(u.max()) < n_users):
+        raise ValueError(f"graph user index outside 0..{n_users - 1}")
+    if len(i) and not (int(i.min()) >= 0 and int(i.max()) < n_items):
+        raise ValueError(f"graph item index outside 0..{n_items - 1}")
+    keys = torch.sort(u * n_items + i).values
+    if (keys[1:] == keys[:-1]).any():
+        raise ValueError("graph edges repeat a (user, item) pair; pass distinct pairs")
+    return torch.stack([u, i])
+
+
 def normalized_adjacency(
     users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,21 +140,7 @@ class LightGCN(RecModel):
 
     def set_graph(self, users: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor) -> None:
         """Propagate over these (E,) training pairs (distinct; Interactions guarantees it)."""
-        device = self.edges.device
-        u = torch.as_tensor(users, dtype=torch.int64, device=device)
-        i = torch.as_tensor(items, dtype=torch.int64, device=device)
-        if u.shape != i.shape or u.dim() != 1:
-            raise ValueError(
-                f"graph edges need two (E,) arrays, got {tuple(u.shape)} and {tuple(i.shape)}"
-            )
-        if len(u) and not (int(u.min()) >= 0 and int(u.max()) < self.n_users):
-            raise ValueError(f"graph user index outside 0..{self.n_users - 1}")
-        if len(i) and not (int(i.min()) >= 0 and int(i.max()) < self.n_items):
-            raise ValueError(f"graph item index outside 0..{self.n_items - 1}")
-        keys = torch.sort(u * self.n_items + i).values
-        if (keys[1:] == keys[:-1]).any():
-            raise ValueError("graph edges repeat a (user, item) pair; pass distinct pairs")
-        self.edges = torch.stack([u, i])
+        self.edges = check_edges(users, items, self.n_users, self.n_items, self.edges.device)
         self._adjacency = None
 
     def _load_from_state_dict(
