@@ -112,10 +112,11 @@ def test_explanations_are_the_exact_shares_of_the_history():
         assert int(torch.argmin(without[:, t])) == int(torch.argmax(why.weights[t]))
 
 
-def test_a_new_users_history_is_scored_as_the_trained_users(tmp_path: Path, capsys):
+def test_the_full_ranking_preset_scores_a_new_users_history_as_the_trained_users(tmp_path: Path, capsys):
     train, test = write_lightgcn_split(planted_frame(), tmp_path / "data")
     out = tmp_path / "run"
-    args = ["train", "--train", str(train), "--test", str(test), "--model", "graphfilter"]
+    preset = Path(__file__).parents[1] / "configs" / "full-ranking.yaml"
+    args = ["train", "--train", str(train), "--test", str(test), "--config", str(preset)]
     code, _, err = run_cli([*args, "--set=model.rank=8", "--out", str(out)], capsys)
     assert code == 0, err
     rec = Recommender.from_run(out)
@@ -146,3 +147,4 @@ def test_its_settings_stay_out_of_other_models_digests():
     gf = Config.model_validate({"model": {"name": "graphfilter"}})
     other = Config.model_validate({"model": {"name": "graphfilter", "sharpen": 0.0}})
     assert gf.training_digest() != other.training_digest()
+
