@@ -112,7 +112,7 @@ def test_explanations_are_the_exact_shares_of_the_history():
         assert int(torch.argmin(without[:, t])) == int(torch.argmax(why.weights[t]))
 
 
-def test_the_full_ranking_preset_scores_a_new_users_history_as_the_trained_users(tmp_path: Path, capsys):
+def test_the_preset_scores_a_new_users_history_as_the_trained_users(tmp_path: Path, capsys):
     train, test = write_lightgcn_split(planted_frame(), tmp_path / "data")
     out = tmp_path / "run"
     preset = Path(__file__).parents[1] / "configs" / "full-ranking.yaml"
@@ -147,4 +147,3 @@ def test_its_settings_stay_out_of_other_models_digests():
     gf = Config.model_validate({"model": {"name": "graphfilter"}})
     other = Config.model_validate({"model": {"name": "graphfilter", "sharpen": 0.0}})
     assert gf.training_digest() != other.training_digest()
-
