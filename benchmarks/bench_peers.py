@@ -103,6 +103,9 @@ def als_side(args: argparse.Namespace) -> dict[str, Any]:
     """In a child process: fit ALS --rounds times on train + validation, score the last fit."""
     from implicit.cpu.als import AlternatingLeastSquares
     from scipy.sparse import csr_matrix
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, "blas")  # implicit's advice: its threads, not OpenBLAS's, do the work
 
     torch.set_num_threads(1)
     data = load(args)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from conftest import planted_frame, run_cli, write_lightgcn_split
 from ranking_fixtures import hit_rate, planted_split, popularity_hit_rate
@@ -18,6 +19,7 @@ from recommender.explain import FilterExplainer
 from recommender.inference import FOLDED_IN, Recommender
 from recommender.models import graphfilter
 from recommender.models.graphfilter import GraphFilter
+from recommender.serving.app import create_app
 
 # users 0..3, items 0..4; item 4 has no edge
 USERS, ITEMS = np.array([0, 0, 1, 1, 2, 2, 3]), np.array([0, 1, 1, 2, 2, 3, 0])
@@ -131,6 +133,18 @@ def test_the_preset_scores_a_new_users_history_as_the_trained_users(tmp_path: Pa
         assert why.method == FilterExplainer.method and why.supporting_items
     for why in rec.explain_many("someone new", list(folded[0][:3]), history=history):
         assert why.supporting_items and why.fidelity is None
+
+    # the service: a trained user, the same history as a new user, a session, similar items
+    with TestClient(create_app(out)) as client:
+        body = {"user_ids": [user, "new"], "histories": {"new": history}, "k": 5, "explain": True}
+        results = client.post("/v1/recommendations", json=body).json()["results"]
+        session = client.post("/v1/recommendations", json={"session_item_ids": history[:2]})
+        similar = client.get(f"/v1/items/{history[0]}/similar?k=3")
+    assert [r["representation"] for r in results] == ["trained", "folded_in"]
+    assert [i["item_id"] for i in results[1]["items"]] == list(trained[0][:5])
+    assert results[1]["items"][0]["explanation"]["method"] == FilterExplainer.method
+    assert session.status_code == 200 and session.json()["results"][0]["items"]
+    assert similar.status_code == 200 and len(similar.json()["items"]) == 3
 
     code, stdout, err = run_cli(["evaluate", "--run", str(out), "--json"], capsys)
     assert code == 0, err
