@@ -305,7 +305,8 @@ def test_a_tuned_loss_decides_the_loss_settings():
          "tune.space.train.lr: low (0.1) must be below high (0.01)"),
         (["--set=tune.space={train.refit: {type: categorical, choices: [true, false]}}"],
          "tune.space.train.refit: cannot be tuned"),
-        (["--model=popularity", "--set=tune.space={}"], "popularity has no hyperparameters"),
+        (["--model=popularity", "--set=tune.space={}"], "popularity is fitted in closed form"),
+        (["--model=graphfilter", "--set=tune.space={}"], "graphfilter is fitted in closed form"),
     ],
 )  # fmt: skip
 def test_bad_studies_are_one_line_errors(

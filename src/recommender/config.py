@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from recommender.losses import loss_refusal
+from recommender.losses import CLOSED_FORM, loss_refusal
 from recommender.search_space import NOT_TUNABLE, PARAM_TYPES, ParamSpec, default_space
 from recommender.utils import ConfigError, atomic_write_text
 
@@ -442,8 +442,9 @@ class Config(_Section):
                 )
             if key in NOT_TUNABLE:
                 raise ValueError(f"{where}: cannot be tuned: {NOT_TUNABLE[key]}")
-            if key == "model.name" and "popularity" in spec.edge_values():
-                raise ValueError(f"{where}: popularity has nothing to tune")
+            closed = [n for n in CLOSED_FORM if n in spec.edge_values()]
+            if key == "model.name" and closed:
+                raise ValueError(f"{where}: {closed[0]} is fitted in closed form, not trained")
             try:
                 _set_dotted({}, key, None)
             except ConfigError as exc:

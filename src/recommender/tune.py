@@ -347,7 +347,11 @@ def run_study(
     they hold every finished trial even after Ctrl-C.
     """
     if not plan_stages(cfg) and "model.name" not in cfg.tune.space:
-        raise RecommenderError("model.name popularity has no hyperparameters to tune")
+        raise RecommenderError(
+            f"model.name {cfg.model.name} is fitted in closed form, with no validation curve "
+            "for a study to follow; compare its settings with train and evaluate on a "
+            "validation split"
+        )
     device = device or torch.device("cpu")
     study = open_study(cfg, out)
     objective = _Objective(cfg, data, out, device, mlflow)
