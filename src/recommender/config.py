@@ -126,18 +126,10 @@ class ModelConfig(_Section):
         "0 is plain MF without biases.",
     )
 
-    rank: int = Field(
-        256, ge=0, description="graphfilter: singular vectors kept by its ideal low-pass filter."
-    )
-    ideal_weight: float = Field(
-        0.3, ge=0, description="graphfilter: weight of the ideal filter beside the linear one."
-    )
-    sharpen: float = Field(
-        1.0, ge=0, description="graphfilter: step of the sharpening after the filters; 0: none."
-    )
-    degree_power: float = Field(
-        0.1, description="graphfilter: scores times each item's training degree to this power."
-    )
+    rank: int = Field(256, ge=0, description="graphfilter: singular vectors of its ideal filter.")
+    ideal_weight: float = Field(0.3, ge=0, description="graphfilter: the ideal filter's weight.")
+    sharpen: float = Field(1.0, ge=0, description="graphfilter: sharpening step; 0: none (GF-CF).")
+    degree_power: float = Field(0.1, description="graphfilter: scores x item degree ** this.")
 
     @model_validator(mode="after")
     def _layers(self) -> ModelConfig:
