@@ -15,7 +15,7 @@ never one of the package's.
     python benchmarks/bench_peers.py --train D/ml-1m.train.rating --test D/ml-1m.test.rating \\
         --test-negatives D/ml-1m.test.negative --config configs/full-ranking.yaml
     python benchmarks/bench_peers.py --train G/train.txt --test G/test.txt \\
-        --factors 256 --regularization 1 --alpha 10 --ks 20 --config configs/full-ranking.yaml
+        --factors 256 --regularization 10 --alpha 40 --ks 20 --config configs/full-ranking.yaml
 
 `--smoke` runs both sides on tiny synthetic NCF files (ALS only where implicit is installed).
 """
