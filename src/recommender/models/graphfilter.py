@@ -134,7 +134,7 @@ class GraphFilter(RecModel):
                 "scale": degree.clamp(min=1) ** self.degree_power,
             }
             if self.n_items <= DENSE_ITEMS:
-                self._derived["p"] = r_t @ r.to_dense()
+                self._derived["p"] = (r_t @ r).to_dense()  # sparse product: no dense R
         return self._derived
 
     def smooth(self, x: torch.Tensor) -> torch.Tensor:
