@@ -35,8 +35,8 @@ class RecModel(nn.Module):
     # by `set_latest`) and scores what follows given items with `score_after`.
     context: int = 0
     latest: torch.Tensor
-    # True for a model that propagates over the training graph (LightGCN): the trainer calls
-    # `set_graph` with each stage's own training pairs before it trains.
+    # True for a model that reads the training graph (LightGCN, GraphFilter): the trainer calls
+    # `set_graph` with each stage's own training pairs before it trains or fits.
     graph: bool = False
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
