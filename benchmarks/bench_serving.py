@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import recommender
-from recommender.checkpoint import load_checkpoint
+from recommender.checkpoint import load_best
 from recommender.serving import ServeSettings
 from recommender.serving.engine import ServedModel
 from serving_load import Shot, run_fixed_rate
@@ -254,9 +254,9 @@ def scenario(
     """Plain top-10 lists at --rate for --rounds rounds, the ramp, the mixed load at
     `load_rate` with two reloads during it (with explained lists where `explain`), and the
     naive service for scale (--skip-ramp and --skip-naive leave those out)."""
-    ckpt = load_checkpoint(run_dir / "best.pt")
-    users = np.array(ckpt["user_ids"][:20_000])
-    items = np.array(ckpt["item_ids"])[rng.integers(ckpt["n_items"], size=1000)]
+    ckpt = load_best(run_dir)
+    users = ckpt.user_ids[:20_000]
+    items = ckpt.item_ids[rng.integers(ckpt.n_items, size=1000)]
     del ckpt
     out: dict[str, Any] = {"label": label, "run_dir": str(run_dir)}
     port = free_port()
@@ -344,7 +344,7 @@ def measure(args: argparse.Namespace) -> None:
             ramp_rates=[200, 400, 600, 800, 1000, 1200], naive_ramp_rates=[200, 400, 600, 800],
             load_rate=args.load_rate, explain=True,
         )  # fmt: skip
-        users = np.array(load_checkpoint(small / "best.pt")["user_ids"])
+        users = load_best(small).user_ids
         results["ml100k_explain"] = explain_in_process(small, rng.choice(users, 100, False))
         forced = ServeSettings(ann_threshold=0, ann_candidates=200, ann_nprobe=16)
         results["ml100k_two_stage_recall"] = recall(small, rng.choice(users, 300), forced)

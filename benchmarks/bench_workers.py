@@ -43,7 +43,7 @@ import numpy as np
 
 import recommender
 from bench_serving import free_port, user_shots
-from recommender.checkpoint import BEST_FILE, load_checkpoint, save_checkpoint
+from recommender.checkpoint import BEST_FILE, load_best, load_checkpoint, save_checkpoint
 from serving_load import run_fixed_rate
 from smoke import add_arguments, folder, tiny_run
 
@@ -176,7 +176,7 @@ async def drain(proc: subprocess.Popen[bytes], base: str, user: str) -> dict[str
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
-    users = np.array(load_checkpoint(Path(args.run) / BEST_FILE)["user_ids"][:20_000])
+    users = load_best(Path(args.run)).user_ids[:20_000]
     busy = [
         subprocess.Popen([sys.executable, "-c", BURN, str(args.busy_s)]) for _ in range(args.busy)
     ]

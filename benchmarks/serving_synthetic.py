@@ -7,8 +7,8 @@ pointless). The MLP branch keeps random weights scaled so that it shifts scores 
 of the GMF branch's spread: re-ranking then really changes the order, and the benchmark reports
 how much of the exact top-10 the ANN stage keeps.
 
-The checkpoint has the keys `Recommender.from_run` reads, so the real `recommender serve`
-loads it like any trained run.
+The checkpoint is written as training writes one (`BestCheckpoint`), so the real
+`recommender serve` loads it like any trained run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recommender.checkpoint import FORMAT_VERSION, save_checkpoint
+from recommender.checkpoint import BestCheckpoint, save_best
 from recommender.config import Config
 from recommender.models import NeuMF
 
@@ -35,8 +35,10 @@ def write_synthetic_run(
     history: int = 20,
     mlp_share: float = 0.3,
     seed: int = 0,
+    titles: bool = False,
 ) -> Path:
-    """Write `out/best.pt` for a NeuMF over `n_items` items; returns the run directory."""
+    """Write `out/best.pt` for a NeuMF over `n_items` items (with a title each if `titles`);
+    returns the run directory."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     centroids = rng.standard_normal((n_clusters, dim)).astype(np.float32)
@@ -74,27 +76,26 @@ def write_synthetic_run(
     flat = np.concatenate(hist).astype(np.int32)
 
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(
-        out / "best.pt",
-        {
-            "format_version": FORMAT_VERSION,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": cfg.to_dict(),
-            "config_digest": cfg.digest(),
-            "model_config": cfg.model.model_dump(mode="json"),
-            "n_users": n_users,
-            "n_items": n_items,
-            "state_dict": model.state_dict(),
-            "epoch": 0,
-            "valid_metrics": {},
-            "user_ids": [f"u{u}" for u in range(n_users)],
-            "item_ids": [str(i) for i in range(n_items)],
-            "item_titles": None,
-            "item_genres": None,
-            "item_counts": torch.from_numpy(np.bincount(flat, minlength=n_items)),
-            "history_indptr": torch.from_numpy(indptr),
-            "history_items": torch.from_numpy(flat),
-            "source": f"synthetic {n_items:,}-item catalog (constructed weights)",
-        },
+    ids = np.arange(n_items).astype(str)
+    save_best(
+        out,
+        BestCheckpoint(
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            config=cfg.to_dict(),
+            config_digest=cfg.digest(),
+            model_config=cfg.model.model_dump(mode="json"),
+            n_users=n_users,
+            n_items=n_items,
+            state_dict=model.state_dict(),
+            epoch=0,
+            valid_metrics={},
+            user_ids=np.char.add("u", np.arange(n_users).astype(str)),
+            item_ids=ids,
+            item_titles=np.char.add("Synthetic item ", ids) if titles else None,
+            item_counts=torch.from_numpy(np.bincount(flat, minlength=n_items)),
+            history_indptr=torch.from_numpy(indptr),
+            history_items=torch.from_numpy(flat),
+            source=f"synthetic {n_items:,}-item catalog (constructed weights)",
+        ),
     )
     return out

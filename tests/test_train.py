@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import FAST, interrupted_run, planted_frame, run_cli, sequential_frame, write_csv
-from recommender.checkpoint import load_checkpoint, save_checkpoint
+from recommender.checkpoint import FORMAT_VERSION, load_best, load_checkpoint, save_checkpoint
 from recommender.config import load_config
 from recommender.data.pipeline import load_data
 from recommender.evaluate import evaluate_full
@@ -74,17 +74,18 @@ def test_a_run_logs_its_plan_and_max_epochs_shortens_every_stage(
 def test_checkpoints_exist_and_load_with_weights_only(gmf_run: Path):
     for name in ("best.pt", "last.pt"):
         payload = torch.load(gmf_run / name, map_location="cpu", weights_only=True)
-        assert payload["format_version"] == 1
+        assert payload["format_version"] == FORMAT_VERSION
     best = load_checkpoint(gmf_run / "best.pt")
     for key in ("model_config", "state_dict", "user_ids", "item_ids", "n_users", "n_items",
                 "epoch", "valid_metrics", "config", "config_digest", "item_counts",
                 "history_indptr", "history_items"):  # fmt: skip
         assert key in best, key
     assert best["model_config"]["name"] == "gmf"
-    assert len(best["user_ids"]) == best["n_users"] and len(best["item_ids"]) == best["n_items"]
+    ids = load_best(gmf_run)
+    assert len(ids.user_ids) == best["n_users"] and len(ids.item_ids) == best["n_items"]
     # Raw ids in vocabulary order: strings sort as text, integer ids (with gaps) as numbers.
-    assert best["user_ids"][:3] == ["u10", "u100", "u103"]
-    assert best["item_ids"][:3] == ["5", "15", "25"]
+    assert ids.user_ids[:3].tolist() == ["u10", "u100", "u103"]
+    assert ids.item_ids[:3].tolist() == ["5", "15", "25"]
     assert "ndcg@10" in best["valid_metrics"]
     last = load_checkpoint(gmf_run / "last.pt")
     for key in ("model", "optimizers", "torch_rng", "epoch", "stage_index", "completed"):

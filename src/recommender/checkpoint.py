@@ -13,8 +13,13 @@ A run directory, written by training and read by inference, the service and the 
 Checkpoints are written atomically (temporary file, then rename) and read with
 `torch.load(weights_only=True)`, which unpickles tensors and plain containers only: a file that
 holds any other object is refused before anything in it runs. Each carries `format_version`;
-a checkpoint of another format is refused with both versions named, rather than read by keys
-that may have changed meaning.
+a checkpoint of a format this version cannot read is refused with the versions named, rather
+than read by keys that may have changed meaning.
+
+best.pt's string columns (the vocabularies, titles, genres) are stored as two tensors each, the
+UTF-8 bytes end to end and their offsets (`pack_strings`): torch's restricted unpickler costs
+seconds per million Python strings, with the GIL held, while two tensors load at disk speed.
+Format 1 stored them as lists of strings; its runs still load.
 
 This module is the one place that knows these names and layouts; every other module reads and
 writes a run directory through it.
@@ -27,10 +32,13 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from recommender.config import Config, load_config
@@ -46,7 +54,10 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 
 # Raised when a payload's keys or their meaning change; loading compares it.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The formats this version reads: format 1 differs only in best.pt's string columns, which it
+# stored as lists (read by `unpack_strings`).
+READABLE_FORMATS = (1, 2)
 
 
 # -- checking a run directory ----------------------------------------------------------------
@@ -156,10 +167,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise RecommenderError(f"{path}: not a readable checkpoint ({why})") from None
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise RecommenderError(f"{path}: not a checkpoint written by this project")
-    if payload["format_version"] != FORMAT_VERSION:
+    if payload["format_version"] not in READABLE_FORMATS:
+        readable = " or ".join(str(v) for v in READABLE_FORMATS)
         raise RecommenderError(
             f"{path}: checkpoint format {payload['format_version']}, this version reads format "
-            f"{FORMAT_VERSION}; retrain or use a matching version"
+            f"{readable}; retrain or use a matching version"
         )
     return payload
 
@@ -167,6 +179,48 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 def _payload(obj: Any) -> dict[str, Any]:
     # Not dataclasses.asdict: that deep-copies every tensor.
     return {"format_version": FORMAT_VERSION} | {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def pack_strings(strings: Sequence[str] | np.ndarray) -> dict[str, torch.Tensor]:
+    """Strings as two tensors, Arrow's layout for a string column: `utf8`, the (B,) uint8 UTF-8
+    bytes of all of them end to end, and `offsets`, (n + 1,) int64, string i being
+    utf8[offsets[i]:offsets[i + 1]]. Built in C by pyarrow, with no Python loop per string."""
+    column = pa.array(strings, type=pa.large_string())
+    if column.null_count:
+        raise ValueError("a string column holds None")
+    _, offsets, data = column.buffers()  # a new array: no validity buffer, starts at offset 0
+    starts = np.frombuffer(offsets, dtype=np.int64, count=len(column) + 1)
+    utf8 = np.frombuffer(data, dtype=np.uint8, count=int(starts[-1]))
+    return {"offsets": torch.from_numpy(starts.copy()), "utf8": torch.from_numpy(utf8.copy())}
+
+
+def unpack_strings(packed: Any, name: str, path: Path) -> np.ndarray | None:
+    """`pack_strings`'s tensors back as an (n,) object array of str, built in C; a format 1
+    list as it is; None stays None. Offsets out of order or out of bounds, or bytes that are
+    not UTF-8, are refused before any string is built from them."""
+    if packed is None:
+        return None
+    if isinstance(packed, list):
+        return np.array(packed, dtype=object)
+    starts, utf8 = (
+        packed.get(k) if isinstance(packed, dict) else None for k in ("offsets", "utf8")
+    )
+    if not (
+        isinstance(starts, torch.Tensor)
+        and isinstance(utf8, torch.Tensor)
+        and (starts.dtype, utf8.dtype) == (torch.int64, torch.uint8)
+        and starts.dim() == utf8.dim() == 1
+        and len(starts) > 0
+    ):
+        raise RecommenderError(f"{path}: '{name}' is not a packed string column")
+    try:
+        column = pa.LargeStringArray.from_buffers(
+            len(starts) - 1, pa.py_buffer(starts.cpu().numpy()), pa.py_buffer(utf8.cpu().numpy())
+        )
+        column.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise RecommenderError(f"{path}: '{name}' is damaged ({exc})") from None
+    return column.to_numpy(zero_copy_only=False)
 
 
 def _fields_of(cls: type, payload: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -182,6 +236,8 @@ def _fields_of(cls: type, payload: dict[str, Any], path: Path) -> dict[str, Any]
 
 # BestCheckpoint fields the Recommender holds in its own form rather than in its `meta`.
 _BULKY = {"state_dict", "user_ids", "item_ids", "item_counts", "history_indptr", "history_items"}
+# BestCheckpoint's string columns, stored by `pack_strings`.
+_STRINGS = ("user_ids", "item_ids", "item_titles", "item_genres")
 
 
 @dataclass
@@ -196,23 +252,31 @@ class BestCheckpoint:
     valid_metrics: dict[str, float]
     config: dict[str, Any]  # the run's full config
     config_digest: str
-    user_ids: list[str]  # vocabularies: index -> raw id
-    item_ids: list[str]
+    user_ids: np.ndarray  # (n_users,) str: the vocabularies, index -> raw id
+    item_ids: np.ndarray  # (n_items,) str
     item_counts: torch.Tensor  # (n_items,) interactions per item in train + valid
     history_indptr: torch.Tensor  # (n_users + 1,) CSR rows of each user's train + valid items
     history_items: torch.Tensor  # (nnz,) int32 item indices
-    item_titles: list[str] | None = None
-    item_genres: list[str] | None = None
+    item_titles: np.ndarray | None = None  # (n_items,) str, "" where an item has none
+    item_genres: np.ndarray | None = None  # (n_items,) str, "|"-separated
     source: str = ""
     package_version: str = ""
     created_at: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return _payload(self)
+        payload = _payload(self)
+        for name in _STRINGS:
+            if payload[name] is not None:
+                payload[name] = pack_strings(payload[name])
+        return payload
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any], path: Path = Path(BEST_FILE)) -> BestCheckpoint:
-        return cls(**_fields_of(cls, payload, path))
+        values = _fields_of(cls, payload, path)
+        for name in _STRINGS:
+            if name in values:
+                values[name] = unpack_strings(values[name], name, path)
+        return cls(**values)
 
     def meta(self) -> dict[str, Any]:
         """What describes the run besides weights, vocabularies and history."""
@@ -276,12 +340,12 @@ def run_data(data: DataBundle) -> dict[str, Any]:
     if info is not None:
         by_id = info.drop_duplicates("item_id").set_index("item_id")
         ids = data.items.ids
-        titles = by_id["title"].reindex(ids).fillna("").astype(str).tolist()
+        titles = by_id["title"].reindex(ids).fillna("").astype(str).to_numpy(dtype=object)
         if "genres" in by_id:
-            genres = by_id["genres"].reindex(ids).fillna("").astype(str).tolist()
+            genres = by_id["genres"].reindex(ids).fillna("").astype(str).to_numpy(dtype=object)
     return {
-        "user_ids": data.users.to_list(),
-        "item_ids": data.items.to_list(),
+        "user_ids": data.users.ids,
+        "item_ids": data.items.ids,
         "item_titles": titles,
         "item_genres": genres,
         "item_counts": torch.from_numpy(full.item_counts()),

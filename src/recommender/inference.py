@@ -129,7 +129,7 @@ class Recommender:
         self.folds = FoldCache(FOLD_CACHE_USERS)
         titles = meta.get("item_titles")
         self.titles: dict[str, str] | None = (
-            dict(zip(items.to_list(), titles, strict=True)) if titles is not None else None
+            dict(zip(items.ids, titles, strict=True)) if titles is not None else None
         )
         with torch.no_grad():
             self._cache = model.item_cache()

