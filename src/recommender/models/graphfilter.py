@@ -34,12 +34,13 @@ from recommender.models.base import RecModel
 from recommender.models.lightgcn import check_edges, normalized_adjacency
 
 # Catalogs up to this many items keep P as a dense (n_items, n_items) matrix (256 MiB at the
-# bound): one GEMM per score instead of two sparse products, 10x faster on MovieLens-1M.
+# bound): one GEMM per score instead of two sparse products; MovieLens-1M's 6,040 users score
+# in 2.2 s instead of 6.0 s on one thread.
 DENSE_ITEMS = 8192
 
-# Extra random directions and power iterations of the randomised SVD: with them the top
-# `rank` singular vectors of Gowalla's matrix match an exact (Lanczos) SVD to ranking metrics
-# within 0.0005.
+# Extra random directions and power iterations of the randomised SVD. With them GF-CF's own
+# settings rank Gowalla within 0.002 of an exact (Lanczos) SVD: Recall@20 / NDCG@20 0.1865 /
+# 0.1533 against 0.1849 / 0.1518.
 SVD_OVERSAMPLE = 32
 SVD_ITERATIONS = 6
 
