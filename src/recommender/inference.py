@@ -142,13 +142,16 @@ class Recommender:
         ckpt = load_best(Path(run_dir))
         # a model trained with ccl scores by cosine (models.build_model)
         loss = TrainConfig.model_validate((ckpt.config or {}).get("train", {})).loss
-        model = build_model(
-            ModelConfig(**ckpt.model_config), ckpt.n_users, ckpt.n_items, cosine=loss == "ccl"
-        )
+        # Built on the meta device, then given the checkpoint's tensors: no random tables drawn
+        # only to be overwritten (1.2 s for a 1M-item NeuMF).
+        with torch.device("meta"):
+            model = build_model(
+                ModelConfig(**ckpt.model_config), ckpt.n_users, ckpt.n_items, cosine=loss == "ccl"
+            )
         if isinstance(model, Popularity):
-            model.fit(ckpt.item_counts.numpy())
+            model = model.to_empty(device="cpu").fit(ckpt.item_counts.numpy())
         else:
-            model.load_state_dict(ckpt.state_dict)
+            model.load_state_dict(ckpt.state_dict, assign=True)
         meta = ckpt.meta() | {"run_dir": str(run_dir)}
         return cls(
             model,
