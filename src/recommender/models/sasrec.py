@@ -173,15 +173,17 @@ class SASRec(RecModel):
         self, context: torch.Tensor, user_idx: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, L) items in time order, latest last, n_items padding [, (B,) users] -> (B,
-        max_len) the sequences the model reads: the items alone (a session) or each user's
-        stored sequence followed by them, the padding moved to the left and the latest max_len
-        kept. Stored sequences are left-padded, so without the move a user with fewer than
-        max_len items would have padding between their items and the given ones, and every
-        earlier item would sit at a position it was never trained at."""
+        L') the sequences the model reads: the items alone (a session) or each user's stored
+        sequence followed by them, the padding moved to the left and the latest max_len kept.
+        Stored sequences are left-padded, so without the move a user with fewer than max_len
+        items would have padding between their items and the given ones, and every earlier
+        item would sit at a position it was never trained at. Columns that are padding in
+        every row are cut (they change no output), so short sequences cost what they hold."""
         seq = context if user_idx is None else torch.cat([self.latest[user_idx], context], 1)
         real = (seq != self.n_items).to(torch.uint8)
         order = torch.sort(real, dim=1, stable=True).indices  # padding first, items in order
-        return seq.gather(1, order)[:, -self.max_len :]
+        longest = max(int(real.sum(1).max()), 1) if len(seq) else 1
+        return seq.gather(1, order)[:, -min(longest, self.max_len) :]
 
     def context_after(self, recent: torch.Tensor, user_idx: int | None = None) -> torch.Tensor:
         """(R,) items just interacted with, oldest first -> (min(R, max_len),) the latest of
