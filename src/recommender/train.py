@@ -276,7 +276,7 @@ class Trainer:
         split = self._split(stage.data)
         if isinstance(model, SASRec):  # scores after this stage use its data, in time order
             model.set_latest(latest_sequences(split, model.max_len))
-        elif model.context:  # as for the Markov term, latest first
+        elif model.context:  # the Markov term's, latest first
             model.set_latest(split.latest_items(model.context))
         if model.graph:  # the stage's own training pairs: validation pairs never in a selection
             model.set_graph(split.user_idx, split.item_idx)

@@ -191,6 +191,7 @@ class SASRec(RecModel):
         return recent[-self.max_len :]
 
     def latest_of(self, user_idx: int) -> torch.Tensor:
+        """As RecModel's; the stored sequence is oldest first, so it is read backwards."""
         row = self.latest[user_idx]
         return row[row != self.n_items].flip(0)
 
@@ -208,7 +209,8 @@ class SASRec(RecModel):
     def _score_cached(
         self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        return self.last_hidden(self.latest[user_idx]) @ cache[0].T + self.bias
+        # sequence_after cuts the padding columns the users share: short histories cost less
+        return self.last_hidden(self.sequence_after(self.latest[user_idx])) @ cache[0].T + self.bias
 
     def item_representation(self) -> torch.Tensor:
         return self.item_emb.weight[: self.n_items]
