@@ -9,6 +9,10 @@ constructed weights (benchmarks/serving_synthetic.py). Every server is the real 
     PYTHONPATH=src python benchmarks/bench_serving.py --run runs/demo --out serving.json
 
 Request counts are bounded, so the whole benchmark ends by itself (about 5 minutes on 2 cores).
+`--sessions` adds rounds of session lists (`session_item_ids`, a known user's too where the run
+reads recent items) at the same rate:
+
+    PYTHONPATH=src python benchmarks/bench_serving.py --run runs/sasrec --sessions --skip-big
 `--smoke` trains a tiny run and goes through every step with a few requests each, in seconds.
 """
 
@@ -80,6 +84,42 @@ def stop(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
 
 def user_shots(users: np.ndarray, n: int, rng: np.random.Generator) -> list[Shot]:
     return [Shot("GET", f"/v1/users/{u}/recommendations?k=10") for u in rng.choice(users, size=n)]
+
+
+def session_shots(
+    users: np.ndarray, items: np.ndarray, n: int, rng: np.random.Generator, known: bool
+) -> list[Shot]:
+    """Top-10 lists after 3 recent items: anonymous sessions, or (`known`) a known user's."""
+    shots = []
+    for _ in range(n):
+        body: dict[str, Any] = {"session_item_ids": [str(i) for i in rng.choice(items, 3)], "k": 10}
+        if known:
+            body["user_ids"] = [str(rng.choice(users))]
+        shots.append(Shot("POST", "/v1/recommendations", json=body, kind="session"))
+    return shots
+
+
+def session_rounds(
+    base: str, users: np.ndarray, items: np.ndarray, args: argparse.Namespace,
+    rng: np.random.Generator,
+) -> dict[str, Any]:  # fmt: skip
+    """--rounds rounds of --requests session lists at --rate, after a warm-up: anonymous
+    sessions, then a known user's recent items where the run reads them (model.context or
+    sasrec; any other run answers such a request 409)."""
+    probe = session_shots(users, items, 1, rng, known=True)[0].json
+    reads_recent = httpx.post(f"{base}/v1/recommendations", json=probe).status_code == 200
+    out: dict[str, Any] = {}
+    for kind in ("session", "user_after") if reads_recent else ("session",):
+        known = kind == "user_after"
+        fixed(base, session_shots(users, items, min(200, args.requests), rng, known), args.rate)
+        rounds = [
+            fixed(base, session_shots(users, items, args.requests, rng, known), args.rate)
+            for _ in range(args.rounds)
+        ]
+        out[f"{kind}_rounds"] = rounds
+        for stat in ("p50_ms", "p99_ms"):
+            out[f"{kind}_{stat[:3]}_median_ms"] = float(np.median([r[stat] for r in rounds]))
+    return out
 
 
 def mixed_shots(
@@ -271,7 +311,10 @@ def scenario(
             for _ in range(args.rounds)
         ]
         out["service_rounds"] = rounds
+        out["service_p50_median_ms"] = float(np.median([r["p50_ms"] for r in rounds]))
         out["service_p99_median_ms"] = float(np.median([r["p99_ms"] for r in rounds]))
+        if args.sessions:
+            out |= session_rounds(base, users, items, args, rng)
         if not args.skip_ramp:
             out["service_ramp"] = ramp(base, users, ramp_rates, args.step_seconds, rng)
         shots = mixed_shots(users, items, args.load_requests, rng, explain)
@@ -315,6 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-small", action="store_true", help="only the 1M catalog")
     parser.add_argument("--skip-ramp", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--sessions",
+        action="store_true",
+        help="also --rounds of session lists at --rate: anonymous, and a known user's recent "
+        "items for a run that reads them (model.context, sasrec)",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -326,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     with folder(args.smoke_dir) as where:
         args.run, args.big_run, args.out = tiny_run(where), where / "big", where / "serving.json"
         args.rate, args.requests, args.step_seconds, args.rounds = 100.0, 30, 0.1, 2
+        args.sessions = True
         args.load_requests, args.load_rate, args.big_items = 60, 60.0, 3_000
         args.big_load_rate = 60.0
         logging.getLogger("httpx").setLevel(logging.WARNING)  # training turned INFO logs on

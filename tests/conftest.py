@@ -53,6 +53,11 @@ FAST = [
     "device=cpu",
 ]
 
+# A one-block SASRec small enough to learn `sequential_frame`'s 120-item walks in about a second.
+SASREC = [*FAST, "model.embedding_dim=16", "model.max_len=16", "model.blocks=1",
+          "model.dropout=0.1", "train.batch_size=32", "train.lr=0.01",
+          "train.epochs=10"]  # fmt: skip
+
 
 def user_id(u: np.ndarray | int) -> np.ndarray:
     """Raw user ids: strings with gaps ("u7", "u10", ...)."""
@@ -234,6 +239,17 @@ def walks_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     settings += ["train.epochs=15", "train.lr=0.01"]
     args = ["train", "--data", str(path), "--model", "mf", "--out", str(folder / "run")]
     assert main(args + [f"--set={s}" for s in settings]) == 0
+    return folder / "run"
+
+
+@pytest.fixture(scope="session")
+def sasrec_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SASRec (full softmax, SASREC's settings) trained on `sequential_frame`: each user's
+    stored sequence holds 15 items (the 16th is test), below max_len, so it is left-padded."""
+    folder = tmp_path_factory.mktemp("walks-sasrec")
+    path = write_csv(sequential_frame(), folder / "walks.csv")
+    args = ["train", "--data", str(path), "--model", "sasrec", "--out", str(folder / "run")]
+    assert main(args + [f"--set={s}" for s in SASREC]) == 0
     return folder / "run"
 
 

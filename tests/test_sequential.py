@@ -1,5 +1,6 @@
 """SASRec trained by the real CLI on planted walks: what it learns, resume, the data it refuses,
-the SASRec data format and the last_two_out split, NCF split files with timestamps."""
+the SASRec data format and the last_two_out split, NCF split files with timestamps (serving and
+explaining such a run: test_sasrec_serving.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST, interrupted_run, run_cli, sequential_frame, write_csv, write_ncf_split
+from conftest import SASREC, interrupted_run, run_cli, sequential_frame, write_csv, write_ncf_split
 from recommender.checkpoint import load_checkpoint
-from recommender.cli import main
 from recommender.config import load_config
 from recommender.inference import Recommender
 from recommender.models import SASRec
@@ -22,10 +22,6 @@ from recommender.sequential import SequenceSource, sequence_batches
 from recommender.tune import inert_keys
 from recommender.utils import ConfigError
 
-# A one-block model small enough to learn 120-item walks in about a second.
-SASREC = [*FAST, "model.embedding_dim=16", "model.max_len=16", "model.blocks=1",
-          "model.dropout=0.1", "train.batch_size=32", "train.lr=0.01",
-          "train.epochs=10"]  # fmt: skip
 TIMING = {"train_seconds", "samples_per_second"}
 
 
@@ -50,16 +46,9 @@ def walks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_csv(sequential_frame(), tmp_path_factory.mktemp("walks") / "walks.csv")
 
 
-@pytest.fixture(scope="module")
-def softmax_run(walks: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sasrec") / "run"
-    assert main(train_args(walks, out)) == 0
-    return out
-
-
-def test_sasrec_learns_the_walk(softmax_run: Path, capsys):
+def test_sasrec_learns_the_walk(sasrec_run: Path, capsys):
     """Only order predicts a walk's next item; Popularity ranks it by chance."""
-    ours, popularity = full_hr10(softmax_run, capsys)
+    ours, popularity = full_hr10(sasrec_run, capsys)
     assert ours > 0.9 and ours > popularity + 0.6, (ours, popularity)
 
 
@@ -72,10 +61,10 @@ def test_gbce_learns_the_walk(walks: Path, tmp_path: Path, capsys):
     assert ours > 0.9 and ours > popularity + 0.6, (ours, popularity)
 
 
-def test_recommender_recommends_what_follows_the_stored_sequence(softmax_run: Path):
+def test_recommender_recommends_what_follows_the_stored_sequence(sasrec_run: Path):
     """Loaded from its run directory, the model's top item for a user is the test item: the
     walk's step after the training and validation items it stored."""
-    rec = Recommender.from_run(softmax_run)
+    rec = Recommender.from_run(sasrec_run)
     test_items = sequential_frame().groupby("user_id")["item_id"].last()
     items, _ = rec.recommend(list(test_items.index), k=1)
     assert np.mean(items[:, 0].astype(int) == test_items.to_numpy()) > 0.9

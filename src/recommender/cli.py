@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--after",
         nargs="+",
         metavar="ITEM_ID",
-        help="items just interacted with, oldest first: what follows them (model.context runs; "
+        help="items just interacted with, oldest first: what follows them (model.context and "
+        "sasrec runs; "
         "with --user, that user's list, else an anonymous session's)",
     )
     recommend.add_argument(

@@ -1,11 +1,12 @@
 """What an explanation is, how an attribution becomes one, and the cache of users' folds.
 
 `Recommender.explain_many` answers with one `Explanation` per item: the history items whose
-integrated-gradients attribution (explain/) raises its score most. Folding a user in and
-walking the attribution path cost tens of milliseconds and do not depend on which items are
-explained, so `FoldCache` keeps the latest users' folds (explain.UserFold, path included):
-the user's next list costs only its items' solves. The cache belongs to the Recommender that
-built the folds, so a new model version, a new Recommender, starts with an empty one.
+attribution (explain/: integrated gradients, or SASRec's occlusion) raises its score most.
+Folding a user in and walking the attribution path cost tens of milliseconds and do not depend
+on which items are explained, so `FoldCache` keeps the latest users' folds (explain.UserFold,
+path included): the user's next list costs only its items' solves. The cache belongs to the
+Recommender that built the folds, so a new model version, a new Recommender, starts with an
+empty one.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import numpy as np
 import torch
 
 from recommender.data.interactions import Vocabulary
-from recommender.explain import Attribution, FilterUser, FoldIn, GraphUser, UserFold
+from recommender.explain import Attribution, FilterUser, FoldIn, GraphUser, SequenceUser, UserFold
 
+# What explains one user's list: their fold-in, graph edges, history row or sequence.
+Fold = UserFold | GraphUser | FilterUser | SequenceUser
 # Explanation.method of an attribution; "popularity" marks the fallback.
 ATTRIBUTION = FoldIn.method  # the ID models'; LightGCN's is GraphExplainer.method
 
@@ -37,8 +40,11 @@ class Explanation:
     correlation over the catalog between the refitted user's scores and the trained user's, so
     a reader can tell how closely the refit stands in for the model. LightGCN is explained
     over its graph instead (`method` says which): each history edge re-weighted, the user's
-    layers recomputed, so the full-history score is the model's own (fidelity 1). The last
-    three fields are None for the popularity fallback.
+    layers recomputed, so the full-history score is the model's own (fidelity 1). SASRec is
+    explained by occlusion ("sequence occlusion"): an item's weight is how much the score drops
+    when it is removed from the sequence the model read (explain/sequence.py); score is the
+    model's own (fidelity 1), baseline the score after an empty sequence, and the weights do
+    not sum to their difference. The last three fields are None for the popularity fallback.
     """
 
     item_id: str
@@ -106,15 +112,13 @@ class FoldCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._folds: OrderedDict[Hashable, UserFold | GraphUser | FilterUser] = OrderedDict()
+        self._folds: OrderedDict[Hashable, Fold] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._folds)
 
-    def get(
-        self, key: Hashable, build: Callable[[], UserFold | GraphUser | FilterUser]
-    ) -> UserFold | GraphUser | FilterUser:
+    def get(self, key: Hashable, build: Callable[[], Fold]) -> Fold:
         with self._lock:
             fold = self._folds.get(key)
             if fold is not None:

@@ -14,7 +14,7 @@ Example:
     >>> items, scores = rec.recommend(["196", "186"], k=10)        # (2, 10), (2, 10)
     >>> items, scores = rec.recommend("new", histories={"new": ["50", "181"]})  # folded in
     >>> whys = rec.explain_many("196", items, n=3)                 # one Explanation per item
-    >>> items, scores = rec.recommend_next(["50", "181"], user_id="196")  # model.context runs
+    >>> items, scores = rec.recommend_next(["50", "181"], user_id="196")  # context, sasrec
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from recommender.checkpoint import load_best
 from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.evaluate import exact_top_k
-from recommender.explain import FilterExplainer, FoldIn, GraphExplainer, explainer
+from recommender.explain import Explainer, FilterExplainer, FoldIn, explainer
 from recommender.explanations import Explanation, FoldCache, from_attribution
 from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError
@@ -179,7 +179,8 @@ class Recommender:
 
     @property
     def reads_context(self) -> bool:
-        """True for a run trained with model.context: `recommend_next` follows recent items."""
+        """True for a run that reads users' latest items (model.context, sasrec):
+        `recommend_next` follows recent items."""
         return self.model.context > 0
 
     # -- ids ---------------------------------------------------------------------------------
@@ -365,13 +366,15 @@ class Recommender:
         exclude_seen: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of what comes after `recent_item_ids` (oldest first), for a run trained with
-        model.context, so a list follows what the user does now without retraining.
+        model.context or a sasrec run, so a list follows what the user does now without
+        retraining.
 
         With a known `user_id` the recent items come after the user's latest items stored at
         training: the Markov term reads the `context` latest of both, and the user's own vector
-        adds their long-term taste (with `exclude_seen`, their training history is left out).
-        Without one, or for an unknown id, the mean trained user stands in and the recent items
-        are the whole context: an anonymous session. The recent items are left out with
+        adds their long-term taste; SASRec reads the latest max_len of the stored sequence
+        followed by the recent items (with `exclude_seen`, the training history is left out).
+        Without one, or for an unknown id, the recent items are the whole context (MF's mean
+        trained user stands in): an anonymous session. The recent items are left out with
         `exclude_seen`. Returns (k,) item ids and (k,) scores, as `recommend` for one user.
         """
         if k < 1:
@@ -392,25 +395,20 @@ class Recommender:
     def _next_context(
         self, recent_item_ids: Sequence[str | int], user_idx: int
     ) -> tuple[RecModel, np.ndarray, np.ndarray]:
-        """The context model, the recent items' indices and the (context,) items the Markov
-        term reads after them: latest first, then the stored latest items of a known user
-        (`user_idx` >= 0)."""
+        """The context model, the recent items' indices and the row `score_after` reads after
+        them for a known user (`user_idx` >= 0) or a session (RecModel.context_after)."""
         model = self.model
         if not model.context:
             raise RecommenderError(
-                f"recommend_next needs a run trained with model.context; this {self.model_name} "
-                "run scores no recent items"
+                f"recommend_next needs a run trained with model.context or model.name=sasrec; "
+                f"this {self.model_name} run scores no recent items"
             )
         if not len(recent_item_ids):
             raise RecommenderError("recent_item_ids is empty")
         recent = self.items.index([str(x) for x in recent_item_ids])
-        latest = recent[::-1]  # latest first, as training ordered them
-        if user_idx >= 0:
-            stored = model.latest[user_idx].cpu().numpy()
-            latest = np.concatenate([latest, stored[stored != len(self.items)]])
-        context = np.full(model.context, len(self.items), dtype=np.int64)
-        context[: min(len(latest), model.context)] = latest[: model.context]
-        return model, recent, context
+        user = user_idx if user_idx >= 0 else None
+        context = model.context_after(torch.from_numpy(recent).to(self.device), user)
+        return model, recent, context.cpu().numpy()
 
     def _seen_coordinates(self, user_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row, item) coordinates of the history items of the known users among `user_idx`."""
@@ -487,7 +485,7 @@ class Recommender:
         return self.items.to_ids(top.indices), top.values.cpu().numpy()
 
     @cached_property
-    def _fold_in(self) -> FoldIn | GraphExplainer | FilterExplainer | None:
+    def _fold_in(self) -> Explainer | None:
         """The explainer, built on first use; None for a model without a user to explain."""
         # the loss and negatives as training used them (the saved config, else the defaults)
         train = TrainConfig.model_validate((self.meta.get("config") or {}).get("train", {}))
@@ -574,15 +572,14 @@ class Recommender:
 
     def user_history(self, user_id: str | int) -> np.ndarray:
         """A known user's training items as raw ids (empty for an unknown user). The checkpoint
-        keeps a history as a set, so the order is the catalog's, except that a model.context
-        run's stored latest items come first, latest first."""
+        keeps a history as a set, so the order is the catalog's, except that the stored latest
+        items of a run that reads them (model.context, sasrec) come first, latest first."""
         user_idx = int(self.users.lookup([str(user_id)])[0])
         if user_idx < 0:
             return np.array([], dtype=object)
         items = self.history_of(user_idx)
         if self.reads_context:
-            latest = self.model.latest[user_idx].cpu().numpy()
-            latest = latest[latest != len(self.items)]
+            latest = self.model.latest_of(user_idx).cpu().numpy()
             items = np.concatenate([latest, items[~np.isin(items, latest)]])
         return self.items.to_ids(items)
 

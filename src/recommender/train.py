@@ -274,12 +274,12 @@ class Trainer:
             assert isinstance(gmf, GMF) and isinstance(mlp, MLP)
             model.load_pretrained(gmf, mlp, self.cfg.train.pretrain.alpha)
         split = self._split(stage.data)
-        if model.context:  # scores after this stage use its data
+        if isinstance(model, SASRec):  # scores after this stage use its data, in time order
+            model.set_latest(latest_sequences(split, model.max_len))
+        elif model.context:  # the Markov term's, latest first
             model.set_latest(split.latest_items(model.context))
         if model.graph:  # the stage's own training pairs: validation pairs never in a selection
             model.set_graph(split.user_idx, split.item_idx)
-        if isinstance(model, SASRec):  # so does a sequence model: test reads all before it
-            model.set_latest(latest_sequences(split, model.max_len))
         return model
 
     def _completed_model(self, stage_name: str) -> RecModel:

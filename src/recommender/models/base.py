@@ -30,9 +30,10 @@ class RecModel(nn.Module):
     # False for a model that ranks every user's items alike (popularity): no user or item
     # vectors, so a session or a similar-items question gets its one list.
     personalised: bool = True
-    # How many of a user's latest items the model reads (MF's Markov term); 0: none. A model
-    # with context keeps each user's latest items in `latest` ((n_users, context) buffer, set
-    # by `set_latest`) and scores what follows given items with `score_after`.
+    # How many of a user's latest items the model reads (MF's Markov term, SASRec's sequence);
+    # 0: none. A model with context keeps each user's latest items in `latest` ((n_users,
+    # context) buffer, set by `set_latest`, in the model's own order: `latest_of` reads it) and
+    # scores what follows given items with `score_after` of a `context_after` row.
     context: int = 0
     latest: torch.Tensor
     # True for a model that reads the training graph (LightGCN, GraphFilter): the trainer calls
@@ -75,9 +76,27 @@ class RecModel(nn.Module):
     def score_after(
         self, context: torch.Tensor, user_idx: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(B, context) items just interacted with (n_items pads) [, (B,) users] -> (B, n_items)
-        logits of what comes next; for a model with `context` only."""
+        """(B, W) rows of `context_after` [, (B,) users] -> (B, n_items) logits of what comes
+        next; for a model with `context` only."""
         raise NotImplementedError(f"{type(self).__name__} reads no context")
+
+    def latest_of(self, user_idx: int) -> torch.Tensor:
+        """(n,) the user's stored latest items, latest first, without padding (n <= context)."""
+        row = self.latest[user_idx]
+        return row[row != self.n_items]
+
+    def context_after(self, recent: torch.Tensor, user_idx: int | None = None) -> torch.Tensor:
+        """(R,) items just interacted with, oldest first [, a known user] -> (context,) the
+        row `score_after` reads (with that user's index) to score what follows them: here the
+        Markov term's, the latest `context` of the recent items and then of the user's stored
+        ones, latest first, n_items padding (the stored items stand in for what was not given).
+        """
+        latest = recent.flip(0)
+        if user_idx is not None:
+            latest = torch.cat([latest, self.latest_of(user_idx)])
+        row = latest.new_full((self.context,), self.n_items)
+        row[: min(len(latest), self.context)] = latest[: self.context]
+        return row
 
     def item_representation(self) -> torch.Tensor | None:
         """(n_items, r) vectors whose cosine similarity reflects how the model sees items."""

@@ -12,7 +12,8 @@ padding never leaks into a real position.
 
 After training, every user's latest `max_len` items are kept in the `latest` buffer (saved with
 the weights), which makes the RecModel contract (`forward(user_idx, item_idx)`, `score_all`)
-answer for known users; `score_after` answers for any given sequence (a session).
+answer for known users; `score_after` answers for any given sequence (a session) and for a
+known user's stored sequence followed by given items (`sequence_after`).
 
 The two losses of this model are pure functions of its logits: `sequence_softmax_loss` (the full
 softmax at every position) and `gbce_loss` (gSASRec's calibrated BCE with sampled negatives, for
@@ -82,6 +83,7 @@ class SASRec(RecModel):
     ) -> None:
         super().__init__()
         self.n_users, self.n_items, self.dim, self.max_len = n_users, n_items, dim, max_len
+        self.context = max_len  # recommend_next and sessions follow given items (RecModel)
         # Row n_items is the padding: zero and without gradient.
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=n_items)
         self.pos_emb = nn.Embedding(max_len, dim)
@@ -167,14 +169,39 @@ class SASRec(RecModel):
         negative = negative.masked_fill(negatives == items.unsqueeze(-1), -torch.inf)
         return torch.cat([positive, negative], -1) + self.bias
 
+    def sequence_after(
+        self, context: torch.Tensor, user_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L) items in time order, latest last, n_items padding [, (B,) users] -> (B,
+        L') the sequences the model reads: the items alone (a session) or each user's stored
+        sequence followed by them, the padding moved to the left and the latest max_len kept.
+        Stored sequences are left-padded, so without the move a user with fewer than max_len
+        items would have padding between their items and the given ones, and every earlier
+        item would sit at a position it was never trained at. Columns that are padding in
+        every row are cut (they change no output), so short sequences cost what they hold."""
+        seq = context if user_idx is None else torch.cat([self.latest[user_idx], context], 1)
+        real = (seq != self.n_items).to(torch.uint8)
+        order = torch.sort(real, dim=1, stable=True).indices  # padding first, items in order
+        longest = max(int(real.sum(1).max()), 1) if len(seq) else 1
+        return seq.gather(1, order)[:, -min(longest, self.max_len) :]
+
+    def context_after(self, recent: torch.Tensor, user_idx: int | None = None) -> torch.Tensor:
+        """(R,) items just interacted with, oldest first -> (min(R, max_len),) the latest of
+        them in time order: `score_after` puts a known user's stored sequence before them."""
+        return recent[-self.max_len :]
+
+    def latest_of(self, user_idx: int) -> torch.Tensor:
+        """As RecModel's; the stored sequence is oldest first, so it is read backwards."""
+        row = self.latest[user_idx]
+        return row[row != self.n_items].flip(0)
+
     def score_after(
         self, context: torch.Tensor, user_idx: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(B, L) items in time order, latest last, left-padded with n_items [, (B,) users] ->
-        (B, n_items) logits of the next item: after the items alone (a session) or, with
-        users, after each user's stored sequence followed by these items."""
-        seq = context if user_idx is None else torch.cat([self.latest[user_idx], context], 1)
-        return self.last_hidden(seq) @ self.item_emb.weight[: self.n_items].T + self.bias
+        """(B, L) items in time order, latest last, n_items padding [, (B,) users] ->
+        (B, n_items) logits of the next item after `sequence_after`'s sequences."""
+        hidden = self.last_hidden(self.sequence_after(context, user_idx))
+        return hidden @ self.item_emb.weight[: self.n_items].T + self.bias
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         return (self.item_emb.weight[: self.n_items],)
@@ -182,7 +209,8 @@ class SASRec(RecModel):
     def _score_cached(
         self, user_idx: torch.Tensor, cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        return self.last_hidden(self.latest[user_idx]) @ cache[0].T + self.bias
+        # sequence_after cuts the padding columns the users share: short histories cost less
+        return self.last_hidden(self.sequence_after(self.latest[user_idx])) @ cache[0].T + self.bias
 
     def item_representation(self) -> torch.Tensor:
         return self.item_emb.weight[: self.n_items]

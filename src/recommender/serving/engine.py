@@ -204,8 +204,9 @@ class ServedModel:
         ]
 
     def session(self, item_ids: list[str], k: int) -> Ranked:
-        """An anonymous visitor: what follows the session's items (oldest first) under a
-        model.context run's Markov term, else the items most similar to them (item similarity).
+        """An anonymous visitor: what follows the session's items (oldest first) for a run that
+        reads recent items (model.context's Markov term, sasrec), else the items most similar to
+        them (item similarity).
 
         A model without an item space (popularity) answers with the popularity list.
         """
@@ -220,7 +221,7 @@ class ServedModel:
 
     def after(self, user_id: str, item_ids: list[str], k: int, exclude_seen: bool) -> Ranked:
         """One user's list after the items they just interacted with (oldest first), for a
-        model.context run (RecommenderError otherwise); an unknown user is scored as an
+        model.context or sasrec run (RecommenderError otherwise); an unknown user is scored as an
         anonymous session. See Recommender.recommend_next."""
         ids, scores = self.rec.recommend_next(
             item_ids, k=k, user_id=user_id, exclude_seen=exclude_seen

@@ -179,7 +179,7 @@ def _lists(
     else:
         try:
             ranked = [served.after(users[0], session, body.k, body.exclude_seen)]
-        except RecommenderError as exc:  # a model without model.context
+        except RecommenderError as exc:  # a model that reads no recent items
             raise ApiError(409, str(exc), "session_item_ids") from None
         after = session
     return [_as_list(served, r, body.explain, after) for r in ranked]
@@ -195,8 +195,8 @@ async def batch_recommendations(
 ) -> RecommendationsResponse:
     """A batch of users, new ones with the items they interacted with (`histories`: a user
     vector folded in from them); an anonymous session (what follows its items under a
-    model.context run's Markov term, else item similarity); or one user with their recent
-    items. Each list says what it was scored from (`representation`)."""
+    model.context run's Markov term or a sasrec run, else item similarity); or one user with
+    their recent items. Each list says what it was scored from (`representation`)."""
     users = body.user_ids if body.user_ids is not None else list(body.histories or {})
     if body.session_item_ids is None:
         _check_size("user_ids", len(users), limits.max_batch)

@@ -56,8 +56,8 @@ class RecommendationList(BaseModel):
 class RecommendationsRequest(_Body):
     """`user_ids` (a batch of known or unknown users), `session_item_ids` (an anonymous
     visitor's recent items, oldest first: answered by what follows them for a run trained with
-    model.context, else by item similarity), or both with one user: that user's list after
-    the items they just interacted with (model.context runs only).
+    model.context or a sasrec run, else by item similarity), or both with one user: that
+    user's list after the items they just interacted with (model.context and sasrec runs only).
 
     `histories` gives users the model has never seen the items they interacted with: each is
     answered from a user vector folded in from them. Its users are the batch when `user_ids`
@@ -170,8 +170,8 @@ class UserHistory(BaseModel):
     known: bool = Field(description="False: the model has not trained on this user.")
     n_items: int = Field(description="Items in the user's training history.")
     items: list[Item] = Field(
-        description="The first n of them: a model.context run's latest items first, then the "
-        "rest in catalog order (the run keeps no other time order)."
+        description="The first n of them: the latest items a model.context or sasrec run keeps "
+        "first, latest first, then the rest in catalog order (the run keeps no other time order)."
     )
     model_version: str
 
