@@ -60,16 +60,7 @@ from recommender.data.sampling import NegativeSampler, epoch_batches, to_device
 from recommender.data.sequences import latest_sequences
 from recommender.distributed import Dist, check_supported
 from recommender.evaluate import evaluate_full
-from recommender.models import (
-    GMF,
-    MLP,
-    GraphFilter,
-    NeuMF,
-    Popularity,
-    RecModel,
-    SASRec,
-    build_model,
-)
+from recommender.models import GMF, MLP, NeuMF, RecModel, SASRec, build_model, fit_closed_form
 from recommender.objective import Objective, descend
 from recommender.sequential import SequenceSource, sequence_epoch, sequence_source
 from recommender.stages import Stage, log_plan, plan_stages
@@ -401,7 +392,8 @@ class Trainer:
         if self.dist.is_main:
             write_config(self.out, self.cfg)
         if not self.stages:
-            fitted = self._fit_closed_form()
+            full = self.data.train_full
+            fitted = fit_closed_form(self.cfg.model, full, self.device)
             if self.dist.is_main:
                 self._save_best(fitted, self.cfg.model.name, 0, {})
             return fitted
@@ -413,26 +405,6 @@ class Trainer:
         if isinstance(models[-1], SASRec):
             models[-1].load_state_dict(self._served_state(models[-1]))
         return models[-1]
-
-    def _fit_closed_form(self) -> RecModel:
-        """Popularity or GraphFilter, fitted on train + validation: no epochs to choose."""
-        data = self.data.train_full
-        n_users, n_items = len(self.data.users), len(self.data.items)
-        if self.cfg.model.name == "popularity":
-            return Popularity(n_users, n_items).fit(data.item_counts())
-        model = build_model(self.cfg.model, n_users, n_items).to(self.device)
-        assert isinstance(model, GraphFilter)
-        model.set_graph(data.user_idx, data.item_idx)
-        started = time.perf_counter()
-        model.fit()
-        log.info(
-            "%s fitted on %d pairs in %.1f s (rank %d)",
-            self.cfg.model.name,
-            len(data.user_idx),
-            time.perf_counter() - started,
-            model.basis.shape[1],
-        )
-        return model
 
     def _load_resume_state(self) -> LastCheckpoint:
         state = load_last(self.out, map_location=self.device)

@@ -3,7 +3,13 @@ built from a ModelConfig."""
 
 from __future__ import annotations
 
+import logging
+import time
+
+import torch
+
 from recommender.config import ModelConfig
+from recommender.data.interactions import Interactions
 from recommender.models.base import RecModel
 from recommender.models.gmf import GMF
 from recommender.models.graphfilter import GraphFilter
@@ -13,6 +19,8 @@ from recommender.models.mlp import MLP
 from recommender.models.neumf import NeuMF
 from recommender.models.popularity import Popularity
 from recommender.models.sasrec import SASRec
+
+log = logging.getLogger("recommender")
 
 __all__ = [
     "GMF",
@@ -25,6 +33,7 @@ __all__ = [
     "RecModel",
     "SASRec",
     "build_model",
+    "fit_closed_form",
 ]
 
 
@@ -53,3 +62,24 @@ def build_model(
             n_users, n_items, cfg.embedding_dim, cfg.max_len, cfg.blocks, cfg.heads, cfg.dropout
         )
     return Popularity(n_users, n_items)
+
+
+def fit_closed_form(cfg: ModelConfig, data: Interactions, device: torch.device) -> RecModel:
+    """Popularity or GraphFilter fitted on `data` (a run's train + validation): no epochs to
+    choose, so the Trainer fits it in place of its stages."""
+    if cfg.name == "popularity":
+        return Popularity(data.n_users, data.n_items).fit(data.item_counts())
+    model = build_model(cfg, data.n_users, data.n_items).to(device)
+    if not isinstance(model, GraphFilter):
+        raise ValueError(f"model.name={cfg.name} is trained, not fitted in closed form")
+    model.set_graph(data.user_idx, data.item_idx)
+    started = time.perf_counter()
+    model.fit()
+    log.info(
+        "%s fitted on %d pairs in %.1f s (rank %d)",
+        cfg.name,
+        len(data.user_idx),
+        time.perf_counter() - started,
+        model.basis.shape[1],
+    )
+    return model
