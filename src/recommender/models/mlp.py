@@ -41,11 +41,12 @@ class MLPTower(nn.Module):
         1 / (1 - p), as nn.Dropout does. The keep mask is drawn as `rand >= p` because torch's
         CPU bernoulli_ (what nn.Dropout calls) takes about 2x as long, and dropout was 40% of
         a training step of the seed's network (32-dim embeddings, 64 -> 64 -> 32)."""
+        h = torch.relu(h)
         p = self.dropout.p
         if not self.training or p == 0:
-            return torch.relu(h)
-        keep = ((torch.rand_like(h) >= p) & (h > 0)).to(h.dtype).mul_(1 / (1 - p))
-        return h * keep
+            return h
+        # In place on the uniform draws: 1.0 where kept, then the scale; no bool temporaries.
+        return h * torch.rand_like(h).ge_(p).mul_(1 / (1 - p))
 
     def _rest(self, h: torch.Tensor) -> torch.Tensor:
         h = self._drop(h)
