@@ -44,6 +44,7 @@ serve: install
 bench: install
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_loop.py
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_serving.py --run $(RUN)
 	$(BIN)/python benchmarks/bench_scale.py

@@ -147,6 +147,28 @@ def test_dropout_only_in_training_mode():
     assert not torch.equal(a, c)
 
 
+def test_tower_dropout_is_relu_then_inverted_dropout():
+    """The tower's own dropout (faster than nn.Dropout on CPU) keeps each unit with probability
+    1 - p, scales kept ones by 1 / (1 - p), and passes gradients only where ReLU and the mask
+    both let the unit through."""
+    tower = make("mlp", dropout=0.2).tower
+    tower.train()
+    h = torch.randn(400, 500, requires_grad=True)
+    torch.manual_seed(0)
+    out = tower._drop(h)
+    positive = h.detach() > 0
+    kept = out.detach() != 0
+    assert not (kept & ~positive).any()  # ReLU first
+    torch.testing.assert_close(out[kept], h[kept] / 0.8)  # inverted scaling
+    rate = kept[positive].float().mean().item()
+    assert abs(rate - 0.8) < 0.01, rate  # 100k positive units: sd 0.0013
+    out.sum().backward()
+    assert h.grad is not None
+    torch.testing.assert_close(h.grad, kept.float() / 0.8)
+    tower.eval()
+    assert torch.equal(tower._drop(h), torch.relu(h))
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_neumf_load_pretrained_reproduces_the_weighted_sum(alpha: float):
     gmf, mlp = make("gmf", seed=1), make("mlp", seed=2)
