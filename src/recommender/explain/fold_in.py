@@ -217,20 +217,13 @@ class FoldIn:
         top-10 overlap with the trained users' own lists: 0.54 after 2 steps, 0.76 after 6;
         NeuMF 0.83 and 0.85).
         """
-        device = self.mean.device
-        items = [torch.as_tensor(h, dtype=torch.long, device=device) for h in histories]
-        lengths = torch.tensor([len(h) for h in items], device=device)
-        if not len(items) or bool((lengths == 0).any()):
-            raise RecommenderError("new_users needs at least one user, each with a history")
-        rows = torch.repeat_interleave(torch.arange(len(items), device=device), lengths)
-        labels = torch.zeros(len(items), self.side.n_items, device=device)
-        labels[rows, torch.cat(items)] = 1.0
+        labels = one_hot_histories(histories, self.side.n_items, self.mean.device)
         fit = _Fit(self, labels)
-        start, weights = self.mean.expand(len(items), -1), fit._loss_weights(labels)
+        start, weights = self.mean.expand(len(labels), -1), fit._loss_weights(labels)
         theta = fit._newton(start, weights, local=not self.side.nonlinear)
         logits = self.side.logits(theta)
         if latest is not None:
-            logits = logits + self.side.markov(None, latest.to(device))[1].sum(1)
+            logits = logits + self.side.markov(None, latest.to(self.mean.device))[1].sum(1)
         return logits
 
 
@@ -547,6 +540,21 @@ class UserFold(_Fit):
             return None
         user = torch.tensor([self.user_idx], device=folded.device)
         return spearman(folded, self.fold_in.side.trained_logits(user, self.latest)[0])
+
+
+def one_hot_histories(
+    histories: Sequence[torch.Tensor | np.ndarray], n_items: int, device: torch.device
+) -> torch.Tensor:
+    """B new users' histories (item indices, each once, none empty) -> (B, n_items) rows,
+    1 at each history item: what `new_users` of a fold-in or a graph filter starts from."""
+    items = [torch.as_tensor(h, dtype=torch.long, device=device) for h in histories]
+    lengths = torch.tensor([len(h) for h in items], device=device)
+    if not len(items) or bool((lengths == 0).any()):
+        raise RecommenderError("new_users needs at least one user, each with a history")
+    rows = torch.repeat_interleave(torch.arange(len(items), device=device), lengths)
+    matrix = torch.zeros(len(items), n_items, device=device)
+    matrix[rows, torch.cat(items)] = 1.0
+    return matrix
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from recommender.explain.fold_in import Attribution, spearman
+from recommender.explain.fold_in import Attribution, one_hot_histories, spearman
 from recommender.models.graphfilter import GraphFilter
 from recommender.utils import RecommenderError
 
@@ -57,16 +57,7 @@ class FilterExplainer:
     ) -> torch.Tensor:
         """(B, n_items) logits of B users the model has not seen, from their histories (item
         indices, none empty): the filter applied to each history row."""
-        device = self.model.edges.device
-        items = [torch.as_tensor(h, dtype=torch.long, device=device) for h in histories]
-        lengths = torch.tensor([len(h) for h in items], device=device)
-        if not len(items) or bool((lengths == 0).any()):
-            raise RecommenderError("new_users needs at least one user, each with a history")
-        rows = torch.zeros(len(items), self.n_items, device=device)
-        rows[
-            torch.repeat_interleave(torch.arange(len(items), device=device), lengths),
-            torch.cat(items),
-        ] = 1.0
+        rows = one_hot_histories(histories, self.n_items, self.model.edges.device)
         return self.model.filter(rows)
 
 
