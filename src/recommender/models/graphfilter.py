@@ -134,15 +134,24 @@ class GraphFilter(RecModel):
                 "sqrt": degree.sqrt(),
                 "scale": degree.clamp(min=1) ** self.degree_power,
             }
-            if self.n_items <= DENSE_ITEMS:
-                self._derived["p"] = (r_t @ r).to_dense()  # sparse product: no dense R
         return self._derived
+
+    def _dense_p(self) -> torch.Tensor | None:
+        """P itself for a catalog of at most DENSE_ITEMS items, else None; built on first use
+        by scoring, never by `fit`, whose SVD reads R̃ alone."""
+        if self.n_items > DENSE_ITEMS:
+            return None
+        g = self._graph()
+        if "p" not in g:
+            g["p"] = (g["r_t"] @ g["r"]).to_dense()  # sparse product: no dense R
+        return g["p"]
 
     def smooth(self, x: torch.Tensor) -> torch.Tensor:
         """(B, n_items) -> x P, through R̃ and R̃ᵀ (P itself is never formed)."""
+        p = self._dense_p()
+        if p is not None:
+            return x @ p
         g = self._graph()
-        if "p" in g:
-            return x @ g["p"]
         return (g["r_t"] @ (g["r"] @ x.T.contiguous())).T
 
     def history_rows(self, user_idx: torch.Tensor) -> torch.Tensor:
@@ -181,6 +190,7 @@ class GraphFilter(RecModel):
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         self._graph()
+        self._dense_p()  # once per model version, before the first user is scored
         return ()
 
     def _score_cached(
