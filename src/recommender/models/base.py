@@ -6,6 +6,8 @@ probabilities are shown, never inside the model, so training uses the stable BCE
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -116,6 +118,19 @@ def pair_dot(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     if len(items) == 1:
         return users @ items[0].T
     return torch.bmm(items, users.unsqueeze(-1)).squeeze(-1)
+
+
+def resize_buffers(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, names: tuple[str, ...]
+) -> None:
+    """Give each named buffer the shape of its saved tensor before a state dict loads into it:
+    a graph model's edge count (and its basis) is the checkpoint's, not the empty
+    constructor's."""
+    for name in names:
+        saved = state_dict.get(prefix + name)
+        current = getattr(module, name)
+        if isinstance(saved, torch.Tensor) and saved.shape != current.shape:
+            setattr(module, name, torch.empty_like(saved, device=current.device))
 
 
 def init_embedding(table: nn.Embedding, std: float = 0.01) -> None:

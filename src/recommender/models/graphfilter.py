@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recommender.models.base import RecModel
+from recommender.models.base import RecModel, resize_buffers
 from recommender.models.lightgcn import check_edges, normalized_adjacency
 
 # Catalogs up to this many items keep P as a dense (n_items, n_items) matrix (256 MiB at the
@@ -106,11 +106,7 @@ class GraphFilter(RecModel):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        # The edge count and basis width are the checkpoint's, not the empty constructor's.
-        for name in ("edges", "basis", "spectrum"):
-            saved = state_dict.get(prefix + name)
-            if isinstance(saved, torch.Tensor) and saved.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(saved, device=self.edges.device))
+        resize_buffers(self, state_dict, prefix, ("edges", "basis", "spectrum"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._derived = None
 

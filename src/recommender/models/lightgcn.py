@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recommender.models.base import RecModel, init_embedding, pair_dot
+from recommender.models.base import RecModel, init_embedding, pair_dot, resize_buffers
 
 # Initial embedding spread of the reference implementation (gusye1234/LightGCN-PyTorch), with
 # which its published numbers were reached. Larger than MF's 0.01: every layer averages
@@ -146,10 +146,7 @@ class LightGCN(RecModel):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        # The edge count is the checkpoint's, not the empty constructor's: resize, then load.
-        edges = state_dict.get(prefix + "edges")
-        if isinstance(edges, torch.Tensor) and edges.shape != self.edges.shape:
-            self.edges = torch.empty_like(edges, device=self.edges.device)
+        resize_buffers(self, state_dict, prefix, ("edges",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._adjacency = None
 
