@@ -555,3 +555,25 @@ def test_context_warns_when_every_timestamp_is_the_same(tmp_path: Path, caplog):
     with caplog.at_level("WARNING", logger="recommender"):
         Trainer(cfg, load_data(cfg.data, cfg.seed), tmp_path / "run", torch.device("cpu"))
     assert "every timestamp" in caplog.text
+
+
+
+@pytest.mark.parametrize(("extra_steps", "patience_epochs"), [(-1, 2), (0, 2), (1, 3)])
+def test_patience_steps_waits_that_many_steps_in_whole_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra_steps: int, patience_epochs: int
+):
+    # With a validation that never improves after epoch 1, the stage runs 1 + patience epochs;
+    # patience_steps of two epochs' steps, give or take one, rounds up to whole epochs.
+    frame = planted_frame(n_users=40, n_items=30)
+    sets = ["model.name=mf", "train.refit=false", "train.epochs=50", "train.num_negatives=1"]
+    probe = confidence_run(frame, tmp_path / "probe", *sets, "train.batch_size=64")
+    steps = probe._steps_per_epoch(MF(1, 1, 1), probe.stages[0])
+    assert steps == -(-len(probe.data.train) * 2 // 64) > 2  # pairs: a positive and a negative
+    patience = 2 * steps + extra_steps
+    trainer = confidence_run(
+        frame, tmp_path, *sets, "train.batch_size=64", f"train.patience_steps={patience}"
+    )
+    monkeypatch.setattr(trainer, "_validate", lambda model: {"ndcg@10": 0.5, "hr@10": 0.5})
+    trainer.fit()
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert epochs == list(range(1, 2 + patience_epochs))

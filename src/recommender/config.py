@@ -287,6 +287,12 @@ class TrainConfig(_Section):
         1.0, gt=0, description="Count unit of the log confidence: r / epsilon is what is logged."
     )
     patience: int = Field(10, ge=1, description="Epochs without validation gain before stopping.")
+    patience_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Instead of patience: optimizer steps without validation gain, rounded up "
+        "to whole epochs, so a small data set's short epochs get as many steps as a large one's.",
+    )
     monitor: str = Field(
         "ndcg@10",
         pattern=r"^(ndcg|hr|recall|precision|map|map_all)@[1-9][0-9]*$",

@@ -75,11 +75,13 @@ def log_plan(cfg: Config, stages: Sequence[Stage]) -> None:
     refit = "then refit on train + validation" if cfg.train.refit else "no refit"
     capped = f", train.max_epochs={cap} caps every stage" if cap is not None else ""
     log.info("plan: %d stage(s), %s%s", len(stages), refit, capped)
+    steps = cfg.train.patience_steps
+    patience = f"{cfg.train.patience} epochs" if steps is None else f"{steps} steps"
     for number, stage in enumerate(stages, 1):
         if stage.early_stopping:
             budget = (
                 f"up to {stage.epochs} epoch(s), early stopping on validation "
-                f"{cfg.train.monitor} (patience {cfg.train.patience})"
+                f"{cfg.train.monitor} (patience {patience})"
             )
         else:
             select = stage.name.replace("refit/", "select/", 1)

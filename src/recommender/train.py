@@ -342,8 +342,7 @@ class Trainer:
             world_size=self.dist.world_size,
             pairs=objective.pairs,
         )
-        share = len(source.users) // self.dist.world_size
-        n_batches = math.ceil(share * objective.rows_per_positive() / t.batch_size)
+        n_batches = self._steps_per_epoch(model, stage)
         total_loss = torch.zeros((), device=self.device)
         total_weight = torch.zeros((), device=self.device)  # with confidences only
         seen = 0
@@ -372,6 +371,24 @@ class Trainer:
         # Confidences are >= 1, so their sum is 0 only in an empty epoch.
         denominator = seen if source.weights is None else float(total_weight)
         return float(total_loss) / max(denominator, 1), seen, seconds
+
+    def _steps_per_epoch(self, model: RecModel, stage: Stage) -> int:
+        """Optimizer steps in one of this rank's epochs of `stage` (the same every epoch)."""
+        batch = self.cfg.train.batch_size
+        if isinstance(model, SASRec):
+            rows = self._sequence_source(stage.data, model.max_len)
+            return math.ceil(len(rows.inputs) // self.dist.world_size / batch)
+        source = self._epoch_source(stage.data)
+        share = len(source.users) // self.dist.world_size
+        return math.ceil(share * source.objective.rows_per_positive() / batch)
+
+    def _patience(self, model: RecModel, stage: Stage) -> int:
+        """Epochs without validation gain before `stage` stops: train.patience, or
+        train.patience_steps in this stage's epochs."""
+        steps = self.cfg.train.patience_steps
+        if steps is None:
+            return self.cfg.train.patience
+        return max(1, math.ceil(steps / max(self._steps_per_epoch(model, stage), 1)))
 
     def _validate(self, model: RecModel) -> dict[str, float]:
         result = evaluate_full(
@@ -445,8 +462,9 @@ class Trainer:
             start_epoch = resume.epoch + 1
         # Wrapped after any resumed weights are in: DDP starts every rank from rank 0's.
         net = self.dist.wrap(model, self.device)
+        patience = self._patience(model, stage) if stage.early_stopping else 0
         for epoch in range(start_epoch, epochs + 1):
-            if bad >= self.cfg.train.patience:
+            if stage.early_stopping and bad >= patience:
                 break
             gen = torch.Generator(device=self.device).manual_seed(self._epoch_seed(index, epoch))
             loss, per_rank, seconds = self.train_epoch(
