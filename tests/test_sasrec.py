@@ -78,8 +78,27 @@ def test_sequences_are_time_ordered_truncated_and_left_padded() -> None:
     pad = N_ITEMS
     assert latest_sequences(data, 3).tolist() == [[3, 2, 1], [pad, pad, 6], [pad, 8, 9]]
     inputs, targets = training_sequences(data, 3)
-    assert inputs.tolist() == [[4, 3, 2], [pad, pad, pad], [pad, pad, 8]]
-    assert targets.tolist() == [[3, 2, 1], [pad, pad, pad], [pad, pad, 9]]
+    # User 0's four targets take two windows of 3: the latest, then one more row for item 4.
+    assert inputs.tolist() == [[4, 3, 2], [pad, pad, pad], [pad, pad, 8], [pad, pad, 5]]
+    assert targets.tolist() == [[3, 2, 1], [pad, pad, pad], [pad, pad, 9], [pad, pad, 4]]
+
+
+@pytest.mark.parametrize("max_len", [1, 2, 3, 7, 50])
+def test_training_sequences_predict_every_item_once(max_len: int) -> None:
+    # Every (item, next item) pair of every user's sequence is one (input, target) cell, once,
+    # whatever max_len cuts the sequences into.
+    rng = np.random.default_rng(0)
+    keys = rng.choice(40 * N_ITEMS, 600, replace=False)
+    users, items = keys // N_ITEMS, keys % N_ITEMS
+    data = Interactions(users, items, 40, N_ITEMS, timestamp=rng.permutation(len(keys)))
+    inputs, targets = training_sequences(data, max_len)
+    assert inputs.shape == targets.shape and inputs.shape[1] == max_len
+    found = targets != N_ITEMS
+    pairs = sorted(zip(inputs[found].tolist(), targets[found].tolist(), strict=True))
+    order = data.time_order()
+    u, i = users[order], items[order]
+    same = u[1:] == u[:-1]
+    assert pairs == sorted(zip(i[:-1][same].tolist(), i[1:][same].tolist(), strict=True))
 
 
 def test_sequences_need_timestamps() -> None:

@@ -6,7 +6,8 @@ Interactions and leave_last_out share), LEFT-padded with the index n_items so th
 always the last column. Every function is vectorised: loops run over at most max_len positions,
 never over users or interactions.
 
-- training_sequences: (inputs, targets) for training at every position, targets shifted by one.
+- training_sequences: (inputs, targets) for training at every position of every user's
+  sequence, in windows of max_len, targets shifted by one.
 - latest_sequences: each user's latest items, the input that predicts what comes next.
 - read_sasrec: the SASRec data format, one `user item` pair per line in chronological order.
 - last_two_out: test = each user's last item, validation = the one before, users with fewer
@@ -50,19 +51,37 @@ def latest_sequences(data: Interactions, max_len: int) -> np.ndarray:
 
 
 def training_sequences(data: Interactions, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets), each (n_users, max_len), from each user's latest max_len + 1 items:
-    targets are the inputs shifted by one (the item that followed), n_items where the input is
-    padding. A user with fewer than 2 items has no target; drop rows where targets are all
-    n_items before batching.
+    """(inputs, targets), each (R, max_len), that predict every item of every user's sequence
+    but the first: targets are the inputs shifted by one (the item that followed), n_items
+    where the input is padding. Row u is user u's latest max_len + 1 items; a user with more
+    gets a further row for each earlier window of max_len targets, appended after the n_users
+    first rows, whose first input is the item before the window (the model reads at most
+    max_len items in any case). A user with fewer than 2 items has no target; drop rows where
+    targets are all n_items before batching.
 
     Example:
-        >>> inter = Interactions(np.array([0, 0, 0]), np.array([2, 0, 1]), 1, 3,
-        ...                      timestamp=np.array([30, 10, 20]))
-        >>> inputs, targets = training_sequences(inter, 3)
+        >>> inter = Interactions(np.array([0, 0, 0, 0]), np.array([2, 0, 1, 3]), 1, 4,
+        ...                      timestamp=np.array([30, 10, 20, 40]))
+        >>> inputs, targets = training_sequences(inter, 2)
         >>> inputs.tolist(), targets.tolist()
-        ([[3, 0, 1]], [[3, 1, 2]])
+        ([[1, 2], [4, 0]], [[2, 3], [4, 1]])
     """
-    seq = latest_sequences(data, max_len + 1)
+    order = _ordered(data).time_order()
+    items = data.item_idx[order]  # grouped by user, oldest first
+    counts = data.user_counts()
+    ends = np.cumsum(counts)  # one past each user's latest item in `items`
+    windows = np.maximum(-(-(counts - 1) // max_len), 1)  # ceil((count - 1) / max_len)
+    first = np.arange(len(counts))
+    extra = windows > 1
+    users = np.concatenate([first, np.repeat(first[extra], windows[extra] - 1)])
+    # Windows counted back from the latest: 0 for the first n_users rows, 1, 2, ... after.
+    starts = np.cumsum(windows[extra] - 1) - (windows[extra] - 1)
+    later = np.arange(len(users) - len(first)) - np.repeat(starts, windows[extra] - 1) + 1
+    back = np.concatenate([np.zeros(len(first), dtype=np.int64), later])
+    end = ends[users] - back * max_len
+    position = end[:, None] - (max_len + 1) + np.arange(max_len + 1)  # (R, max_len + 1)
+    inside = position >= (ends - counts)[users][:, None]
+    seq = np.where(inside, items[np.clip(position, 0, None)], data.n_items)
     inputs = np.ascontiguousarray(seq[:, :-1])
     targets = np.where(inputs == data.n_items, data.n_items, seq[:, 1:])
     return inputs, targets
