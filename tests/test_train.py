@@ -557,7 +557,6 @@ def test_context_warns_when_every_timestamp_is_the_same(tmp_path: Path, caplog):
     assert "every timestamp" in caplog.text
 
 
-
 @pytest.mark.parametrize(("extra_steps", "patience_epochs"), [(-1, 2), (0, 2), (1, 3)])
 def test_patience_steps_waits_that_many_steps_in_whole_epochs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra_steps: int, patience_epochs: int
