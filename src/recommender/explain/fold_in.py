@@ -327,10 +327,11 @@ class _Fit:
                 logits, jac = fold_in.side.jacobian(theta)
             prob = self._prob(logits)
             grad = self._gradient(theta, weights, prob, jac)
-            if factor is None:
-                step = torch.linalg.solve(self._hessian(weights, prob, jac), grad)  # (B, D)
-            else:
-                step = torch.cholesky_solve(grad[..., None], factor)[..., 0]
+            # The Gauss-Newton Hessian plus the prior's precision is positive definite.
+            chol = factor
+            if chol is None:
+                chol = torch.linalg.cholesky(self._hessian(weights, prob, jac))
+            step = torch.cholesky_solve(grad[..., None], chol)[..., 0]  # (B, D)
             before = objective
             step, objective = self._line_search(theta, step, weights, objective, local)
             theta = theta - step

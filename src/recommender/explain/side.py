@@ -98,7 +98,7 @@ class UserSide:
         """(B, D) user vectors -> (B, N) logits over the catalog."""
         z = self.offset + theta[:, : self.d_lin] @ self.features.T
         if self.nonlinear:
-            z = z + self._tower(theta)[0][-1] @ self.w_out
+            z = z + self._top(theta) @ self.w_out
         return z
 
     def markov(
@@ -140,6 +140,18 @@ class UserSide:
                 delta = (delta @ weight) * mask
             parts.append(delta @ self.w_user)  # (B, N, d_mlp)
         return z, torch.cat(parts, -1)
+
+    def _top(self, theta: torch.Tensor) -> torch.Tensor:
+        """(B, N, w_last) the tower's last hidden layer alone: `_tower` without the masks and
+        the layers kept for backpropagation (a fold-in's line search evaluates many thetas)."""
+        hidden = ((theta[:, self.d_lin :] @ self.w_user.T)[:, None, :] + self.item_half).relu_()
+        for weight, bias in self.layers:
+            hidden = (
+                torch.addmm(bias, hidden.flatten(0, 1), weight.T)
+                .relu_()
+                .view(*hidden.shape[:2], -1)
+            )
+        return hidden
 
     def _tower(self, theta: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Hidden activations and ReLU masks of every layer, (B, N, width) each."""
