@@ -76,6 +76,10 @@ REFIT_STALL = 1e-3
 # Ridge added to the trained users' covariance, as a share of its mean variance, so the prior's
 # precision exists even with fewer users than dimensions.
 COVARIANCE_RIDGE = 1e-3
+# Step size that ends the chord method along an explanation's path: an exact Newton step
+# follows, which squares the error left (on MovieLens-100K MF, MLP and NeuMF the weights agree
+# with those of tolerance 1e-4 to 1e-5, at a third fewer steps).
+PATH_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -100,13 +104,13 @@ class Attribution:
 class _Walked:
     """UserFold's integration path, independent of the explained items: the (m,) quadrature
     weights; at each point the (m, N) explained logits, the (m, H, D) items' gradients and the
-    LU factors of the (m, D, D) Hessian; the (N,) logits of the whole history's fold and of
+    Cholesky factors of the (m, D, D) Hessian; the (N,) logits of the whole history's fold and of
     the baseline; the fidelity."""
 
     quadrature: torch.Tensor
     logits: torch.Tensor
     item_gradients: torch.Tensor
-    hessian_lu: tuple[torch.Tensor, torch.Tensor]
+    hessian_factor: torch.Tensor
     full: torch.Tensor
     baseline: torch.Tensor
     fidelity: float | None
@@ -320,13 +324,14 @@ class _Fit:
         weights: torch.Tensor,
         local: bool = False,
         chord: torch.Tensor | None = None,
+        tolerance: float | None = None,
     ) -> torch.Tensor:
         """Minimise the fold-in objective for B weightings at once, with a line search.
 
-        Newton's method, or with `chord` (B, D, D) a fixed stand-in for the Hessian.
+        Newton's method, or with `chord` (B, D, D) the Cholesky factor of a fixed stand-in
+        for the Hessian (a chord method); `tolerance` replaces the FoldIn's.
         """
         fold_in = self.fold_in
-        factor = torch.linalg.cholesky(chord) if chord is not None else None
         objective = self._objective(theta, weights, local)  # (B,)
         for _ in range(fold_in.max_steps if local else fold_in.refit_steps):
             if local:
@@ -336,14 +341,14 @@ class _Fit:
             prob = self._prob(logits)
             grad = self._gradient(theta, weights, prob, jac)
             # The Gauss-Newton Hessian plus the prior's precision is positive definite.
-            chol = factor
+            chol = chord
             if chol is None:
                 chol = torch.linalg.cholesky(self._hessian(weights, prob, jac))
             step = torch.cholesky_solve(grad[..., None], chol)[..., 0]  # (B, D)
             before = objective
             step, objective = self._line_search(theta, step, weights, objective, local)
             theta = theta - step
-            if float(step.norm(dim=1).max()) < fold_in.tolerance:
+            if float(step.norm(dim=1).max()) < (tolerance or fold_in.tolerance):
                 break
             # The refit cannot converge on ReLU kinks; it stops where the objective stalls.
             if not local and bool((before - objective <= REFIT_STALL * before.abs()).all()):
@@ -456,8 +461,9 @@ class UserFold(_Fit):
         return self.logits(self.fold(alpha)) + self.markov(alpha.to(self.labels))
 
     @torch.no_grad()
-    def fold(self, alpha: torch.Tensor) -> torch.Tensor:
-        """(B, H) weights of the history items -> (B, D) user vectors fitted to them."""
+    def fold(self, alpha: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
+        """(B, H) weights of the history items -> (B, D) user vectors fitted to them, to the
+        FoldIn's tolerance unless `tolerance` is given."""
         if alpha.ndim != 2 or alpha.shape[1] != len(self.history):
             raise RecommenderError(f"alpha must be (B, {len(self.history)}), got {alpha.shape}")
         alpha = alpha.to(self.labels)
@@ -466,7 +472,8 @@ class UserFold(_Fit):
         scale = alpha.sum(1) / len(self.history)  # (B,)
         chord = scale[:, None, None] * self.curvature + self.fold_in.precision
         start = self.full.expand(len(alpha), -1)
-        return self._newton(start, self._weights(alpha), local=True, chord=chord)
+        factor = torch.linalg.cholesky(chord)
+        return self._newton(start, self._weights(alpha), True, factor, tolerance)
 
     @torch.no_grad()
     def attribute(self, targets: torch.Tensor) -> Attribution:
@@ -478,7 +485,7 @@ class UserFold(_Fit):
         p_t = torch.sigmoid(path.logits[:, targets])
         slope = p_t * (1 - p_t)  # (m, T)
         rhs = (slope[..., None] * jac[targets]).transpose(1, 2)
-        solved = torch.linalg.lu_solve(*path.hessian_lu, rhs)
+        solved = torch.cholesky_solve(rhs, path.hessian_factor)
         grads = -(path.item_gradients @ solved)  # (m, H, T): d score_t / d alpha_j at each point
         # The Markov term is linear in alpha: a latest item adds its share of the targets' logits.
         grads.index_add_(1, self.markov_at, slope[:, None, :] * self.markov_shares[:, targets])
@@ -495,20 +502,23 @@ class UserFold(_Fit):
         history = self.history
         nodes, quad = self._path()
         alpha = nodes[:, None].expand(-1, len(history))  # (m, H): the path's points
-        theta = self.fold(alpha)
+        theta = self.fold(alpha, PATH_TOLERANCE)
         weights, jac = self._weights(alpha), self.jacobian
         prob = self._prob(self.logits(theta))  # (m, N)
-        hessian = self._hessian(weights, prob, jac)  # (m, D, D)
+        # Positive definite (Gauss-Newton plus the prior): one Cholesky factor serves the
+        # Newton step and every target's solve.
+        factor = torch.linalg.cholesky(self._hessian(weights, prob, jac))  # (m, D, D)
         # One exact Newton step finishes the chord method's linear convergence; the implicit
         # gradients below need the optimum, and the Hessian barely moves in that step.
-        theta = theta - torch.linalg.solve(hessian, self._gradient(theta, weights, prob, jac))
+        step = torch.cholesky_solve(self._gradient(theta, weights, prob, jac)[..., None], factor)
+        theta = theta - step[..., 0]
         local = self.logits(theta)
         full = self.logits(self.full)[0] + self.markov(self.labels.new_ones(1, len(history)))[0]
         return _Walked(
             quadrature=quad,
             logits=local + self.markov(alpha),
             item_gradients=self._item_gradients(self._prob(local)),  # (m, H, D)
-            hessian_lu=torch.linalg.lu_factor(hessian),
+            hessian_factor=factor,
             full=full,
             baseline=self.logits(self.fold_in.mean[None])[0],
             fidelity=self._fidelity(full),
