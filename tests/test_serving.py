@@ -142,6 +142,47 @@ def test_exclude_seen_and_explanations(client: TestClient, rec: Recommender):
         assert 0 < why["fidelity"] <= 1 and 0 < why["score"] < 1
 
 
+def test_plain_lists_do_not_wait_behind_explanations(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+):
+    """Explained lists take their own lane: with every explanation thread stuck, plain lists,
+    batches and similar items are still answered, and the explained lists finish after."""
+    from recommender.serving.engine import ServedModel
+
+    entered, release = threading.Semaphore(0), threading.Event()
+    explain_many = ServedModel.explain_many
+
+    def stuck(self: ServedModel, *args: object) -> list[dict[str, object]]:
+        entered.release()
+        assert release.wait(30)
+        return explain_many(self, *args)
+
+    monkeypatch.setattr(ServedModel, "explain_many", stuck)
+    statuses: list[int] = []
+    explained = [
+        threading.Thread(
+            target=lambda: statuses.append(
+                client.get(f"/v1/users/{USER}/recommendations?k=3&explain=true").status_code
+            )
+        )
+        for _ in range(2)
+    ]
+    for thread in explained:
+        thread.start()
+    assert entered.acquire(timeout=30)  # the lane's one thread holds the first explanation
+    try:
+        assert client.get(f"/v1/users/{USER}/recommendations?k=3").status_code == 200
+        body = {"user_ids": [USER, "nobody"], "k": 2}
+        assert client.post("/v1/recommendations", json=body).status_code == 200
+        assert client.get("/v1/items/5/similar?k=2").status_code == 200
+        assert statuses == []
+    finally:
+        release.set()
+    for thread in explained:
+        thread.join(30)
+    assert statuses == [200, 200]
+
+
 def test_unknown_user_gets_the_popularity_fallback(client: TestClient, rec: Recommender):
     body = client.get("/v1/users/stranger/recommendations?k=4&explain=true").json()
     assert body["fallback"] == "popularity" and body["user_id"] == "stranger"

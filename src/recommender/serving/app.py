@@ -96,7 +96,7 @@ def create_app(
         # The worker accepts connections only once this returns, so a worker still loading
         # takes no traffic (the others, or the listen backlog, hold it).
         set_threads(settings.threads)
-        app.state.calls = ModelCalls(settings.model_threads)
+        app.state.calls = ModelCalls(settings.model_threads, settings.explain_threads)
         await worker.start()
         worker.drain_on_sigterm()
         watcher = asyncio.create_task(worker.watch())

@@ -160,7 +160,8 @@ async def user_recommendations(
     explain: bool = False,
 ) -> RecommendationList:
     """Top-k items for one user; an unknown user gets the popularity list."""
-    answer = await calls(_user_list, served, user_id, k, exclude_seen, explain)
+    call = calls.explained if explain else calls
+    answer = await call(_user_list, served, user_id, k, exclude_seen, explain)
     registry.fallback(int(answer.fallback is not None))
     return answer
 
@@ -206,7 +207,7 @@ async def batch_recommendations(
         session = body.session_item_ids
         _check_size("session_item_ids", len(session), limits.max_session_items)
         _check_items(served, session, "session_item_ids.{}")
-    results = await calls(_lists, served, body, users)
+    results = await (calls.explained if body.explain else calls)(_lists, served, body, users)
     registry.fallback(sum(r.fallback is not None for r in results))
     return RecommendationsResponse(results=results, model_version=served.version)
 

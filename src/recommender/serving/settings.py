@@ -60,8 +60,15 @@ class ServeSettings(BaseModel):
         2,
         ge=1,
         description="Threads per worker that run model calls, so the event loop keeps "
-        "accepting and parsing requests while a slow one (an explanation, a fold-in) runs; "
-        "each uses `threads` torch threads.",
+        "accepting and parsing requests while a slow one (a fold-in) runs; each uses "
+        "`threads` torch threads.",
+    )
+    explain_threads: int = Field(
+        1,
+        ge=1,
+        description="Threads per worker that run explained lists, apart from the model "
+        "threads: a user's first explanation takes tens of milliseconds, and plain requests "
+        "queued behind it would wait that long (see docs/BENCHMARKS.md, mixed load).",
     )
     explain_cache: int = Field(
         256,
