@@ -36,7 +36,7 @@ from recommender.data.sequences import latest_sequences
 from recommender.data.synthetic import write_synthetic
 from recommender.evaluate import evaluate_full
 from recommender.models import SASRec, build_model
-from recommender.sequential import sequence_batches, sequence_step
+from recommender.sequential import drawn_negatives, sequence_batches, sequence_step
 from recommender.train import Trainer, train_step
 from smoke import add_arguments, folder, tiny_interactions
 
@@ -88,7 +88,7 @@ def sequence_bound(trainer: Trainer) -> Callable[[int], float]:
     assert isinstance(model, SASRec)
     optimizers = trainer.optimizers(model, stage)
     source = trainer._sequence_source(stage.data, model.max_len)
-    negatives = cfg.train.num_negatives if cfg.train.loss == "gbce" else 0
+    negatives = drawn_negatives(cfg.train, source.n_items)
     gen = torch.Generator().manual_seed(0)
     batches = list(
         sequence_batches(
@@ -104,7 +104,7 @@ def sequence_bound(trainer: Trainer) -> Callable[[int], float]:
             inputs, targets, negs = batches[step % len(batches)]
             sequence_step(
                 model, optimizers, inputs, targets, negs, n_items=source.n_items,
-                gbce_t=cfg.train.gbce_t,
+                loss=cfg.train.loss, gbce_t=cfg.train.gbce_t, logq=cfg.train.logq,
             )  # fmt: skip
         seconds = time.perf_counter() - start
         return sum(positions[step % len(batches)] for step in range(steps)) / seconds

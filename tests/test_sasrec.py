@@ -18,7 +18,13 @@ from recommender.data.sequences import (
     read_sasrec,
     training_sequences,
 )
-from recommender.models.sasrec import SASRec, gbce_beta, gbce_loss, sequence_softmax_loss
+from recommender.models.sasrec import (
+    SASRec,
+    gbce_beta,
+    gbce_loss,
+    sampled_softmax_loss,
+    sequence_softmax_loss,
+)
 from recommender.utils import DataError
 
 N_ITEMS = 30
@@ -154,6 +160,24 @@ def test_softmax_loss_on_a_hand_case() -> None:
     targets = torch.tensor([[1, 1, 3]])  # the last position has no target
     expected = (math.log(3) + math.log(2)) / 2  # -log(1/3), -log(2/4)
     assert sequence_softmax_loss(logits, targets).item() == pytest.approx(expected)
+
+
+def test_sampled_softmax_over_every_other_item_is_the_full_softmax() -> None:
+    """Negatives that are the whole catalog but the target, once each, without logQ: the
+    catalog's cross-entropy. With logQ, each negative's logit drops by log(K / n_items)."""
+    torch.manual_seed(0)
+    catalog = torch.randn(6, 5)  # 6 positions, 5 items
+    targets = torch.tensor([0, 4, 2, 5, 1, 3])  # position 3 has no target (5 = n_items)
+    others = torch.stack([torch.cat([row[t : t + 1], row[torch.arange(5) != t]]) for row, t in
+                          zip(catalog, targets.clamp(max=4), strict=True)])  # fmt: skip
+    expected = sequence_softmax_loss(catalog[targets != 5], targets[targets != 5])
+    assert sampled_softmax_loss(others, targets, 5, logq=False).item() == pytest.approx(
+        expected.item()
+    )
+    logits = torch.tensor([[1.0, 0.0, -torch.inf]])  # a negative equal to the target: -inf
+    shift = math.log(2 / 10)  # K = 2 uniform draws from 10 items
+    expected_q = math.log(math.exp(1.0) + math.exp(-shift)) - 1.0
+    assert sampled_softmax_loss(logits, torch.tensor([3]), 10).item() == pytest.approx(expected_q)
 
 
 def test_gbce_on_a_hand_case() -> None:

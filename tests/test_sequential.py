@@ -12,7 +12,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SASREC, interrupted_run, run_cli, sequential_frame, write_csv, write_ncf_split
+from conftest import (
+    N_ITEMS,
+    SASREC,
+    interrupted_run,
+    run_cli,
+    sequential_frame,
+    write_csv,
+    write_ncf_split,
+)
 from recommender.checkpoint import load_checkpoint
 from recommender.config import load_config
 from recommender.inference import Recommender
@@ -52,13 +60,33 @@ def test_sasrec_learns_the_walk(sasrec_run: Path, capsys):
     assert ours > 0.9 and ours > popularity + 0.6, (ours, popularity)
 
 
-def test_gbce_learns_the_walk(walks: Path, tmp_path: Path, capsys):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["train.loss=gbce", "train.num_negatives=16"],
+        ["train.loss=sampled_softmax", "train.pool_size=16"],
+    ],
+    ids=["gbce", "sampled_softmax"],
+)
+def test_sampled_losses_learn_the_walk(walks: Path, tmp_path: Path, capsys, extra: list[str]):
+    """16 sampled negatives of 120 items a batch: the walk is learnt as with the softmax."""
     out = tmp_path / "run"
-    extra = ["train.loss=gbce", "train.num_negatives=16"]
     code, _, err = run_cli(train_args(walks, out, *extra), capsys)
     assert code == 0, err
     ours, popularity = full_hr10(out, capsys)
     assert ours > 0.9 and ours > popularity + 0.6, (ours, popularity)
+
+
+def test_a_pool_as_large_as_the_catalog_trains_the_full_softmax(
+    walks: Path, tmp_path: Path, capsys
+):
+    """sampled_softmax with pool_size >= n_items is the full softmax, to the last bit."""
+    runs = {}
+    for loss, pool in (("softmax", 16), ("sampled_softmax", N_ITEMS)):
+        runs[loss] = tmp_path / loss
+        extra = ["train.epochs=3", f"train.loss={loss}", f"train.pool_size={pool}"]
+        assert run_cli(train_args(walks, runs[loss], *extra), capsys)[0] == 0
+    assert records(runs["softmax"]) == records(runs["sampled_softmax"])
 
 
 def test_recommender_recommends_what_follows_the_stored_sequence(sasrec_run: Path):
@@ -112,6 +140,10 @@ def test_losses_that_do_not_apply_are_refused():
         load_config(None, ["model.name=sasrec", "train.loss=bce"])
     with pytest.raises(ConfigError, match=r"train\.loss=gbce with model\.name=mf"):
         load_config(None, ["model.name=mf", "train.loss=gbce"])
+    with pytest.raises(ConfigError, match=r"train\.pool=popularity does not apply to sasrec"):
+        load_config(
+            None, ["model.name=sasrec", "train.loss=sampled_softmax", "train.pool=popularity"]
+        )
     with pytest.raises(ConfigError, match="not divisible by heads=3"):
         load_config(None, ["model.name=sasrec", "model.heads=3"])
     assert load_config(None, ["model.name=sasrec"]).train.loss == "softmax"
@@ -194,7 +226,10 @@ def test_a_study_tunes_only_what_sasrec_reads():
     assert {"model.mlp_layers", "train.pretrain"} <= inert_keys(gbce)
     assert "train.gbce_t" not in inert_keys(gbce)
     softmax = load_config(None, ["model.name=sasrec"])
-    assert {"train.gbce_t", "train.num_negatives"} <= inert_keys(softmax)
+    assert {"train.gbce_t", "train.num_negatives", "train.pool_size"} <= inert_keys(softmax)
+    sampled = load_config(None, ["model.name=sasrec", "train.loss=sampled_softmax"])
+    assert {"train.gbce_t", "train.num_negatives", "train.pool"} <= inert_keys(sampled)
+    assert not {"train.pool_size", "train.logq"} & inert_keys(sampled)
 
 
 def test_sequential_preset_is_sasrec_with_a_loss_that_scales():

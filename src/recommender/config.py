@@ -223,7 +223,9 @@ class TrainConfig(_Section):
         "probability. softmax: cross-entropy of each positive against the whole catalog (a "
         "batch x catalog score matrix per step; mf, gmf, lightgcn). sampled_softmax: against a "
         "pool of pool_size items shared by the batch, drawn as `pool` says, with the logQ "
-        "correction (every model; the MLP towers score batch x pool pairs per step). bpr: "
+        "correction (every model; the MLP towers score batch x pool pairs per step; sasrec draws "
+        "uniformly and shares them by every position, and a pool_size of at least the catalog "
+        "is its full softmax). bpr: "
         "each positive above each of its num_negatives negatives (Rendle et al. 2009). ccl: "
         "SimpleX's cosine contrastive loss over num_negatives negatives (Mao et al. 2021; mf "
         "and lightgcn, which then score by cosine). gbce (sasrec only): gSASRec's generalised "
@@ -252,7 +254,8 @@ class TrainConfig(_Section):
     pool_size: int = Field(
         1024,
         ge=1,
-        description="Items drawn into each batch's pool (sampled_softmax, not in_batch).",
+        description="Items drawn into each batch's pool (sampled_softmax, not in_batch); "
+        "sasrec: at least the catalog's size trains the full softmax instead.",
     )
     logq: bool = Field(
         True,
@@ -423,6 +426,12 @@ class Config(_Section):
             if t.sampling != "uniform":
                 raise ValueError(
                     "sasrec's gbce negatives are drawn uniformly; set train.sampling=uniform"
+                )
+            if t.loss == "sampled_softmax" and t.pool != "uniform":
+                raise ValueError(
+                    f"train.pool={t.pool} does not apply to sasrec: its sampled_softmax draws "
+                    "pool_size negatives uniformly, shared by every position of a batch; set "
+                    "train.pool=uniform"
                 )
         return self
 

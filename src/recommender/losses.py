@@ -20,7 +20,7 @@ import torch.nn.functional as F
 # Models fitted in closed form, not by descending a loss: train.loss does not apply to them.
 CLOSED_FORM = ("popularity", "graphfilter")
 
-# bce, sampled_softmax and bpr score pairs, which every model but sasrec does.
+# bce and bpr score pairs, which every model but sasrec does; sampled_softmax trains them all.
 LOSS_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
     "softmax": (
         ("mf", "gmf", "lightgcn", "sasrec"),
@@ -37,15 +37,20 @@ LOSS_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+# What trains sasrec: a loss over each position's next item.
+SEQUENCE_LOSSES = ("softmax", "sampled_softmax", "gbce")
+
+
 def loss_refusal(loss: str, name: str) -> str | None:
     """Why `loss` cannot train model `name`, or None when it can. sasrec's targets are the
-    next items of sequences: it trains with softmax or gbce, and gbce is for it alone."""
+    next items of sequences: it trains with softmax, sampled_softmax or gbce, and gbce is for
+    it alone."""
     if name in CLOSED_FORM:
         return None
-    if (name == "sasrec") != (loss == "gbce") and not (name == "sasrec" and loss == "softmax"):
+    if (name == "sasrec" and loss not in SEQUENCE_LOSSES) or (name != "sasrec" and loss == "gbce"):
         return (
-            "sasrec trains with softmax (the whole catalog) or gbce (sampled negatives), and "
-            "gbce is for sasrec only"
+            "sasrec trains with softmax (the whole catalog), sampled_softmax or gbce (sampled "
+            "negatives), and gbce is for sasrec only"
         )
     fits, reason = LOSS_MODELS.get(loss, ((), ""))
     return reason.format(name=name) if reason and name not in fits else None

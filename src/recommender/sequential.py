@@ -28,7 +28,7 @@ from recommender.data.interactions import Interactions
 from recommender.data.sampling import to_device
 from recommender.data.sequences import training_sequences
 from recommender.distributed import Dist
-from recommender.models.sasrec import gbce_loss, sequence_softmax_loss
+from recommender.models.sasrec import gbce_loss, sampled_softmax_loss, sequence_softmax_loss
 from recommender.objective import descend
 
 
@@ -62,7 +62,8 @@ def sequence_batches(
     """Yield (inputs (B, L), targets (B, L), negatives (K,) or None) batches of one epoch, L
     the longest sequence in the batch (at most max_len).
 
-    num_negatives > 0 draws K uniform items per batch (gbce); 0 draws none (softmax). Under
+    num_negatives > 0 draws K uniform items per batch (gbce, sampled_softmax); 0 draws none
+    (softmax). Under
     DDP the permutation is the same on every rank (the generator is seeded identically) and
     negatives come from a generator offset by the rank, as in sampling.epoch_batches.
     """
@@ -94,19 +95,35 @@ def sequence_step(
     negatives: torch.Tensor | None,
     *,
     n_items: int,
+    loss: str = "gbce",
     gbce_t: float = 0.75,
+    logq: bool = True,
     amp: bool = False,
 ) -> torch.Tensor:
     """One optimisation step on (B, L) sequences; returns the detached mean loss over the
     positions with a target. Without negatives: the full softmax (SASRec's forward gives the
-    catalog's logits at each such position); with (K,) negatives: gBCE."""
+    catalog's logits at each such position); with (K,) negatives: `loss`, gbce or
+    sampled_softmax."""
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = net(inputs, targets, negatives).float()
     if negatives is None:
-        loss = sequence_softmax_loss(logits, targets[targets != n_items])
+        value = sequence_softmax_loss(logits, targets[targets != n_items])
+    elif loss == "sampled_softmax":
+        value = sampled_softmax_loss(logits, targets, n_items, logq)
     else:
-        loss = gbce_loss(logits, targets, n_items, gbce_t)
-    return descend(loss, optimizers)
+        value = gbce_loss(logits, targets, n_items, gbce_t)
+    return descend(value, optimizers)
+
+
+def drawn_negatives(train: TrainConfig, n_items: int) -> int:
+    """Negatives a batch draws for SASRec: num_negatives for gbce; pool_size for
+    sampled_softmax, unless the pool would hold the whole catalog, whose full softmax is then
+    exact and no dearer (ml-100k's 1,682 items under a pool of 4,096); none for softmax."""
+    if train.loss == "gbce":
+        return train.num_negatives
+    if train.loss == "sampled_softmax" and train.pool_size < n_items:
+        return train.pool_size
+    return 0
 
 
 def sequence_epoch(
@@ -121,7 +138,7 @@ def sequence_epoch(
     desc: str,
 ) -> tuple[float, int, float]:
     """One epoch of this rank's share: (mean loss over its positions, positions, seconds)."""
-    negatives = train.num_negatives if train.loss == "gbce" else 0
+    negatives = drawn_negatives(train, source.n_items)
     net.train()
     start = time.perf_counter()
     batches = sequence_batches(
@@ -139,8 +156,8 @@ def sequence_epoch(
     seen = torch.zeros((), dtype=torch.long, device=source.inputs.device)  # no sync per step
     for step, (inputs, targets, negs) in enumerate(batches):
         loss = sequence_step(
-            net, optimizers, inputs, targets, negs, n_items=source.n_items, gbce_t=train.gbce_t,
-            amp=amp,
+            net, optimizers, inputs, targets, negs, n_items=source.n_items, loss=train.loss,
+            gbce_t=train.gbce_t, logq=train.logq, amp=amp,
         )  # fmt: skip
         positions = (targets != source.n_items).sum()
         total_loss += loss * positions

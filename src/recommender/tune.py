@@ -105,6 +105,7 @@ def inert_keys(cfg: Config) -> set[str]:
         inert.add("model.mlp_layers")
         if t.loss != "gbce":
             inert |= {"train.gbce_t", "train.num_negatives"}
+        inert.add("train.pool")  # sampled_softmax: uniform only
     return inert
 
 

@@ -15,9 +15,10 @@ the weights), which makes the RecModel contract (`forward(user_idx, item_idx)`, 
 answer for known users; `score_after` answers for any given sequence (a session) and for a
 known user's stored sequence followed by given items (`sequence_after`).
 
-The two losses of this model are pure functions of its logits: `sequence_softmax_loss` (the full
-softmax at every position) and `gbce_loss` (gSASRec's calibrated BCE with sampled negatives, for
-catalogs where a softmax at every position is too big).
+The losses of this model are pure functions of its logits: `sequence_softmax_loss` (the full
+softmax at every position), and for catalogs where a softmax at every position is too big,
+`sampled_softmax_loss` (against uniformly drawn negatives shared by the batch, logQ-corrected)
+and `gbce_loss` (gSASRec's calibrated BCE with such negatives).
 
 Example:
     >>> model = SASRec(n_users=943, n_items=1682, max_len=50)
@@ -144,7 +145,8 @@ class SASRec(RecModel):
           an item after their stored latest sequence (evaluation, serving).
         - x (B, L) input sequences, items (B, L) their targets (n_items where none), training:
           with `negatives` (K,) -> (B, L, 1 + K): each position's target, then K negatives
-          shared by every position, -inf where a negative is that target (gbce_loss);
+          shared by every position, -inf where a negative is that target (gbce_loss,
+          sampled_softmax_loss);
           without -> (N, n_items): the catalog at the N positions with a target, row-major,
           labels `items[items != n_items]` (sequence_softmax_loss). Padded positions are never
           scored.
@@ -233,6 +235,23 @@ def sequence_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     cross-entropy over the positions with a target: the full softmax of next-item training."""
     n_items = logits.shape[-1]
     return F.cross_entropy(logits.reshape(-1, n_items), targets.reshape(-1), ignore_index=n_items)
+
+
+def sampled_softmax_loss(
+    logits: torch.Tensor, targets: torch.Tensor, n_items: int, logq: bool = True
+) -> torch.Tensor:
+    """Sampled softmax with K uniformly drawn negatives (Jean et al. 2015; Yi et al. 2019).
+
+    (..., 1 + K) logits, the positive first (a negative that is the target at -inf); (...)
+    targets, n_items where none -> scalar mean over positions with a target of the positive's
+    cross-entropy against itself and the negatives. `logq` subtracts from each negative's logit
+    the log of its expected copies among K uniform draws, log(K / n_items), so the K terms stand
+    for the whole catalog's and the loss follows the full softmax's as K grows.
+    """
+    shift = math.log((logits.shape[-1] - 1) / n_items) if logq else 0.0
+    shifted = torch.cat([logits[..., :1], logits[..., 1:] - shift], -1)
+    per_position = torch.logsumexp(shifted, -1) - logits[..., 0]
+    return per_position[targets != n_items].mean()
 
 
 def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
