@@ -63,9 +63,9 @@ def sequence_batches(
     the longest sequence in the batch (at most max_len).
 
     num_negatives > 0 draws K uniform items per batch (gbce, sampled_softmax); 0 draws none
-    (softmax). Under
-    DDP the permutation is the same on every rank (the generator is seeded identically) and
-    negatives come from a generator offset by the rank, as in sampling.epoch_batches.
+    (softmax). Under DDP the permutation is the same on every rank (the generator is seeded
+    identically) and negatives come from a generator offset by the rank, as in
+    sampling.epoch_batches.
     """
     device = source.inputs.device
     perm = torch.randperm(len(source.inputs), generator=generator, device=device)
