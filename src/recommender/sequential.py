@@ -109,9 +109,9 @@ def sequence_step(
     if negatives is None:
         value = sequence_softmax_loss(logits, targets[targets != n_items])
     elif loss == "sampled_softmax":
-        value = sampled_softmax_loss(logits, targets, n_items, logq)
+        value = sampled_softmax_loss(logits, n_items, logq)
     else:
-        value = gbce_loss(logits, targets, n_items, gbce_t)
+        value = gbce_loss(logits, n_items, gbce_t)
     return descend(value, optimizers)
 
 

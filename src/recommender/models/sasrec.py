@@ -22,8 +22,8 @@ and `gbce_loss` (gSASRec's calibrated BCE with such negatives).
 
 Example:
     >>> model = SASRec(n_users=943, n_items=1682, max_len=50)
-    >>> logits = model(inputs, targets, negatives)  # (B, L), (B, L), (K,) -> (B, L, 1 + K)
-    >>> loss = gbce_loss(logits, targets, n_items=1682)
+    >>> logits = model(inputs, targets, negatives)  # (B, L), (B, L), (K,) -> (N, 1 + K)
+    >>> loss = gbce_loss(logits, n_items=1682)
 """
 
 from __future__ import annotations
@@ -144,12 +144,12 @@ class SASRec(RecModel):
         - x (B,) user indices, items (B,) -> (B,): the RecModel contract, each user's score of
           an item after their stored latest sequence (evaluation, serving).
         - x (B, L) input sequences, items (B, L) their targets (n_items where none), training:
-          with `negatives` (K,) -> (B, L, 1 + K): each position's target, then K negatives
-          shared by every position, -inf where a negative is that target (gbce_loss,
-          sampled_softmax_loss);
-          without -> (N, n_items): the catalog at the N positions with a target, row-major,
-          labels `items[items != n_items]` (sequence_softmax_loss). Padded positions are never
-          scored.
+          with `negatives` (K,) -> (N, 1 + K): at the N positions with a target, row-major,
+          the target, then K negatives shared by every position, -inf where a negative is
+          that target (gbce_loss, sampled_softmax_loss); without -> (N, n_items): the catalog
+          at those positions, labels `items[items != n_items]` (sequence_softmax_loss).
+          Padded positions are never scored: a batch is cut to its longest sequence, and the
+          shorter ones' padding would otherwise cost an output row each.
         Training goes through forward so that DDP's wrapper synchronises the gradients.
         """
         if x.dim() == 1:
@@ -160,15 +160,16 @@ class SASRec(RecModel):
             return (hidden * self.item_emb(items)).sum(-1) + self.bias
         if items is None:
             raise ValueError("training on sequences needs their targets (B, L)")
-        hidden = self.encode(x)  # (B, L, d)
+        real = items != self.n_items
+        hidden = self.encode(x)[real]  # (N, d)
         if negatives is None:
-            catalog = self.item_emb.weight[: self.n_items]
-            return hidden[items != self.n_items] @ catalog.T + self.bias
-        positive = (hidden * self.item_emb(items)).sum(-1, keepdim=True)  # (B, L, 1)
-        negative = hidden @ self.item_emb(negatives).T  # (B, L, K)
+            return hidden @ self.item_emb.weight[: self.n_items].T + self.bias
+        targets = items[real]
+        positive = (hidden * self.item_emb(targets)).sum(-1, keepdim=True)  # (N, 1)
+        negative = hidden @ self.item_emb(negatives).T  # (N, K)
         # A drawn negative that is the position's own target is no negative: with K/n_items
         # of 15% it would otherwise push down the very item it should raise.
-        negative = negative.masked_fill(negatives == items.unsqueeze(-1), -torch.inf)
+        negative = negative.masked_fill_(negatives == targets[:, None], -torch.inf)
         return torch.cat([positive, negative], -1) + self.bias
 
     def sequence_after(
@@ -237,21 +238,18 @@ def sequence_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     return F.cross_entropy(logits.reshape(-1, n_items), targets.reshape(-1), ignore_index=n_items)
 
 
-def sampled_softmax_loss(
-    logits: torch.Tensor, targets: torch.Tensor, n_items: int, logq: bool = True
-) -> torch.Tensor:
+def sampled_softmax_loss(logits: torch.Tensor, n_items: int, logq: bool = True) -> torch.Tensor:
     """Sampled softmax with K uniformly drawn negatives (Jean et al. 2015; Yi et al. 2019).
 
-    (..., 1 + K) logits, the positive first (a negative that is the target at -inf); (...)
-    targets, n_items where none -> scalar mean over positions with a target of the positive's
-    cross-entropy against itself and the negatives. `logq` subtracts from each negative's logit
-    the log of its expected copies among K uniform draws, log(K / n_items), so the K terms stand
-    for the whole catalog's and the loss follows the full softmax's as K grows.
+    (N, 1 + K) logits of N positions, the target first (a negative that is the target at
+    -inf) -> scalar mean of the target's cross-entropy against itself and the negatives.
+    `logq` subtracts from each negative's logit the log of its expected copies among K uniform
+    draws, log(K / n_items), so the K terms stand for the whole catalog's and the loss follows
+    the full softmax's as K grows.
     """
     shift = math.log((logits.shape[-1] - 1) / n_items) if logq else 0.0
-    shifted = torch.cat([logits[..., :1], logits[..., 1:] - shift], -1)
-    per_position = torch.logsumexp(shifted, -1) - logits[..., 0]
-    return per_position[targets != n_items].mean()
+    negatives = torch.logsumexp(logits[:, 1:], -1) - shift
+    return (torch.logaddexp(logits[:, 0], negatives) - logits[:, 0]).mean()
 
 
 def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
@@ -261,17 +259,13 @@ def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
     return alpha * (t * (1 - 1 / alpha) + 1 / alpha)
 
 
-def gbce_loss(
-    logits: torch.Tensor, targets: torch.Tensor, n_items: int, t: float = 0.75
-) -> torch.Tensor:
+def gbce_loss(logits: torch.Tensor, n_items: int, t: float = 0.75) -> torch.Tensor:
     """Generalised BCE (Petrov & Macdonald, RecSys 2023) with uniformly sampled negatives.
 
-    (..., 1 + K) logits, the positive first; (...) targets, n_items where none -> scalar:
-    the mean over positions with a target of -log(sigmoid(s+)^beta) - sum_k log(1 - sigmoid(s-_k)).
-    Raising the positive's probability to beta < 1 undoes the overconfidence that BCE with few
-    sampled negatives learns, so its scores rank like a full softmax's.
+    (N, 1 + K) logits of N positions, the target first -> scalar: the mean of
+    -log(sigmoid(s+)^beta) - sum_k log(1 - sigmoid(s-_k)). Raising the positive's probability
+    to beta < 1 undoes the overconfidence that BCE with few sampled negatives learns, so its
+    scores rank like a full softmax's.
     """
     beta = gbce_beta(logits.shape[-1] - 1, n_items, t)
-    per_position = beta * F.softplus(-logits[..., 0]) + F.softplus(logits[..., 1:]).sum(-1)
-    real = targets != n_items
-    return per_position[real].mean()
+    return (beta * F.softplus(-logits[:, 0]) + F.softplus(logits[:, 1:]).sum(-1)).mean()
