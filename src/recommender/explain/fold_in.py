@@ -472,8 +472,8 @@ class UserFold(_Fit):
         scale = alpha.sum(1) / len(self.history)  # (B,)
         chord = scale[:, None, None] * self.curvature + self.fold_in.precision
         start = self.full.expand(len(alpha), -1)
-        factor = torch.linalg.cholesky(chord)
-        return self._newton(start, self._weights(alpha), True, factor, tolerance)
+        weights, factor = self._weights(alpha), torch.linalg.cholesky(chord)
+        return self._newton(start, weights, local=True, chord=factor, tolerance=tolerance)
 
     @torch.no_grad()
     def attribute(self, targets: torch.Tensor) -> Attribution:
