@@ -95,7 +95,7 @@ def sequence_step(
     negatives: torch.Tensor | None,
     *,
     n_items: int,
-    loss: str = "gbce",
+    loss: str,
     gbce_t: float = 0.75,
     logq: bool = True,
     amp: bool = False,

@@ -207,7 +207,8 @@ async def batch_recommendations(
         session = body.session_item_ids
         _check_size("session_item_ids", len(session), limits.max_session_items)
         _check_items(served, session, "session_item_ids.{}")
-    results = await (calls.explained if body.explain else calls)(_lists, served, body, users)
+    call = calls.explained if body.explain else calls
+    results = await call(_lists, served, body, users)
     registry.fallback(sum(r.fallback is not None for r in results))
     return RecommendationsResponse(results=results, model_version=served.version)
 
