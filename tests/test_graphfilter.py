@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 from conftest import planted_frame, run_cli, write_lightgcn_split
 from ranking_fixtures import hit_rate, planted_split, popularity_hit_rate
 from recommender.config import Config
+from recommender.data.interactions import Interactions
 from recommender.explain import FilterExplainer
 from recommender.inference import FOLDED_IN, Recommender
-from recommender.models import graphfilter
+from recommender.models import graphfilter, ials
 from recommender.models.graphfilter import GraphFilter
 from recommender.serving.app import create_app
 
@@ -68,13 +69,18 @@ def test_scores_are_linear_in_the_history():
 
 def test_a_checkpoint_rebuilds_identical_scores():
     model = tiny()
-    assert set(model.state_dict()) == {"edges", "basis", "spectrum"}
+    assert set(model.state_dict()) == {"edges", "basis", "spectrum", "item_factors", "als_scale"}
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     rebuilt = GraphFilter(4, 5, 2, ideal_weight=0.7, sharpen=0.5, degree_power=0.2)
     rebuilt.load_state_dict(torch.load(buffer, weights_only=True))
     every = torch.arange(4)
+    torch.testing.assert_close(rebuilt.score_all(every), model.score_all(every), rtol=0, atol=0)
+    # a run written before the ALS term (no ALS buffers) loads as the filter alone
+    older = {k: v for k, v in model.state_dict().items() if k in ("edges", "basis", "spectrum")}
+    rebuilt = GraphFilter(4, 5, 2, ideal_weight=0.7, sharpen=0.5, degree_power=0.2)
+    rebuilt.load_state_dict(older)
     torch.testing.assert_close(rebuilt.score_all(every), model.score_all(every), rtol=0, atol=0)
 
 
@@ -161,3 +167,80 @@ def test_its_settings_stay_out_of_other_models_digests():
     gf = Config.model_validate({"model": {"name": "graphfilter"}})
     other = Config.model_validate({"model": {"name": "graphfilter", "sharpen": 0.0}})
     assert gf.training_digest() != other.training_digest()
+
+
+def with_als(history: Interactions, weight: float = 1.0) -> GraphFilter:
+    model = GraphFilter(
+        history.n_users, history.n_items, rank=8, als_weight=weight, factors=8, als_reg=1.0
+    )
+    model.set_graph(history.user_idx, history.item_idx)
+    return model.fit()
+
+
+def test_a_users_als_vector_is_the_exact_optimum_of_their_history():
+    """UserSystems against the normal equations solved densely, one row at a time: histories of
+    different lengths in one batch (padding), weights other than 1, and an empty row."""
+    torch.manual_seed(0)
+    y = torch.randn(9, 3)
+    rows = torch.zeros(4, 9)
+    rows[0, [1, 4]] = 1.0
+    rows[1, [0, 2, 3, 5, 6, 8]] = 1.0
+    rows[2, [7]] = 2.0
+    reg, alpha = 0.5, 4.0
+    solved = ials.UserSystems(rows, y, reg, alpha).user_vectors()
+    for r in range(4):
+        w = rows[r]
+        a = y.T @ y + reg * torch.eye(3) + alpha * (y.T * w) @ y
+        torch.testing.assert_close(solved[r], torch.linalg.solve(a, (1 + alpha) * (y.T @ w)))
+    assert torch.equal(solved[3], torch.zeros(3))
+
+
+def test_als_alone_learns_the_planted_clusters():
+    history, held = planted_split()
+    users, items = (torch.from_numpy(a) for a in (history.user_idx, history.item_idx))
+    y = ials.fit_item_factors(users, items, history.n_users, history.n_items, 8, 1.0, 10.0, 8)
+    rows = GraphFilter(history.n_users, history.n_items)
+    rows.set_graph(history.user_idx, history.item_idx)
+    history_rows = rows.history_rows(torch.arange(history.n_users))
+    scores = ials.UserSystems(history_rows, y, 1.0, 10.0).user_vectors() @ y.T
+    ours, baseline = hit_rate(scores, history, held), popularity_hit_rate(history, held)
+    assert ours > baseline + 0.25, (ours, baseline)
+    again = ials.fit_item_factors(users, items, history.n_users, history.n_items, 8, 1.0, 10.0, 8)
+    assert torch.equal(again, y)  # a fixed-seed start: the same pairs give the same factors
+
+
+def test_the_als_term_is_scaled_to_the_filter_and_weighed():
+    history, _ = planted_split()
+    alone, half, full = (with_als(history, w) for w in (0.0, 0.5, 1.0))
+    assert alone.item_factors.shape == (history.n_items, 0) and float(alone.als_scale) == 0.0
+    torch.testing.assert_close(half.als_scale * 2, full.als_scale)
+    rows = full.history_rows(torch.arange(history.n_users))
+    filtered, als = full.filter(rows), full.score_rows(rows) - full.filter(rows)
+    torch.testing.assert_close(als.std(1).mean(), filtered.std(1).mean(), rtol=0.2, atol=0)
+
+
+def test_with_als_new_users_checkpoints_and_explanations_stay_exact():
+    history, held = planted_split()
+    model = with_als(history)
+    every = torch.arange(history.n_users)
+    assert hit_rate(model, history, held) > popularity_hit_rate(history, held) + 0.25
+    assert set(model.state_dict()) == {"edges", "basis", "spectrum", "item_factors", "als_scale"}
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    rebuilt = GraphFilter(
+        history.n_users, history.n_items, 8, als_weight=1.0, factors=8, als_reg=1.0
+    )
+    rebuilt.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(rebuilt.score_all(every), model.score_all(every), rtol=0, atol=0)
+
+    user = 3
+    seen = np.sort(history.item_idx[history.user_idx == user])
+    trained = model.score_all(torch.tensor([user]))[0]
+    explainer = FilterExplainer(model)
+    torch.testing.assert_close(explainer.new_users([seen])[0], trained)
+    targets = torch.topk(trained, 5).indices
+    why = explainer.user(user, seen).attribute(targets)
+    torch.testing.assert_close(why.weights.sum(1), why.score - why.baseline)
+    torch.testing.assert_close(why.score, torch.sigmoid(trained[targets]))
+    assert why.fidelity is not None and why.fidelity > 0.999

@@ -106,7 +106,9 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: ModelName = "neumf"
-    embedding_dim: int = Field(64, ge=1, description="GMF / MF factor size.")
+    embedding_dim: int = Field(
+        64, ge=1, description="GMF / MF / LightGCN / SASRec factor size; graphfilter: ALS's."
+    )
     mlp_layers: list[int] = Field(
         default_factory=lambda: [128, 64, 32, 16],
         description="MLP widths; the first is the concatenated user+item embedding width "
@@ -130,6 +132,17 @@ class ModelConfig(_Section):
     ideal_weight: float = Field(0.3, ge=0, description="graphfilter: the ideal filter's weight.")
     sharpen: float = Field(1.0, ge=0, description="graphfilter: sharpening step; 0: none (GF-CF).")
     degree_power: float = Field(0.1, description="graphfilter: scores x item degree ** this.")
+    als_weight: float = Field(
+        0.0,
+        ge=0,
+        description="graphfilter: weight of an implicit-feedback ALS term beside the filter "
+        "(embedding_dim factors), rescaled to the filter's spread; 0: the filter alone.",
+    )
+    als_reg: float = Field(50.0, gt=0, description="graphfilter: ALS's L2 regularisation.")
+    als_alpha: float = Field(
+        10.0, ge=0, description="graphfilter: ALS's confidence, 1 + alpha for observed pairs."
+    )
+    als_sweeps: int = Field(15, ge=1, description="graphfilter: ALS's alternating sweeps.")
 
     @model_validator(mode="after")
     def _layers(self) -> ModelConfig:
@@ -514,7 +527,16 @@ class Config(_Section):
             for key in ("max_len", "blocks", "heads"):
                 tree["model"].pop(key)
         if tree["model"]["name"] != "graphfilter":
-            for key in ("rank", "ideal_weight", "sharpen", "degree_power"):
+            for key in (
+                "rank",
+                "ideal_weight",
+                "sharpen",
+                "degree_power",
+                "als_weight",
+                "als_reg",
+                "als_alpha",
+                "als_sweeps",
+            ):
                 tree["model"].pop(key)
         if self.train.loss != "gbce":
             tree["train"].pop("gbce_t")

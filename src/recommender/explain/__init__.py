@@ -3,10 +3,11 @@
 Each model is explained the way it represents a user. The ID-based models (GMF, MF, MLP,
 NeuMF) learn a free user vector, which fold_in.py re-derives from the history (a fold-in)
 and differentiates; LightGCN's user is propagated over the training graph, so graph.py
-re-weights the user's history edges instead. GraphFilter's score is linear in the history, so
-linear.py reads each item's share off exactly. These attribute by integrated gradients; SASRec's
-user is the sequence of their latest items, so sequence.py removes each item from it and
-re-scores (occlusion). All return an Attribution; `explainer` picks the one for a trained run.
+re-weights the user's history edges instead. GraphFilter's score is a sum over the history
+(its ALS term's included), so linear.py reads each item's share off exactly. These attribute
+by integrated gradients; SASRec's user is the sequence of their latest items, so sequence.py
+removes each item from it and re-scores (occlusion). All return an Attribution; `explainer`
+picks the one for a trained run.
 
 Example:
     >>> why = explainer(model, train).user(user_idx, history).attribute(items)  # doctest: +SKIP

@@ -1,17 +1,19 @@
-"""Explanations for the graph filter: its score is linear in the history, so each history item's
-share is exact.
+"""Explanations for the graph filter: its score is a sum over the history, so each history
+item's share is exact.
 
 GraphFilter scores a history row r by logit = r F (models/graphfilter.py), F a fixed matrix:
-item i's logit is the sum over history items j of F[j, i], item j's contribution. The service
-shows sigmoid(logit); along the straight path from no history (logit 0) to the whole history,
-integrated gradients give item j the weight
+item i's logit is the sum over history items j of F[j, i], item j's contribution. With its ALS
+term the logit gains c y_iᵀ A⁻¹ (1 + alpha) sum_j y_j, A the history's own ALS system
+(models/ials.py) and c the term's scale: again one share per history item, c (1 + alpha)
+y_iᵀ A⁻¹ y_j, added to F[j, i]. The service shows sigmoid(logit); along the straight path from
+no history (logit 0) to the whole history's shares, integrated gradients give item j the weight
 
-    F[j, i] * (sigmoid(logit_i) - sigmoid(0)) / logit_i
+    share[j, i] * (sigmoid(logit_i) - sigmoid(0)) / logit_i
 
-(sigmoid'(0) = 1/4 times F[j, i] where logit_i = 0): the weights sum to score - baseline
-exactly, with no quadrature, and an item's weight orders it as its contribution does. The same
-filter scores a user the run has not seen from the items they give (`new_users`): nothing is
-fitted, so such a user is scored exactly as a trained user with that history would be.
+(sigmoid'(0) = 1/4 times the share where logit_i = 0): the weights sum to score - baseline
+exactly, with no quadrature, and an item's weight orders it as its share does. The same model
+scores a user the run has not seen from the items they give (`new_users`): nothing is fitted
+per user, so such a user is scored exactly as a trained user with that history would be.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ class FilterExplainer:
         self, histories: Sequence[torch.Tensor | np.ndarray], latest: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, n_items) logits of B users the model has not seen, from their histories (item
-        indices, none empty): the filter applied to each history row."""
+        indices, none empty): the model applied to each history row."""
         rows = one_hot_histories(histories, self.n_items, self.model.edges.device)
-        return self.model.filter(rows)
+        return self.model.score_rows(rows)
 
 
 class FilterUser:
@@ -69,6 +71,9 @@ class FilterUser:
         one_hot = torch.zeros(len(history), model.n_items, device=history.device)
         one_hot[torch.arange(len(history), device=history.device), history] = 1.0
         self.contributions = model.filter(one_hot)  # (H, n_items): row j is item j's share
+        if model.item_factors.shape[1]:
+            als = model.systems(one_hot.sum(0, keepdim=True)).shares(history)
+            self.contributions += model.als_scale * als
 
     def attribute(self, targets: torch.Tensor) -> Attribution:
         """Exact integrated gradients of the (T,) target items' scores (module doc)."""

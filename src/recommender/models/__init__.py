@@ -55,7 +55,17 @@ def build_model(
         return LightGCN(n_users, n_items, cfg.embedding_dim, cfg.layers, cosine)
     if cfg.name == "graphfilter":
         return GraphFilter(
-            n_users, n_items, cfg.rank, cfg.ideal_weight, cfg.sharpen, cfg.degree_power
+            n_users,
+            n_items,
+            cfg.rank,
+            cfg.ideal_weight,
+            cfg.sharpen,
+            cfg.degree_power,
+            cfg.als_weight,
+            cfg.embedding_dim,
+            cfg.als_reg,
+            cfg.als_alpha,
+            cfg.als_sweeps,
         )
     if cfg.name == "sasrec":
         return SASRec(
@@ -76,10 +86,11 @@ def fit_closed_form(cfg: ModelConfig, data: Interactions, device: torch.device) 
     started = time.perf_counter()
     model.fit()
     log.info(
-        "%s fitted on %d pairs in %.1f s (rank %d)",
+        "%s fitted on %d pairs in %.1f s (rank %d, ALS factors %d)",
         cfg.name,
         len(data.user_idx),
         time.perf_counter() - started,
         model.basis.shape[1],
+        model.item_factors.shape[1],
     )
     return model

@@ -53,7 +53,7 @@ def sparse_matmul(a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.
     return _SparseMatmul.apply(a, a_t, x)
 
 
-def _csr(
+def csr_matrix(
     rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
 ) -> torch.Tensor:
     """Distinct (row, col) entries -> a CSR matrix, built by one sort."""
@@ -104,8 +104,8 @@ def normalized_adjacency(
     d_item = torch.bincount(items, minlength=n_items).float()
     values = (d_user[users] * d_item[items]).rsqrt()
     return (
-        _csr(users, items, values, (n_users, n_items)),
-        _csr(items, users, values, (n_items, n_users)),
+        csr_matrix(users, items, values, (n_users, n_items)),
+        csr_matrix(items, users, values, (n_items, n_users)),
     )
 
 
