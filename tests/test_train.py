@@ -576,3 +576,24 @@ def test_patience_steps_waits_that_many_steps_in_whole_epochs(
     trainer.fit()
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run/metrics.jsonl").open()]
     assert epochs == list(range(1, 2 + patience_epochs))
+
+
+def test_validation_on_a_user_sample_is_fixed_and_early_stopping_reads_it(tmp_path: Path):
+    frame = planted_frame()
+    sets = ["model.name=mf", "train.epochs=1", "train.refit=false"]
+    full = confidence_run(frame, tmp_path / "all", *sets)
+    sampled = [
+        confidence_run(frame, tmp_path / f"s{i}", *sets, "train.valid_users=7") for i in range(2)
+    ]
+    users = [np.unique(t.valid.user_idx) for t in sampled]
+    assert len(users[0]) == 7 and np.array_equal(users[0], users[1])  # the seed fixes them
+    everyone = np.unique(full.valid.user_idx)
+    assert len(everyone) > 7 and np.isin(users[0], everyone).all()
+    rows = np.isin(full.valid.user_idx, users[0])
+    assert len(sampled[0].valid) == rows.sum()  # each chosen user keeps all their rows
+    model = sampled[0].fit()
+    logged = json.loads((tmp_path / "s0" / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    on_sample = evaluate_full(model, sampled[0].data.train, sampled[0].valid, [10])
+    on_everyone = evaluate_full(model, full.data.train, full.valid, [10])
+    assert logged["valid"]["ndcg@10"] == pytest.approx(on_sample.metrics["ndcg@10"])
+    assert logged["valid"]["ndcg@10"] != pytest.approx(on_everyone.metrics["ndcg@10"])

@@ -309,6 +309,13 @@ class TrainConfig(_Section):
         description="Instead of patience: optimizer steps without validation gain, rounded up "
         "to whole epochs, so a small data set's short epochs get as many steps as a large one's.",
     )
+    valid_users: int | None = Field(
+        None,
+        ge=1,
+        description="Early stopping validates on a fixed random sample of this many validation "
+        "users (drawn with `seed`) instead of all: a model that scores the catalog through a "
+        "network (NeuMF, MLP) pays users x items tower passes a validation. None: every user.",
+    )
     monitor: str = Field(
         "ndcg@10",
         pattern=r"^(ndcg|hr|recall|precision|map|map_all)@[1-9][0-9]*$",

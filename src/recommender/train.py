@@ -105,6 +105,16 @@ def confidence_weights(
     return 1 + np.float32(alpha) * (np.log1p(r / np.float32(epsilon)) if kind == "log" else r)
 
 
+def _valid_sample(valid: Interactions, users: int | None, seed: int) -> Interactions:
+    """The validation rows of `users` users drawn once (seeded), or all rows for None or when
+    there are no more users than that: every epoch then validates on the same users."""
+    present = np.unique(valid.user_idx)
+    if users is None or len(present) <= users:
+        return valid
+    chosen = np.random.default_rng(seed).choice(present, users, replace=False)
+    return valid.subset(np.isin(valid.user_idx, chosen))
+
+
 def _check_ratings(rating: np.ndarray) -> None:
     bad = ~np.isfinite(rating) | (rating < 0)
     if bad.any():
@@ -202,6 +212,7 @@ class Trainer:
             )
         self.monitor = cfg.train.monitor
         self.valid_ks = sorted({int(self.monitor.partition("@")[2]), *cfg.eval.ks})
+        self.valid = _valid_sample(data.valid, cfg.train.valid_users, cfg.seed)
         self.run_data = run_data(data)
         self.completed: dict[str, dict[str, Any]] = {}
         self._tensors: dict[str, EpochSource] = {}
@@ -394,7 +405,7 @@ class Trainer:
         result = evaluate_full(
             model,
             self.data.train,
-            self.data.valid,
+            self.valid,
             self.valid_ks,
             batch_users=self.cfg.eval.batch_users,
             device=self.device,
