@@ -26,12 +26,13 @@ With `als_weight` > 0 a second, learned term joins the filter: implicit-feedback
 (models/ials.py), whose user is the exact solve of their history against the fitted item
 factors. The filter smooths over co-occurrence and ranks the top of a list well; ALS's dense
 low-rank reconstruction orders the rest of the catalog better (a random item against a held-out
-one: MovieLens-1M's sampled protocol). Their sum beats either alone on the validation splits of
-MovieLens-1M, Gowalla and Last.fm (docs/BENCHMARKS.md). The two scores live on different scales,
-so the ALS term is rescaled at fit time to the filter's spread (the mean over users of the
-standard deviation of their scores) and then weighed by `als_weight`. A user is still a function
-of their history alone, so new users and explanations stay exact: an explanation is the filter's
-shares plus ALS's (1 + alpha) y_iᵀ A⁻¹ y_h, one per history item.
+one: MovieLens-1M's sampled protocol). Their sum beats the filter alone on the validation splits
+of MovieLens-1M, Gowalla and Last.fm, and ALS alone on the first two (docs/BENCHMARKS.md). The
+two scores live on different scales, so the ALS term is rescaled at fit time to the filter's
+spread (the mean over users of the standard deviation of their scores) and then weighed by
+`als_weight`. A user is still a function of their history alone, so new users and explanations
+stay exact: an explanation is the filter's shares plus ALS's (1 + alpha) y_iᵀ A⁻¹ y_h, one per
+history item.
 """
 
 from __future__ import annotations
