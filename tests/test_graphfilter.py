@@ -188,6 +188,8 @@ def test_a_users_als_vector_is_the_exact_optimum_of_their_history():
     rows[2, [7]] = 2.0
     reg, alpha = 0.5, 4.0
     solved = ials.UserSystems(rows, y, reg, alpha).user_vectors()
+    kept = ials.UserSystems(rows, y, reg, alpha, ials.item_gram(y, reg)).user_vectors()
+    torch.testing.assert_close(kept, solved, rtol=0, atol=0)  # a kept Gram changes nothing
     for r in range(4):
         w = rows[r]
         a = y.T @ y + reg * torch.eye(3) + alpha * (y.T * w) @ y

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from recommender.models.base import SCORE_BUDGET, RecModel, resize_buffers
-from recommender.models.ials import UserSystems, fit_item_factors
+from recommender.models.ials import UserSystems, fit_item_factors, item_gram
 from recommender.models.lightgcn import check_edges, normalized_adjacency
 
 # Catalogs up to this many items keep P as a dense (n_items, n_items) matrix (256 MiB at the
@@ -106,6 +106,7 @@ class GraphFilter(RecModel):
         self.register_buffer("item_factors", torch.zeros(n_items, 0))
         self.register_buffer("als_scale", torch.zeros(()))
         self._derived: dict[str, torch.Tensor] | None = None
+        self._gram: tuple[torch.Tensor, torch.Tensor] | None = None  # (item_factors, its Gram)
 
     def set_graph(self, users: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor) -> None:
         """Filter over these (E,) distinct training pairs; `fit` then computes the basis."""
@@ -160,10 +161,11 @@ class GraphFilter(RecModel):
         resize_buffers(self, state_dict, prefix, ("edges", "basis", "spectrum", "item_factors"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._derived = None
+        self._gram = None  # loading copies into item_factors in place
 
     def __getstate__(self) -> dict[str, Any]:
         # CSR tensors cannot be deep-copied or pickled; a copy rebuilds them from `edges`.
-        return {**self.__dict__, "_derived": None}
+        return {**self.__dict__, "_derived": None, "_gram": None}
 
     def _graph(self) -> dict[str, Any]:
         """R̃ and R̃ᵀ (CSR), the binary R's row pointers and columns, and the item degrees'
@@ -227,8 +229,13 @@ class GraphFilter(RecModel):
         return scores * g["scale"]
 
     def systems(self, rows: torch.Tensor) -> UserSystems:
-        """ALS's exact systems for (B, n_items) history rows (models/ials.py)."""
-        return UserSystems(rows.float(), self.item_factors, self.als_reg, self.als_alpha)
+        """ALS's exact systems for (B, n_items) history rows (models/ials.py); YᵀY + reg I is
+        formed once per item factors, not per batch."""
+        if self._gram is None or self._gram[0] is not self.item_factors:
+            self._gram = (self.item_factors, item_gram(self.item_factors, self.als_reg))
+        return UserSystems(
+            rows.float(), self.item_factors, self.als_reg, self.als_alpha, self._gram[1]
+        )
 
     def _als(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, n_items) history rows -> (B, n_items) ALS scores of each row's user, in slices

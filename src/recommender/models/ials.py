@@ -84,6 +84,13 @@ def fit_item_factors(
     return y
 
 
+def item_gram(item_factors: torch.Tensor, reg: float) -> torch.Tensor:
+    """YᵀY + reg I: the part of every user's system that no history changes."""
+    k = item_factors.shape[1]
+    eye = torch.eye(k, device=item_factors.device, dtype=item_factors.dtype)
+    return item_factors.T @ item_factors + reg * eye
+
+
 class UserSystems:
     """The exact systems A x = b of B history rows against fixed item factors (module doc).
 
@@ -93,16 +100,24 @@ class UserSystems:
     """
 
     def __init__(
-        self, rows: torch.Tensor, item_factors: torch.Tensor, reg: float, alpha: float
+        self,
+        rows: torch.Tensor,
+        item_factors: torch.Tensor,
+        reg: float,
+        alpha: float,
+        gram: torch.Tensor | None = None,
     ) -> None:
+        """`gram`: YᵀY + reg I, (k, k), when the caller keeps it (it costs n_items k² to form:
+        more than a small batch of users' own systems)."""
         self.item_factors, self.alpha = item_factors, alpha
         n, k = len(rows), item_factors.shape[1]
         row, col = rows.nonzero(as_tuple=True)  # row-major: each row's items contiguous
         weight = rows[row, col]
         self.rhs = torch.zeros(n, k, device=rows.device, dtype=item_factors.dtype)
         self.rhs.index_add_(0, row, (1 + alpha) * weight[:, None] * item_factors[col])
-        eye = reg * torch.eye(k, device=rows.device, dtype=item_factors.dtype)
-        gram = (item_factors.T @ item_factors + eye).expand(n, k, k).clone()
+        if gram is None:
+            gram = item_gram(item_factors, reg)
+        gram = gram.expand(n, k, k).clone()
         lengths = torch.bincount(row, minlength=n)
         starts = lengths.cumsum(0) - lengths
         bucket = torch.ceil(torch.log2(lengths.clamp(min=1).float())).long()
