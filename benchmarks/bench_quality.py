@@ -59,8 +59,8 @@ PROTOCOLS = {
         "ml-1m",
         # the paper's 4 negatives; epochs capped (each epoch is 10x ml-100k's) and no refit:
         # the validation items are 0.6% of the training data here. Pretraining at lr 1e-3
-        # without weight decay: what the published table ran with (until session 3, setting a
-        # stage's epochs reset its other settings to those).
+        # without weight decay: what the published table ran with (the version it ran with reset
+        # a stage's other settings to those when its epochs were set).
         ("train.num_negatives=4", "train.batch_size=8192", "train.epochs=20",
          "train.pretrain.gmf.epochs=20", "train.pretrain.mlp.epochs=20", "train.patience=5",
          "train.refit=false", "train.pretrain.gmf.lr=1e-3", "train.pretrain.gmf.weight_decay=0",
