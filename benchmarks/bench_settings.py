@@ -78,21 +78,14 @@ def carve_ncf(train: Path, out: Path, negatives: int, seed: int) -> list[str]:
     return ["--train", str(paths[0]), "--test", str(paths[1]), "--test-negatives", str(paths[2])]
 
 
-def read_lightgcn(train: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(users, items) of a LightGCN/NGCF file: one line per user, `user item item ...`."""
-    users, items = [], []
-    for line in train.read_text(encoding="utf-8").splitlines():
-        ids = [int(x) for x in line.split()]
-        users += [ids[0]] * (len(ids) - 1)
-        items += ids[1:]
-    return np.array(users, dtype=np.int64), np.array(items, dtype=np.int64)
+def read_pairs(path: Path, format: str) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) of a file the package reads whose ids are integers (`lightgcn`,
+    `hetrec-lastfm`), both renumbered from 0 in numeric order."""
+    from recommender.data.readers import read_interactions
 
-
-def read_lastfm(user_artists: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(users, items) of HetRec's user_artists.dat, both renumbered from 0."""
-    frame = pd.read_csv(user_artists, sep="\t")
-    _, users = np.unique(frame["userID"].to_numpy(), return_inverse=True)
-    _, items = np.unique(frame["artistID"].to_numpy(), return_inverse=True)
+    frame = read_interactions(path, format=format)
+    _, users = np.unique(frame["user_id"].astype(np.int64), return_inverse=True)
+    _, items = np.unique(frame["item_id"].astype(np.int64), return_inverse=True)
     return users.astype(np.int64), items.astype(np.int64)
 
 
@@ -184,12 +177,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.ml_1m:
                 carves["ml-1m"] = carve_ncf(args.ml_1m, where / "ml-1m", args.negatives, args.seed)
             if args.gowalla:
-                users, items = read_lightgcn(args.gowalla)
+                users, items = read_pairs(args.gowalla, "lightgcn")
                 carves["gowalla"] = carve_lightgcn(
                     users, items, where / "gowalla", args.fraction, args.seed
                 )
             if args.lastfm:
-                users, items = read_lastfm(args.lastfm)
+                users, items = read_pairs(args.lastfm, "hetrec-lastfm")
                 carves["lastfm"] = carve_lightgcn(
                     users, items, where / "lastfm", args.fraction, args.seed
                 )

@@ -59,6 +59,14 @@ def _cg(
     return x
 
 
+def item_gram(item_factors: torch.Tensor, reg: float) -> torch.Tensor:
+    """YᵀY + reg I of one side's factors: the part of every row's system on the other side
+    that no history changes."""
+    k = item_factors.shape[1]
+    eye = torch.eye(k, device=item_factors.device, dtype=item_factors.dtype)
+    return item_factors.T @ item_factors + reg * eye
+
+
 def fit_item_factors(
     users: torch.Tensor,
     items: torch.Tensor,
@@ -75,20 +83,12 @@ def fit_item_factors(
     x = torch.randn(n_users, factors, generator=generator, device=users.device) * INIT_SCALE
     y = torch.randn(n_items, factors, generator=generator, device=users.device) * INIT_SCALE
     ones = torch.ones(len(users), device=users.device)
-    eye = reg * torch.eye(factors, device=users.device)
     r = csr_matrix(users, items, ones, (n_users, n_items))
     r_t = csr_matrix(items, users, ones, (n_items, n_users))
     for _ in range(sweeps):
-        x = _cg(r, y.T @ y + eye, y, x, alpha)
-        y = _cg(r_t, x.T @ x + eye, x, y, alpha)
+        x = _cg(r, item_gram(y, reg), y, x, alpha)
+        y = _cg(r_t, item_gram(x, reg), x, y, alpha)
     return y
-
-
-def item_gram(item_factors: torch.Tensor, reg: float) -> torch.Tensor:
-    """YᵀY + reg I: the part of every user's system that no history changes."""
-    k = item_factors.shape[1]
-    eye = torch.eye(k, device=item_factors.device, dtype=item_factors.dtype)
-    return item_factors.T @ item_factors + reg * eye
 
 
 class UserSystems:
