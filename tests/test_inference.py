@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import walk_successors
-from recommender.explanations import ATTRIBUTION, Explanation, FoldCache
+from recommender.explanations import ATTRIBUTION, ExplainedItems, Explanation, FoldCache
 from recommender.inference import Recommender
 from recommender.models import MF, Popularity
 from recommender.utils import RecommenderError
@@ -227,6 +227,43 @@ def test_the_fold_cache_forgets_the_least_recently_used():
     for key in ["a", "b", "a", "c", "a", "b"]:
         assert cache.get(key, lambda key=key: build(key)) == key
     assert built == ["a", "b", "c", "b"] and len(cache) == 2  # "b" went out when "c" came
+
+
+def test_explained_items_are_looked_up_not_folded_again(
+    gmf_run: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A trained user's items explained once come back as they were, in any order or subset,
+    with no fold built; another n, or an item not explained yet, folds again."""
+    rec = Recommender.from_run(gmf_run)
+    items, _ = rec.recommend("u10", k=6)
+    first = rec.explain_many("u10", items, keep_fold=False)
+    assert len(rec.folds) == 0 and rec.explained.has(int(rec.users.index(["u10"])[0]), 3)
+
+    def refold(*args: object) -> None:
+        raise AssertionError("folded again")
+
+    monkeypatch.setattr(rec._fold_in, "user", refold)
+    assert rec.explain_many("u10", items[::-1]) == first[::-1]
+    assert rec.explain_many("u10", items[:2]) == first[:2]
+    unexplained = next(i for i in rec.items.to_list() if i not in set(items))
+    for n, asked in ((2, items), (3, [*items[:2], unexplained])):
+        with pytest.raises(AssertionError, match="folded again"):
+            rec.explain_many("u10", asked, n=n)
+
+
+def test_explained_items_keep_the_latest_users():
+    kept = ExplainedItems(2)
+
+    def why(item: str) -> Explanation:
+        return Explanation(item, ["1"], [0.5], ATTRIBUTION, 0.9, 0.2, 0.99)
+
+    kept.put(1, 3, [why("a"), why("b")])
+    kept.put(2, 3, [why("c")])
+    assert kept.get(1, 3, ["b", "a"]) == [why("b"), why("a")]  # user 1 the latest now
+    assert kept.get(1, 3, ["a", "z"]) is None and kept.get(1, 2, ["a"]) is None
+    kept.put(3, 3, [why("d")])
+    assert kept.get(2, 3, ["c"]) is None and len(kept) == 2  # user 2 went out
+    assert kept.get(1, 3, ["a"]) == [why("a")]
 
 
 def test_one_line_wording():

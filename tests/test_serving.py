@@ -183,6 +183,47 @@ def test_plain_lists_do_not_wait_behind_explanations(
     assert statuses == [200, 200]
 
 
+def wait_for(check: Callable[[], bool], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_the_most_active_users_lists_are_explained_ahead(
+    gmf_run: Path,
+    other_gmf_run: Path,
+    rec: Recommender,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Once a version serves, its most active users' top-10 lists are explained in the
+    background: their explained lists are then a look-up (no fold), the same as explained on
+    demand. A reload of the same best.pt keeps them; another model explains its own."""
+    monkeypatch.setenv("RECOMMENDER_ADMIN_TOKEN", TOKEN)
+    app = create_app(gmf_run, ServeSettings(explain_warm_users=3))
+    with TestClient(app) as client:
+        ahead = {"users": 3, "of": 3}
+        wait_for(lambda: client.get("/v1/model").json()["explained_ahead"] == ahead)
+        served = app.state.worker.served
+        fold_in = served.rec._fold_in
+        monkeypatch.setattr(fold_in, "user", lambda *a: pytest.fail("folded on demand"))
+        for user in rec.most_active_users(3):
+            body = client.get(f"/v1/users/{user}/recommendations?explain=true").json()
+            ids = [item["item_id"] for item in body["items"]]
+            fresh = Recommender.from_run(gmf_run).explain_many(user, ids)
+            got = [item["explanation"] for item in body["items"]]
+            assert [g["supporting_items"] for g in got] == [f.supporting_items for f in fresh]
+            for g, f in zip(got, fresh, strict=True):
+                assert g["weights"] == pytest.approx(f.weights, abs=1e-4)
+        assert client.post("/admin/reload", headers=AUTH).status_code == 200
+        assert app.state.worker.served.rec.explained is served.rec.explained
+        other = {"run_dir": str(other_gmf_run)}
+        assert client.post("/admin/reload", headers=AUTH, json=other).status_code == 200
+        assert app.state.worker.served.rec.explained is not served.rec.explained
+        wait_for(lambda: client.get("/v1/model").json()["explained_ahead"] == ahead)
+        assert len(app.state.worker.served.rec.folds) == 0  # the folds are not kept
+
+
 def test_unknown_user_gets_the_popularity_fallback(client: TestClient, rec: Recommender):
     body = client.get("/v1/users/stranger/recommendations?k=4&explain=true").json()
     assert body["fallback"] == "popularity" and body["user_id"] == "stranger"
@@ -399,7 +440,11 @@ def test_admin_is_disabled_without_the_variable(gmf_run: Path, monkeypatch: pyte
 def test_reload_swaps_and_refuses_a_broken_run(
     client: TestClient, pop_run: Path, gmf_run: Path, tmp_path: Path
 ):
-    before = client.get("/v1/model").json()
+    def model() -> dict[str, object]:  # what serves, less how far it has explained ahead
+        info: dict[str, object] = client.get("/v1/model").json()
+        return {key: value for key, value in info.items() if key != "explained_ahead"}
+
+    before = model()
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "best.pt").write_bytes(b"not a checkpoint")
@@ -413,7 +458,7 @@ def test_reload_swaps_and_refuses_a_broken_run(
         response = client.post("/admin/reload", headers=AUTH, json={"run_dir": str(run_dir)})
         assert response.status_code == 422 and error_field(response) == "run_dir"
         assert before["version"] in response.json()["detail"]
-        assert client.get("/v1/model").json() == before
+        assert model() == before
     swapped = client.post("/admin/reload", headers=AUTH, json={"run_dir": str(pop_run)}).json()
     assert swapped["previous_version"] == before["version"]
     assert client.get("/v1/model").json()["model"] == "popularity"

@@ -4,9 +4,11 @@
 attribution (explain/: integrated gradients, or SASRec's occlusion) raises its score most.
 Folding a user in and walking the attribution path cost tens of milliseconds and do not depend
 on which items are explained, so `FoldCache` keeps the latest users' folds (explain.UserFold,
-path included): the user's next list costs only its items' solves. The cache belongs to the
-Recommender that built the folds, so a new model version, a new Recommender, starts with an
-empty one.
+path included): the user's next list costs only its items' solves. A fold is heavy (an MLP /
+NeuMF one holds an items x dims Jacobian), so `ExplainedItems` keeps, for many more users, the
+explanations themselves: a trained user's item explained once is a look-up after that. Both
+belong to the Recommender that built them, so a new model version, a new Recommender, starts
+with empty ones.
 """
 
 from __future__ import annotations
@@ -131,3 +133,49 @@ class FoldCache:
                 while len(self._folds) > self.size:
                     self._folds.popitem(last=False)
         return fold
+
+
+class ExplainedItems:
+    """Explanations already given to trained users, per item: the latest `size` users, least
+    recently used out first; safe to share between threads.
+
+    A trained user's explanation of an item is a pure function of the model, the user's
+    training history, the item and the number of supporting items listed, so it is kept as it
+    is and needs no invalidation within a model version. Only lists explained from the user's
+    training history belong here (not an `after` list, which reads recent items, nor a new
+    user's). A few hundred bytes an item, against a fold's megabytes: the service fills it
+    for its most active users ahead of their requests (ServedModel.warm_explanations).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._users: OrderedDict[tuple[int, int], dict[str, Explanation]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def get(self, user_idx: int, n: int, item_ids: list[str]) -> list[Explanation] | None:
+        """The kept explanations of `item_ids` (with `n` supporting items at most), in order;
+        None unless every one of them is kept."""
+        with self._lock:
+            kept = self._users.get((user_idx, n))
+            if kept is None:
+                return None
+            self._users.move_to_end((user_idx, n))
+            found = [kept.get(item) for item in item_ids]
+        return None if any(e is None for e in found) else [e for e in found if e is not None]
+
+    def has(self, user_idx: int, n: int) -> bool:
+        with self._lock:
+            return (user_idx, n) in self._users
+
+    def put(self, user_idx: int, n: int, explanations: list[Explanation]) -> None:
+        if not self.size:
+            return
+        with self._lock:
+            kept = self._users.setdefault((user_idx, n), {})
+            self._users.move_to_end((user_idx, n))
+            kept.update((e.item_id, e) for e in explanations)
+            while len(self._users) > self.size:
+                self._users.popitem(last=False)

@@ -34,7 +34,13 @@ from recommender.config import ModelConfig, TrainConfig
 from recommender.data.interactions import Vocabulary, csr_rows
 from recommender.evaluate import exact_top_k
 from recommender.explain import Explainer, FilterExplainer, FoldIn, explainer
-from recommender.explanations import Explanation, FoldCache, from_attribution
+from recommender.explanations import (
+    ExplainedItems,
+    Explanation,
+    Fold,
+    FoldCache,
+    from_attribution,
+)
 from recommender.models import Popularity, RecModel, build_model
 from recommender.utils import RecommenderError
 
@@ -69,6 +75,9 @@ class Neighbours(Protocol):
 TRAINED, FOLDED_IN, POPULARITY = "trained", "folded_in", "popularity"
 # Users whose folds (explanations.FoldCache) a Recommender keeps for their next explanations.
 FOLD_CACHE_USERS = 256
+# Trained users whose explained items (explanations.ExplainedItems) a Recommender keeps: a few
+# kilobytes a user's list.
+EXPLAINED_USERS = 10_000
 # New users folded in per batched solve: a bound on its (users, N, D) tensors, not a speed-up
 # (a user's fold-in costs the same alone or in a batch).
 FOLD_CHUNK = 32
@@ -127,6 +136,7 @@ class Recommender:
         self._popularity_share = counts / counts.max().clamp(min=1)
         self.meta = meta
         self.folds = FoldCache(FOLD_CACHE_USERS)
+        self.explained = ExplainedItems(EXPLAINED_USERS)
         titles = meta.get("item_titles")
         self.titles: dict[str, str] | None = (
             dict(zip(items.ids, titles, strict=True)) if titles is not None else None
@@ -503,14 +513,16 @@ class Recommender:
         n: int = 3,
         after: Sequence[str | int] | None = None,
         history: Sequence[str | int] | None = None,
+        keep_fold: bool = True,
     ) -> list[Explanation]:
         """One Explanation per item, in order, from a single fold-in of the user's history.
 
         Explaining a whole recommendation list costs about as much as explaining one item
         (tens of milliseconds on a CPU for MovieLens-100K), and the fold is kept (`folds`,
-        the latest FOLD_CACHE_USERS users), so the same user's next list costs a few. Unknown
-        users, users without a history and the Popularity model get the popularity fallback;
-        unknown items are an error.
+        the latest FOLD_CACHE_USERS users; not with `keep_fold` False), so the same user's
+        next list costs a few; a trained user's items explained before are looked up
+        (`explained`). Unknown users, users without a history and the Popularity model get the
+        popularity fallback; unknown items are an error.
         `after` explains a `recommend_next` list of a known user: the recent items join the
         history, and the Markov term reads the context that list was scored with. `history`
         explains an unknown user's list scored from that history (`recommend(histories=)`):
@@ -521,6 +533,9 @@ class Recommender:
         items = [str(x) for x in item_ids]
         item_idx = self.items.index(items)
         user_idx = int(self.users.lookup([user_id])[0])
+        trained = user_idx >= 0 and after is None  # explained from the training history alone
+        if trained and (kept := self.explained.get(user_idx, n, items)) is not None:
+            return kept
         seen = self.history_of(user_idx) if user_idx >= 0 else self.history[:0]
         latest = None
         if after is not None and user_idx >= 0:
@@ -534,12 +549,19 @@ class Recommender:
             return [Explanation(item, [], [], "popularity") for item in items]
         targets = torch.from_numpy(item_idx).to(self.device)
         key = (user_idx, seen.tobytes(), None if latest is None else latest.tobytes())
-        if isinstance(fold_in, FoldIn | FilterExplainer):
-            user = user_idx if user_idx >= 0 else None
-            fold = self.folds.get(key, lambda: fold_in.user(user, seen, latest))
-        else:
-            fold = self.folds.get(key, lambda: fold_in.user(user_idx, seen, latest))
-        return from_attribution(fold.attribute(targets), seen, self.items, items, n, fold_in.method)
+
+        def build() -> Fold:
+            if isinstance(fold_in, FoldIn | FilterExplainer):  # these fold in unknown users
+                return fold_in.user(user_idx if user_idx >= 0 else None, seen, latest)
+            return fold_in.user(user_idx, seen, latest)
+
+        fold = self.folds.get(key, build) if keep_fold else build()
+        explanations = from_attribution(
+            fold.attribute(targets), seen, self.items, items, n, fold_in.method
+        )
+        if trained:
+            self.explained.put(user_idx, n, explanations)
+        return explanations
 
     def title(self, item_id: str) -> str:
         return self.titles.get(item_id, item_id) if self.titles else item_id

@@ -104,6 +104,8 @@ def create_app(
         watcher.cancel()
         with suppress(asyncio.CancelledError):
             await watcher
+        if worker.served is not None:
+            worker.served.retire()
         worker.served = None
         metrics.worker_stopped()
         app.state.calls.close()

@@ -5,7 +5,9 @@ A `ServedModel` is immutable once built. A reload builds a new one beside the ol
 single reference, so a request that picked up the old version finishes on it. The build, the
 checkpoint, the ANN indexes of a large catalog and a first call of each kind, runs off the
 serving path (`ServedModel.load`): in a thread of its own at low CPU priority, so the old
-version keeps answering at full speed until the new one is ready to take over.
+version keeps answering at full speed until the new one is ready to take over. Once it serves,
+the same low priority explains its most active users' lists ahead of their requests
+(`warm_explanations`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ class ServedModel:
     def __init__(self, rec: Recommender, settings: ServeSettings, load_seconds: float) -> None:
         self.rec = rec
         self.load_seconds = load_seconds
+        self.file_id: tuple[int, int, int] | None = None  # the best.pt it was loaded from
+        self.explainable = rec.personalised and len(rec.users) > 0
+        self.to_warm = min(settings.explain_warm_users, len(rec.users)) if self.explainable else 0
+        self.warmed = 0  # of the to_warm users, whose top-k list is explained
+        self._retired = threading.Event()
         digest = str(rec.meta.get("config_digest") or "unknown")
         created = str(rec.meta.get("created_at") or "")
         stamp = "".join(ch for ch in created[:19] if ch.isdigit())
@@ -95,6 +102,7 @@ class ServedModel:
         self.neighbours: ItemNeighbours | None = None
         if len(rec.items) <= settings.ann_threshold:
             return
+        self.to_warm = 0  # a fold holds an items x dims Jacobian: not for a large catalog
         if rec.model.retrieval_vectors() is None:
             log.warning(
                 "%s has no retrieval vectors: scoring all %d items exactly per user",
@@ -143,9 +151,51 @@ class ServedModel:
             self.recommend([str(rec.users.ids[0])], 10, True)
         if len(rec.items) and rec.item_space is not None:
             self.similar(str(rec.items.ids[0]), 10)
-        if len(rec.users) and self.retriever is None and rec.personalised:
+        if self.explainable and self.retriever is None:
             user = str(rec.users.ids[0])
-            rec.explain_many(user, self.recommend([user], 1, True)[0].item_ids)
+            rec.explain_many(user, self.recommend([user], 1, True)[0].item_ids, keep_fold=False)
+
+    def start_warming(self) -> threading.Thread:
+        """`warm_explanations` in a daemon thread of its own at low CPU priority."""
+
+        def warm() -> None:
+            _lower_priority()
+            self.warm_explanations()
+
+        thread = threading.Thread(target=warm, name="explain-ahead", daemon=True)
+        thread.start()
+        return thread
+
+    def warm_explanations(self, k: int = 10) -> None:
+        """Explain the top-k lists of the `to_warm` most active users ahead of their requests,
+        until done or `retire`d (`start_warming` runs it once this version serves).
+
+        A user's first explained list costs a fold-in and its integration path, tens of
+        milliseconds (docs/BENCHMARKS.md); explained once, the list's items are a look-up in
+        `rec.explained`, which a reload of the same best.pt takes over (`adopt`). The folds
+        are not kept: the explanations are what requests ask for again.
+        """
+        try:
+            for user in self.rec.most_active_users(self.to_warm) if self.to_warm else []:
+                if self._retired.is_set():
+                    return
+                ranked = self.recommend([str(user)], k, True)[0]
+                self.rec.explain_many(user, ranked.item_ids, keep_fold=False)
+                self.warmed += 1
+        except Exception:  # the version still serves; its explanations are computed on demand
+            log.exception("explaining %s's lists ahead of requests failed", self.version)
+        else:
+            log.info("%s: %d users' lists explained ahead of requests", self.version, self.warmed)
+
+    def adopt(self, old: ServedModel) -> None:
+        """Take over what `old` explained when both were loaded from the same best.pt: an
+        explanation is a function of the weights, so a reload of the same file keeps them."""
+        if self.file_id is not None and old.file_id == self.file_id:
+            self.rec.explained = old.rec.explained
+
+    def retire(self) -> None:
+        """This version no longer serves: stop explaining ahead for it."""
+        self._retired.set()
 
     @property
     def retrieval(self) -> str:
@@ -165,6 +215,7 @@ class ServedModel:
             "n_items": len(self.rec.items),
             "retrieval": self.retrieval,
             "load_seconds": self.load_seconds,
+            "explained_ahead": {"users": self.warmed, "of": self.to_warm},
         }
 
     @property

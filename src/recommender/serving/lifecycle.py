@@ -108,8 +108,15 @@ class Worker:
         """Load `run_dir` in a thread, then serve it; raises what loading raised."""
         file_id = best_file_id(run_dir)  # before loading: a file replaced meanwhile loads next
         new = await run_in_threadpool(ServedModel.load, run_dir, self._settings)
-        old, self.served, self._file = self.served, new, file_id
+        new.file_id = file_id
+        old = self.served
+        if old is not None:
+            new.adopt(old)
+        self.served, self._file = new, file_id
+        if old is not None:
+            old.retire()
         self._metrics.serving(new.info(), old.info() if old is not None else None)
+        new.start_warming()
         return new
 
     async def reload(self, run_dir: str | None = None) -> tuple[ServedModel, ServedModel]:

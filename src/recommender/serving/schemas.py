@@ -126,6 +126,10 @@ class ModelInfo(BaseModel):
     n_items: int
     retrieval: Literal["exact", "two-stage"]
     load_seconds: float
+    explained_ahead: dict[str, int] = Field(
+        description="users: of the `of` most active users, how many have their top-10 list "
+        "explained ahead of their requests so far (RECOMMENDER_SERVE_EXPLAIN_WARM_USERS)."
+    )
 
 
 class ReloadRequest(_Body):
