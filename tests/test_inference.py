@@ -87,6 +87,12 @@ def test_unknown_user_gets_the_popularity_fallback(rec: Recommender):
     np.testing.assert_allclose(counts[rec.items.index(items)] / counts.max(), scores, rtol=1e-5)
     batch_items, _ = rec.recommend(["u10", "nobody"], k=10)
     assert batch_items[1].tolist() == items.tolist()
+    assert batch_items[0].tolist() == rec.recommend("u10", k=10)[0].tolist()
+    # ranked once: most interactions first, ties by item index, whatever k
+    order = np.argsort(-counts, kind="stable")
+    assert items.tolist() == rec.items.to_ids(order[:10]).tolist()
+    everything, _ = rec.recommend(["nobody"], k=10_000)
+    assert everything[0].tolist() == rec.items.to_ids(order).tolist()
 
 
 def test_a_new_users_history_is_folded_in(rec: Recommender):

@@ -217,17 +217,9 @@ class Recommender:
 
     @torch.no_grad()
     def _all_scores(self, user_idx: np.ndarray) -> torch.Tensor:
-        """(U,) indices (-1 = unknown) -> (U, n_items) probabilities, fallback for unknown."""
-        known = user_idx >= 0
-        scores = torch.empty(len(user_idx), len(self.items), device=self.device)
-        if known.any():
-            u = torch.from_numpy(user_idx[known]).to(self.device)
-            scores[torch.from_numpy(known).to(self.device)] = torch.sigmoid(
-                self.model.score_all(u, self._cache).float()
-            )
-        if (~known).any():
-            scores[torch.from_numpy(~known).to(self.device)] = self._popularity_share
-        return scores
+        """(U,) indices of known users -> (U, n_items) probabilities."""
+        u = torch.from_numpy(user_idx).to(self.device)
+        return torch.sigmoid(self.model.score_all(u, self._cache).float())
 
     @torch.no_grad()
     def recommend(
@@ -330,10 +322,27 @@ class Recommender:
     def _exact(
         self, user_idx: np.ndarray, k: int, exclude_seen: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(U,) indices (-1 = unknown) -> (U, k) item ids and scores over the whole catalog."""
-        scores = self._all_scores(user_idx)
-        seen = self._seen_coordinates(user_idx) if exclude_seen else None
-        return self._ids(*exact_top_k(scores, k, seen))
+        """(U,) indices (-1 = unknown) -> (U, k) item ids and scores over the whole catalog;
+        an unknown user's are the popularity list's first k."""
+        known = user_idx >= 0
+        if known.all():
+            seen = self._seen_coordinates(user_idx) if exclude_seen else None
+            return self._ids(*exact_top_k(self._all_scores(user_idx), k, seen))
+        width = min(k, len(self.items))
+        item_ids = np.full((len(user_idx), width), None, dtype=object)
+        top_scores = np.full((len(user_idx), width), np.nan, dtype=np.float32)
+        order = self._popular_order[:width]
+        item_ids[~known] = self.items.to_ids(order)
+        top_scores[~known] = self._popularity_share[order].cpu().numpy()
+        if known.any():
+            item_ids[known], top_scores[known] = self._exact(user_idx[known], k, exclude_seen)
+        return item_ids, top_scores
+
+    @cached_property
+    def _popular_order(self) -> torch.Tensor:
+        """(n_items,) item indices, most interactions first, ties by index: the fallback list
+        of every unknown user, ranked once instead of a top-k over the catalog per request."""
+        return torch.argsort(self._popularity_share, descending=True, stable=True).cpu()
 
     def _retrieved(
         self, retriever: Retriever, user_idx: np.ndarray, k: int, exclude_seen: bool
