@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,8 +43,8 @@ import recommender
 from recommender.checkpoint import load_best
 from recommender.serving import ServeSettings
 from recommender.serving.engine import ServedModel
-from serving_load import Shot, run_fixed_rate
-from serving_synthetic import write_synthetic_run
+from serving_load import Shot, run_fixed_rate, serving_versions
+from serving_synthetic import second_version, write_synthetic_run
 from smoke import add_arguments, folder, tiny_run
 
 HERE = Path(__file__).resolve().parent
@@ -168,16 +170,16 @@ def mixed_shots(
 
 
 def reloads(
-    run_dir: Path, at_s: list[float]
+    run_dirs: list[Path], at_s: list[float]
 ) -> Callable[[httpx.AsyncClient], Coroutine[Any, Any, dict[str, Any]]]:
-    """Admin reloads of `run_dir` at these seconds into the load, one after the other; their
-    statuses (0: no answer in 600 s) and when each began and ended, in seconds into the load
-    (a 1M-item version takes half a minute or more to build on a busy machine)."""
+    """Admin reloads at these seconds into the load, one after the other, of `run_dirs` in
+    turn; their statuses (0: no answer in 600 s) and when each began and ended, in seconds into
+    the load (a 1M-item version takes half a minute or more to build on a busy machine)."""
 
     async def during(client: httpx.AsyncClient) -> dict[str, Any]:
         codes, spans = [], []
         start = time.monotonic()
-        for when in at_s:
+        for when, run_dir in zip(at_s, itertools.cycle(run_dirs), strict=False):
             await asyncio.sleep(max(0.0, when - (time.monotonic() - start)))
             began = time.monotonic() - start
             try:
@@ -282,6 +284,17 @@ def explain_in_process(run_dir: Path, users: np.ndarray) -> dict[str, Any]:
     }
 
 
+def all_workers_ready(base: str, workers: int, timeout_s: float = 900) -> float:
+    """Seconds until `workers` workers serve a model (the first one answers /readyz before
+    the others have loaded a large catalog)."""
+    start = time.monotonic()
+    while len(serving_versions(httpx.get(f"{base}/metrics").text)) < workers:
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{workers} workers not serving in {timeout_s} s")
+        time.sleep(0.5)
+    return round(time.monotonic() - start, 1)
+
+
 def explained_ahead(base: str, timeout_s: float = 900) -> float:
     """Seconds until the service has explained its most active users' lists ahead of their
     requests (ServedModel.warm_explanations), from when it answers: the measurements start
@@ -318,9 +331,12 @@ def scenario(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "recommender", "serve", "--run", str(run_dir)]
+    cmd += ["--workers", str(args.workers)]
     proc = start([*cmd, "--port", str(port)], port)
+    tmp = tempfile.mkdtemp(prefix="bench_serving_")
     try:
         out["model"] = httpx.get(f"{base}/v1/model").json()
+        out["all_workers_s"] = all_workers_ready(base, args.workers)
         out["explained_ahead_s"] = explained_ahead(base)
         fixed(base, user_shots(users, min(200, args.requests), rng), args.rate)  # warm-up
         rounds = [
@@ -336,11 +352,15 @@ def scenario(
             out["service_ramp"] = ramp(base, users, ramp_rates, args.step_seconds, rng)
         shots = mixed_shots(users, items, args.load_requests, rng, explain)
         span = len(shots) / load_rate
+        targets = [run_dir]
+        if args.new_versions:  # another version first, then back: each reload loads anew
+            targets = [second_version(run_dir, Path(tmp) / "b"), run_dir]
         out["load_test"] = fixed(
-            base, shots, load_rate, during=reloads(run_dir, [span / 3, 2 * span / 3])
+            base, shots, load_rate, during=reloads(targets, [span / 3, 2 * span / 3])
         )
     finally:
         out["service_stop"] = stop(proc)
+        shutil.rmtree(tmp)
     if args.skip_naive:
         return out
     port = free_port()
@@ -373,6 +393,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--big-run", help="reuse or create the synthetic run here")
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--skip-small", action="store_true", help="only the 1M catalog")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of the service")
+    parser.add_argument(
+        "--new-versions",
+        action="store_true",
+        help="the mixed load's reloads swap in another version (the same weights, a later "
+        "training time) and back, instead of reloading the same best.pt",
+    )
     parser.add_argument("--skip-ramp", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(

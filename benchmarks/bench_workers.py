@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,9 @@ import numpy as np
 
 import recommender
 from bench_serving import free_port, user_shots
-from recommender.checkpoint import BEST_FILE, load_best, load_checkpoint, save_checkpoint
-from serving_load import run_fixed_rate
+from recommender.checkpoint import BEST_FILE, load_best
+from serving_load import run_fixed_rate, serving_versions
+from serving_synthetic import second_version
 from smoke import add_arguments, folder, tiny_run
 
 TOKEN = "bench-token"
@@ -61,17 +61,6 @@ while time.monotonic() < end:
 """
 
 
-def second_version(run_dir: Path, out: Path) -> Path:
-    """A copy of `run_dir` whose best.pt says it was trained a second later: the same
-    weights, another model version (digest + training time)."""
-    shutil.copytree(run_dir, out)
-    ckpt = load_checkpoint(run_dir / BEST_FILE)
-    later = datetime.fromisoformat(ckpt["created_at"]) + timedelta(seconds=1)
-    ckpt["created_at"] = later.isoformat(timespec="seconds")
-    save_checkpoint(out / BEST_FILE, ckpt)
-    return out
-
-
 def write_best(source: Path, run_dir: Path) -> None:
     """source's best.pt into run_dir as training writes it: a temporary file, renamed over."""
     tmp = run_dir / f".{BEST_FILE}.bench.tmp"
@@ -81,13 +70,7 @@ def write_best(source: Path, run_dir: Path) -> None:
 
 async def workers_serving(client: httpx.AsyncClient) -> dict[str, str]:
     """pid -> version each live worker serves, from the aggregated /metrics."""
-    text = (await client.get("/metrics", headers=CLOSE)).text
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("recommender_model_info{") and line.endswith("} 1.0"):
-            labels = dict(p.split("=", 1) for p in line[line.index("{") + 1 : -5].split(","))
-            out[labels["pid"].strip('"')] = labels["version"].strip('"')
-    return out
+    return serving_versions((await client.get("/metrics", headers=CLOSE)).text)
 
 
 async def until_agreed(
@@ -223,7 +206,8 @@ async def session(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+    # A reload waits for CPU the busy processes leave (engine.BUILD_NICE): a long timeout.
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         start = time.perf_counter()
         while time.perf_counter() - start < args.limit_start_s:
             if proc.poll() is not None:

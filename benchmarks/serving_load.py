@@ -87,7 +87,33 @@ class Outcome:
             "bad_sent": int(bad.sum()),
             "bad_not_4xx": int((bad & ~((statuses >= 400) & (statuses < 500))).sum()),
             "good_not_200": int((~bad & ~ok).sum()),
+            **self._between_reloads(ok, bad & (statuses > 0), kinds),
             **self.extra,
+        }
+
+    def _between_reloads(
+        self, ok: np.ndarray, bad: np.ndarray, kinds: np.ndarray
+    ) -> dict[str, Any]:
+        """With `reload_spans_s` in `extra` ([start, end] seconds into the load): p99 per kind
+        of the requests sent outside every reload, which tells a reload's cost from the rest.
+        `ok`: answered 200; `bad`: malformed and answered."""
+        spans = self.extra.get("reload_spans_s")
+        if not spans:
+            return {}
+        sent = np.arange(len(ok)) / self.rate  # each shot's scheduled send time
+        outside = np.ones(len(ok), dtype=bool)
+        for begin, end in spans:
+            outside &= (sent < begin) | (sent > end)
+        answered = outside & (ok | bad)
+        return {
+            "outside_reloads": {
+                "requests": int(outside.sum()),
+                **_latency(self.latencies_ms[answered & ~bad]),
+                "p99_by_kind_ms": {
+                    str(kind): _latency(self.latencies_ms[answered & (kinds == kind)])["p99_ms"]
+                    for kind in sorted(set(self.kinds))
+                },
+            }
         }
 
 
@@ -155,3 +181,13 @@ async def run_fixed_rate(
         extra,
         [s.kind for s in shots],
     )
+
+
+def serving_versions(metrics: str) -> dict[str, str]:
+    """pid -> version each live worker serves, from the service's aggregated /metrics text."""
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("recommender_model_info{") and line.endswith("} 1.0"):
+            labels = dict(p.split("=", 1) for p in line[line.index("{") + 1 : -5].split(","))
+            out[labels["pid"].strip('"')] = labels["version"].strip('"')
+    return out

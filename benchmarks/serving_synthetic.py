@@ -13,13 +13,20 @@ The checkpoint is written as training writes one (`BestCheckpoint`), so the real
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import shutil
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from recommender.checkpoint import BestCheckpoint, save_best
+from recommender.checkpoint import (
+    BEST_FILE,
+    BestCheckpoint,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 from recommender.config import Config
 from recommender.models import NeuMF
 
@@ -98,4 +105,15 @@ def write_synthetic_run(
             source=f"synthetic {n_items:,}-item catalog (constructed weights)",
         ),
     )
+    return out
+
+
+def second_version(run_dir: Path, out: Path) -> Path:
+    """A copy of `run_dir` whose best.pt says it was trained a second later: the same
+    weights, another model version (digest + training time)."""
+    shutil.copytree(run_dir, out)
+    ckpt = load_checkpoint(run_dir / BEST_FILE)
+    later = datetime.fromisoformat(ckpt["created_at"]) + timedelta(seconds=1)
+    ckpt["created_at"] = later.isoformat(timespec="seconds")
+    save_checkpoint(out / BEST_FILE, ckpt)
     return out

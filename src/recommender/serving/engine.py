@@ -44,9 +44,16 @@ ANONYMOUS = ""
 
 # Ranked.representation of a list scored from items alone (a session, similar items).
 SESSION = "session"
-# Nice value of the thread that builds a model version: the serving threads come first, and
-# the build still gets about a quarter of a core they keep busy.
+# Nice values of the thread that builds a model version beside a serving one: BUILD_NICE for
+# its first BUILD_GRACE_S, then LONG_BUILD_NICE, the lowest priority, so a long build (a large
+# catalog's indexes) takes only the CPU serving leaves. At nice 5 throughout, the builds of two
+# workers took about a quarter of a core each from serving and queued requests for seconds (1M
+# catalog at 200 requests/s, docs/BENCHMARKS.md); at nice 19 from the start, a small run's
+# reload on a machine busy with other work took seconds to reach every worker. Explaining ahead
+# runs at LONG_BUILD_NICE: nothing waits for it.
 BUILD_NICE = 5
+LONG_BUILD_NICE = 19
+BUILD_GRACE_S = 1.0
 # Seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms).
 # Short, because request handling waits on it at every hand-over: while a model version
 # loads, its unpickling holds the GIL for seconds, and a model thread's Python holds it
@@ -126,12 +133,26 @@ class ServedModel:
             )
 
     @classmethod
-    def load(cls, run_dir: str | Path, settings: ServeSettings) -> ServedModel:
+    def load(cls, run_dir: str | Path, settings: ServeSettings, beside: bool = True) -> ServedModel:
         """Load `run_dir`, build what serving precomputes and answer one request of each kind,
         off the serving path (module doc); returns once the version is ready to swap in.
-        Raises what the load raised (RecommenderError for a run that is not one)."""
-        with ThreadPoolExecutor(1, "model-build", initializer=_lower_priority) as builder:
-            return builder.submit(cls._build, run_dir, settings).result()
+        `beside`: another version serves meanwhile, so the build runs at BUILD_NICE, and at
+        LONG_BUILD_NICE once it has taken BUILD_GRACE_S (not for a worker's first load, which
+        nothing waits behind). Raises what the load raised (RecommenderError for a run that is
+        not one)."""
+        thread: list[int] = []  # the builder's native id
+
+        def lower() -> None:
+            thread.append(threading.get_native_id())
+            _renice(thread[0], BUILD_NICE)
+
+        with ThreadPoolExecutor(1, "model-build", initializer=lower if beside else None) as builder:
+            build = builder.submit(cls._build, run_dir, settings)
+            if beside:
+                with contextlib.suppress(TimeoutError):
+                    return build.result(timeout=BUILD_GRACE_S)
+                _renice(thread[0], LONG_BUILD_NICE)
+            return build.result()
 
     @classmethod
     def _build(cls, run_dir: str | Path, settings: ServeSettings) -> ServedModel:
@@ -159,7 +180,7 @@ class ServedModel:
         """`warm_explanations` in a daemon thread of its own at low CPU priority."""
 
         def warm() -> None:
-            _lower_priority()
+            _renice(threading.get_native_id(), LONG_BUILD_NICE)
             self.warm_explanations()
 
         thread = threading.Thread(target=warm, name="explain-ahead", daemon=True)
@@ -326,12 +347,13 @@ class ServedModel:
         return self.rec.known_users(user_ids)
 
 
-def _lower_priority() -> None:
-    """Give the calling thread BUILD_NICE; on Linux only, where a nice value is per thread
-    (elsewhere setpriority takes process ids)."""
+def _renice(native_id: int, nice: int) -> None:
+    """Give a thread of this process (`threading.get_native_id()`) a nice value, only ever
+    a lower priority; on Linux only, where a nice value is per thread (elsewhere setpriority
+    takes process ids)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICE)
+            os.setpriority(os.PRIO_PROCESS, native_id, nice)
 
 
 class ModelCalls:

@@ -107,9 +107,9 @@ class Worker:
     async def _swap(self, run_dir: str) -> ServedModel:
         """Load `run_dir` in a thread, then serve it; raises what loading raised."""
         file_id = best_file_id(run_dir)  # before loading: a file replaced meanwhile loads next
-        new = await run_in_threadpool(ServedModel.load, run_dir, self._settings)
-        new.file_id = file_id
         old = self.served
+        new = await run_in_threadpool(ServedModel.load, run_dir, self._settings, old is not None)
+        new.file_id = file_id
         if old is not None:
             new.adopt(old)
         self.served, self._file = new, file_id
