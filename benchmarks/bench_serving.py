@@ -61,7 +61,13 @@ def free_port() -> int:
 def start(cmd: list[str], port: int, timeout_s: float = 180.0) -> subprocess.Popen[bytes]:
     src = str(Path(recommender.__file__).resolve().parents[1])
     env = {**os.environ, "RECOMMENDER_ADMIN_TOKEN": TOKEN, "PYTHONPATH": src}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # `stop` reaches its workers through the group
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -72,7 +78,8 @@ def start(cmd: list[str], port: int, timeout_s: float = 180.0) -> subprocess.Pop
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     raise RuntimeError(f"{cmd} not ready after {timeout_s} s")
 
 

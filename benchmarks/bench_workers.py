@@ -180,12 +180,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cmd += ["--port", str(port), "--workers", str(args.workers)]
         log_path = Path(tmp) / "serve.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             results.update(asyncio.run(session(proc, base, runs, users, rng, args)))
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            if proc.poll() is None:  # its workers too, or they outlive a failed measurement
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             text = log_path.read_text(errors="replace")
             results["workers_replaced"] = text.count(" died")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -311,7 +312,16 @@ def start_server(
             env={**os.environ, **(env or {}), "PYTHONPATH": path},
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: `kill_server` reaches the workers
         )
+
+
+def kill_server(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a `start_server` process and its workers, if it is still running (a test that
+    failed before stopping it): killing the supervisor alone would leave its workers behind."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

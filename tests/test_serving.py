@@ -19,7 +19,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from conftest import FAST, free_port, request_in_flight, start_server, wait_ready, walk_successors
+from conftest import (
+    FAST,
+    free_port,
+    kill_server,
+    request_in_flight,
+    start_server,
+    wait_ready,
+    walk_successors,
+)
 from recommender.cli import main
 from recommender.inference import Recommender
 from recommender.serving import ServeSettings, create_app
@@ -670,9 +678,7 @@ def test_real_server_serves_reloads_and_drains_on_sigterm(
         log = log_file.read_text()
         assert "Traceback" not in log and "Finished server process" in log
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_server(proc)
 
 
 def test_the_fold_in_benchmark_runs(gmf_run: Path, monkeypatch: pytest.MonkeyPatch):

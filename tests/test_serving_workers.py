@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import FAST, free_port, request_in_flight, start_server, wait_ready
+from conftest import FAST, free_port, kill_server, request_in_flight, start_server, wait_ready
 from recommender.checkpoint import BEST_FILE, CONFIG_FILE
 from recommender.cli import main
 from recommender.serving import app as serving_app
@@ -147,9 +147,7 @@ def test_two_workers_agree_after_reloads_count_together_and_drain(
         assert "Traceback" not in log and "died" not in log
     finally:
         stop.set()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_server(proc)
 
 
 def test_serve_gives_workers_time_to_load(gmf_run: Path, monkeypatch: pytest.MonkeyPatch):
