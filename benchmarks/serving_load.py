@@ -189,5 +189,6 @@ def serving_versions(metrics: str) -> dict[str, str]:
     for line in metrics.splitlines():
         if line.startswith("recommender_model_info{") and line.endswith("} 1.0"):
             labels = dict(p.split("=", 1) for p in line[line.index("{") + 1 : -5].split(","))
-            out[labels["pid"].strip('"')] = labels["version"].strip('"')
+            # one worker: no multiprocess mode, so no pid label
+            out[labels.get("pid", "").strip('"')] = labels["version"].strip('"')
     return out

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,16 +44,18 @@ ANONYMOUS = ""
 
 # Ranked.representation of a list scored from items alone (a session, similar items).
 SESSION = "session"
-# Nice values of the thread that builds a model version beside a serving one: BUILD_NICE for
-# its first BUILD_GRACE_S, then LONG_BUILD_NICE, the lowest priority, so a long build (a large
-# catalog's indexes) takes only the CPU serving leaves. At nice 5 throughout, the builds of two
-# workers took about a quarter of a core each from serving and queued requests for seconds (1M
-# catalog at 200 requests/s, docs/BENCHMARKS.md); at nice 19 from the start, a small run's
-# reload on a machine busy with other work took seconds to reach every worker. Explaining ahead
-# runs at LONG_BUILD_NICE: nothing waits for it.
+# Nice values of the thread that builds a model version beside a serving one: BUILD_NICE
+# until it has used BUILD_GRACE_CPU_S of CPU, then LONG_BUILD_NICE, the lowest priority, so a
+# long build (a large catalog's indexes, about 10 s of a core for 1M items) takes only the CPU
+# serving leaves, while a small run's (ml-100k: 0.05 s) ends at BUILD_NICE however busy the
+# machine. At nice 5 throughout, the builds of two workers took about a quarter of a core each
+# from serving and queued requests for seconds (1M catalog at 200 requests/s,
+# docs/BENCHMARKS.md); at nice 19 from the start, a small run's reload on a machine busy with
+# other work took seconds to reach every worker. Explaining ahead runs at LONG_BUILD_NICE:
+# nothing waits for it (at nice 5 it slowed the reloads that start a version).
 BUILD_NICE = 5
 LONG_BUILD_NICE = 19
-BUILD_GRACE_S = 1.0
+BUILD_GRACE_CPU_S = 0.25
 # Seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms).
 # Short, because request handling waits on it at every hand-over: while a model version
 # loads, its unpickling holds the GIL for seconds, and a model thread's Python holds it
@@ -137,21 +139,24 @@ class ServedModel:
         """Load `run_dir`, build what serving precomputes and answer one request of each kind,
         off the serving path (module doc); returns once the version is ready to swap in.
         `beside`: another version serves meanwhile, so the build runs at BUILD_NICE, and at
-        LONG_BUILD_NICE once it has taken BUILD_GRACE_S (not for a worker's first load, which
-        nothing waits behind). Raises what the load raised (RecommenderError for a run that is
-        not one)."""
-        thread: list[int] = []  # the builder's native id
+        LONG_BUILD_NICE once it has used BUILD_GRACE_CPU_S of CPU (not for a worker's first
+        load, which nothing waits behind; Linux only, where nice values are per thread). Raises
+        what the load raised (RecommenderError for a run that is not one)."""
+        beside = beside and sys.platform.startswith("linux")
+        builder_ids: list[tuple[int, int]] = []  # (native id, CPU clock id)
 
         def lower() -> None:
-            thread.append(threading.get_native_id())
-            _renice(thread[0], BUILD_NICE)
+            clock = time.pthread_getcpuclockid(threading.get_ident())
+            builder_ids.append((threading.get_native_id(), clock))
+            _renice(builder_ids[0][0], BUILD_NICE)
 
         with ThreadPoolExecutor(1, "model-build", initializer=lower if beside else None) as builder:
             build = builder.submit(cls._build, run_dir, settings)
-            if beside:
-                with contextlib.suppress(TimeoutError):
-                    return build.result(timeout=BUILD_GRACE_S)
-                _renice(thread[0], LONG_BUILD_NICE)
+            while beside and not build.done():
+                wait([build], timeout=0.05)
+                if builder_ids and time.clock_gettime(builder_ids[0][1]) > BUILD_GRACE_CPU_S:
+                    _renice(builder_ids[0][0], LONG_BUILD_NICE)
+                    break
             return build.result()
 
     @classmethod
