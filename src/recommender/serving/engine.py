@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from recommender.checkpoint import BEST_FILE
 from recommender.explanations import FoldCache
 from recommender.inference import FOLDED_IN, POPULARITY, TRAINED, Recommender
 from recommender.serving.retrieval import ItemNeighbours, TwoStageRetriever
@@ -44,18 +45,19 @@ ANONYMOUS = ""
 
 # Ranked.representation of a list scored from items alone (a session, similar items).
 SESSION = "session"
-# Nice values of the thread that builds a model version beside a serving one: BUILD_NICE
-# until it has used BUILD_GRACE_CPU_S of CPU, then LONG_BUILD_NICE, the lowest priority, so a
-# long build (a large catalog's indexes, about 10 s of a core for 1M items) takes only the CPU
-# serving leaves, while a small run's (ml-100k: 0.05 s) ends at BUILD_NICE however busy the
-# machine. At nice 5 throughout, the builds of two workers took about a quarter of a core each
-# from serving and queued requests for seconds (1M catalog at 200 requests/s,
-# docs/BENCHMARKS.md); at nice 19 from the start, a small run's reload on a machine busy with
-# other work took seconds to reach every worker. Explaining ahead runs at LONG_BUILD_NICE:
-# nothing waits for it (at nice 5 it slowed the reloads that start a version).
+# Nice value of the thread that builds a model version beside a serving one: BUILD_NICE, or
+# LONG_BUILD_NICE, the lowest priority, for a run whose best.pt exceeds LARGE_RUN_BYTES, whose
+# build (a large catalog's indexes: about 10 s of a core for 1M items) should take only the CPU
+# serving leaves. Measured with two workers on a 1M catalog at 200 requests/s
+# (docs/BENCHMARKS.md): at nice 5 their builds took about a quarter of a core each from serving
+# and queued requests for seconds; stepping down to nice 19 after the build's first 0.25 s of
+# CPU still left a 100-150 ms tail; at nice 19 from the start, all requests p99 27-29 ms. A
+# small run's build (0.05 s for ml-100k) at nice 19 took seconds on a machine busy with other
+# work, so it keeps nice 5. Explaining ahead runs at LONG_BUILD_NICE: nothing waits for it (at
+# nice 5 it slowed the other worker's build of the version just swapped in).
 BUILD_NICE = 5
 LONG_BUILD_NICE = 19
-BUILD_GRACE_CPU_S = 0.25
+LARGE_RUN_BYTES = 64 << 20
 # Seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms).
 # Short, because request handling waits on it at every hand-over: while a model version
 # loads, its unpickling holds the GIL for seconds, and a model thread's Python holds it
@@ -138,26 +140,17 @@ class ServedModel:
     def load(cls, run_dir: str | Path, settings: ServeSettings, beside: bool = True) -> ServedModel:
         """Load `run_dir`, build what serving precomputes and answer one request of each kind,
         off the serving path (module doc); returns once the version is ready to swap in.
-        `beside`: another version serves meanwhile, so the build runs at BUILD_NICE, and at
-        LONG_BUILD_NICE once it has used BUILD_GRACE_CPU_S of CPU (not for a worker's first
-        load, which nothing waits behind; Linux only, where nice values are per thread). Raises
-        what the load raised (RecommenderError for a run that is not one)."""
-        beside = beside and sys.platform.startswith("linux")
-        builder_ids: list[tuple[int, int]] = []  # (native id, CPU clock id)
-
-        def lower() -> None:
-            clock = time.pthread_getcpuclockid(threading.get_ident())
-            builder_ids.append((threading.get_native_id(), clock))
-            _renice(builder_ids[0][0], BUILD_NICE)
-
-        with ThreadPoolExecutor(1, "model-build", initializer=lower if beside else None) as builder:
-            build = builder.submit(cls._build, run_dir, settings)
-            while beside and not build.done():
-                wait([build], timeout=0.05)
-                if builder_ids and time.clock_gettime(builder_ids[0][1]) > BUILD_GRACE_CPU_S:
-                    _renice(builder_ids[0][0], LONG_BUILD_NICE)
-                    break
-            return build.result()
+        `beside`: another version serves meanwhile, so the build runs at BUILD_NICE, or at
+        LONG_BUILD_NICE for a large run (not for a worker's first load, which nothing waits
+        behind). Raises what the load raised (RecommenderError for a run that is not one)."""
+        nice = None
+        if beside:
+            best = Path(run_dir) / BEST_FILE
+            large = best.is_file() and best.stat().st_size > LARGE_RUN_BYTES
+            nice = LONG_BUILD_NICE if large else BUILD_NICE
+        lower = None if nice is None else partial(_renice_self, nice)
+        with ThreadPoolExecutor(1, "model-build", initializer=lower) as builder:
+            return builder.submit(cls._build, run_dir, settings).result()
 
     @classmethod
     def _build(cls, run_dir: str | Path, settings: ServeSettings) -> ServedModel:
@@ -185,7 +178,7 @@ class ServedModel:
         """`warm_explanations` in a daemon thread of its own at low CPU priority."""
 
         def warm() -> None:
-            _renice(threading.get_native_id(), LONG_BUILD_NICE)
+            _renice_self(LONG_BUILD_NICE)
             self.warm_explanations()
 
         thread = threading.Thread(target=warm, name="explain-ahead", daemon=True)
@@ -352,13 +345,12 @@ class ServedModel:
         return self.rec.known_users(user_ids)
 
 
-def _renice(native_id: int, nice: int) -> None:
-    """Give a thread of this process (`threading.get_native_id()`) a nice value, only ever
-    a lower priority; on Linux only, where a nice value is per thread (elsewhere setpriority
-    takes process ids)."""
+def _renice_self(nice: int) -> None:
+    """Give the calling thread a nice value (only ever a lower priority); on Linux only, where
+    a nice value is per thread (elsewhere setpriority takes process ids)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, native_id, nice)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 class ModelCalls:
