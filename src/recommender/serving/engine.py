@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from recommender.checkpoint import BEST_FILE
 from recommender.explanations import FoldCache
 from recommender.inference import FOLDED_IN, POPULARITY, TRAINED, Recommender
 from recommender.serving.retrieval import ItemNeighbours, TwoStageRetriever
@@ -45,19 +44,17 @@ ANONYMOUS = ""
 
 # Ranked.representation of a list scored from items alone (a session, similar items).
 SESSION = "session"
-# Nice value of the thread that builds a model version beside a serving one: BUILD_NICE, or
-# LONG_BUILD_NICE, the lowest priority, for a run whose best.pt exceeds LARGE_RUN_BYTES, whose
-# build (a large catalog's indexes: about 10 s of a core for 1M items) should take only the CPU
-# serving leaves. Measured with two workers on a 1M catalog at 200 requests/s
-# (docs/BENCHMARKS.md): at nice 5 their builds took about a quarter of a core each from serving
-# and queued requests for seconds; stepping down to nice 19 after the build's first 0.25 s of
-# CPU still left a 100-150 ms tail; at nice 19 from the start, all requests p99 27-29 ms. A
-# small run's build (0.05 s for ml-100k) at nice 19 took seconds on a machine busy with other
-# work, so it keeps nice 5. Explaining ahead runs at LONG_BUILD_NICE: nothing waits for it (at
-# nice 5 it slowed the other worker's build of the version just swapped in).
+# Nice values of the thread that builds a model version beside a serving one: BUILD_NICE while
+# it reads the run (Python that holds the GIL), LONG_BUILD_NICE, the lowest priority, for a large
+# catalog's ANN indexes (about 4 s of a core for 1M items, in FAISS calls that release the GIL).
+# A thread at nice 19 that holds the GIL stalls every serving thread of its worker while other
+# work keeps the cores busy: a 1M reload built at nice 19 throughout queued requests for 20 s in
+# one run of three (docs/BENCHMARKS.md); at nice 5 throughout, the index builds of two workers
+# took about a quarter of a core each from serving and queued them for seconds. Explaining ahead
+# runs at LONG_BUILD_NICE: mostly torch calls, and nothing waits for it (at nice 5 it slowed the
+# other worker's build of the version just swapped in).
 BUILD_NICE = 5
 LONG_BUILD_NICE = 19
-LARGE_RUN_BYTES = 64 << 20
 # Seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms).
 # Short, because request handling waits on it at every hand-over: while a model version
 # loads, its unpickling holds the GIL for seconds, and a model thread's Python holds it
@@ -95,7 +92,13 @@ def _ranked(
 
 
 class ServedModel:
-    def __init__(self, rec: Recommender, settings: ServeSettings, load_seconds: float) -> None:
+    def __init__(
+        self,
+        rec: Recommender,
+        settings: ServeSettings,
+        load_seconds: float,
+        index_nice: int | None = None,
+    ) -> None:
         self.rec = rec
         self.load_seconds = load_seconds
         self.file_id: tuple[int, int, int] | None = None  # the best.pt it was loaded from
@@ -114,6 +117,8 @@ class ServedModel:
         if len(rec.items) <= settings.ann_threshold:
             return
         self.to_warm = 0  # a fold holds an items x dims Jacobian: not for a large catalog
+        if index_nice is not None:  # the indexes release the GIL: they can wait for idle CPU
+            _renice_self(index_nice)
         if rec.model.retrieval_vectors() is None:
             log.warning(
                 "%s has no retrieval vectors: scoring all %d items exactly per user",
@@ -140,23 +145,22 @@ class ServedModel:
     def load(cls, run_dir: str | Path, settings: ServeSettings, beside: bool = True) -> ServedModel:
         """Load `run_dir`, build what serving precomputes and answer one request of each kind,
         off the serving path (module doc); returns once the version is ready to swap in.
-        `beside`: another version serves meanwhile, so the build runs at BUILD_NICE, or at
-        LONG_BUILD_NICE for a large run (not for a worker's first load, which nothing waits
-        behind). Raises what the load raised (RecommenderError for a run that is not one)."""
-        nice = None
-        if beside:
-            best = Path(run_dir) / BEST_FILE
-            large = best.is_file() and best.stat().st_size > LARGE_RUN_BYTES
-            nice = LONG_BUILD_NICE if large else BUILD_NICE
-        lower = None if nice is None else partial(_renice_self, nice)
+        `beside`: another version serves meanwhile, so the build runs at BUILD_NICE and a large
+        catalog's indexes at LONG_BUILD_NICE (not for a worker's first load, which nothing
+        waits behind). Raises what the load raised (RecommenderError for a run that is not
+        one)."""
+        lower = partial(_renice_self, BUILD_NICE) if beside else None
+        index_nice = LONG_BUILD_NICE if beside else None
         with ThreadPoolExecutor(1, "model-build", initializer=lower) as builder:
-            return builder.submit(cls._build, run_dir, settings).result()
+            return builder.submit(cls._build, run_dir, settings, index_nice).result()
 
     @classmethod
-    def _build(cls, run_dir: str | Path, settings: ServeSettings) -> ServedModel:
+    def _build(
+        cls, run_dir: str | Path, settings: ServeSettings, index_nice: int | None = None
+    ) -> ServedModel:
         start = time.perf_counter()
         rec = Recommender.from_run(run_dir)
-        served = cls(rec, settings, 0.0)
+        served = cls(rec, settings, 0.0, index_nice)
         served._warm_up()
         served.load_seconds = round(time.perf_counter() - start, 3)
         log.info("loaded %s (%s) in %.1f s", run_dir, served.version, served.load_seconds)
