@@ -243,7 +243,8 @@ def test_explained_items_are_looked_up_not_folded_again(
     rec = Recommender.from_run(gmf_run)
     items, _ = rec.recommend("u10", k=6)
     first = rec.explain_many("u10", items, keep_fold=False)
-    assert len(rec.folds) == 0 and rec.explained.has(int(rec.users.index(["u10"])[0]), 3)
+    user_idx = int(rec.users.index(["u10"])[0])
+    assert len(rec.folds) == 0 and rec.explained.get(user_idx, 3, items.tolist()) == first
 
     def refold(*args: object) -> None:
         raise AssertionError("folded again")

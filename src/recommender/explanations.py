@@ -166,10 +166,6 @@ class ExplainedItems:
             found = [kept.get(item) for item in item_ids]
         return None if any(e is None for e in found) else [e for e in found if e is not None]
 
-    def has(self, user_idx: int, n: int) -> bool:
-        with self._lock:
-            return (user_idx, n) in self._users
-
     def put(self, user_idx: int, n: int, explanations: list[Explanation]) -> None:
         if not self.size:
             return

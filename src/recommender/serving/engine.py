@@ -103,7 +103,10 @@ class ServedModel:
         self.load_seconds = load_seconds
         self.file_id: tuple[int, int, int] | None = None  # the best.pt it was loaded from
         self.explainable = rec.personalised and len(rec.users) > 0
-        self.to_warm = min(settings.explain_warm_users, len(rec.users)) if self.explainable else 0
+        # not above ann_threshold: a fold there holds an items x dims Jacobian of the catalog
+        exact = len(rec.items) <= settings.ann_threshold
+        warm = self.explainable and exact
+        self.to_warm = min(settings.explain_warm_users, len(rec.users)) if warm else 0
         self.warmed = 0  # of the to_warm users, whose top-k list is explained
         self._retired = threading.Event()
         digest = str(rec.meta.get("config_digest") or "unknown")
@@ -114,9 +117,8 @@ class ServedModel:
         rec.folds = FoldCache(settings.explain_cache)
         self.retriever: TwoStageRetriever | None = None
         self.neighbours: ItemNeighbours | None = None
-        if len(rec.items) <= settings.ann_threshold:
+        if exact:
             return
-        self.to_warm = 0  # a fold holds an items x dims Jacobian: not for a large catalog
         if index_nice is not None:  # the indexes release the GIL: they can wait for idle CPU
             _renice_self(index_nice)
         if rec.model.retrieval_vectors() is None:

@@ -112,9 +112,8 @@ class Worker:
         new.file_id = file_id
         if old is not None:
             new.adopt(old)
+            old.retire()  # it stops explaining ahead; requests in flight still finish on it
         self.served, self._file = new, file_id
-        if old is not None:
-            old.retire()
         self._metrics.serving(new.info(), old.info() if old is not None else None)
         new.start_warming()
         return new
