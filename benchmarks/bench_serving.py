@@ -229,7 +229,8 @@ def recall(run_dir: Path, users: np.ndarray, settings: ServeSettings) -> dict[st
 
     Re-ranking is exact, so this is also the candidate stage's recall of the exact top-10.
     """
-    served = ServedModel.load(run_dir, settings)
+    with tempfile.TemporaryDirectory() as indexes:
+        served = ServedModel.load(run_dir, settings, Path(indexes), beside=False)
     users_list = [str(u) for u in users]
     t = time.perf_counter()
     exact, _ = served.rec.recommend(users_list, k=10)
@@ -268,7 +269,8 @@ def explain_in_process(run_dir: Path, users: np.ndarray) -> dict[str, Any]:
     """Top-10 with explanations per user in the library, as the service computes it: the
     first list of each user (fold-in and path), then the next ten items (the kept fold's
     solves), then the first list again (the explained items looked up)."""
-    served = ServedModel.load(run_dir, ServeSettings())
+    with tempfile.TemporaryDirectory() as indexes:  # ml-100k: no index is built
+        served = ServedModel.load(run_dir, ServeSettings(), Path(indexes), beside=False)
     lists = {str(u): served.recommend([str(u)], 20, True)[0].item_ids for u in users}
 
     def timed(part: slice) -> list[float]:

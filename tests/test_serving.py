@@ -7,6 +7,7 @@ popularity run trained here, so a reload has a genuinely different model to swap
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import threading
 import time
@@ -28,11 +29,12 @@ from conftest import (
     wait_ready,
     walk_successors,
 )
+from recommender.checkpoint import best_file_id
 from recommender.cli import main
 from recommender.inference import Recommender
-from recommender.serving import ServeSettings, create_app
+from recommender.serving import ServeSettings, create_app, indexes
 from recommender.serving.settings import ENV_PREFIX
-from recommender.utils import ConfigError
+from recommender.utils import ConfigError, RecommenderError
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -590,6 +592,56 @@ def test_requests_during_reloads_of_two_stage_versions_never_fail(
     scores = [i["explanation"]["score"] for i in explained["items"]]
     assert scores == [e.score for e in fresh.explain_many(USER, ids)]
     assert scores != [e.score for e in Recommender.from_run(gmf_run).explain_many(USER, ids)]
+
+
+def test_a_versions_indexes_are_built_once_for_every_worker(
+    monkeypatch: pytest.MonkeyPatch, gmf_run: Path, rec: Recommender, tmp_path: Path
+):
+    """Two workers loading the same version at once: one builder process builds both indexes,
+    and each worker reads them with its own settings' nprobe."""
+    pytest.importorskip("faiss")
+    builds: list[tuple[object, ...]] = []
+    build = indexes._run_builder
+    monkeypatch.setattr(indexes, "_run_builder", lambda *a: (builds.append(a), build(*a)))
+    settings = ServeSettings(ann_threshold=0, ann_nprobe=7, ann_item_nprobe=9)
+    file_id = best_file_id(gmf_run)
+    assert file_id is not None
+    read: list[indexes.VersionIndexes] = []
+
+    def load() -> None:
+        read.append(indexes.shared_indexes(gmf_run, file_id, settings, tmp_path))
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(builds) == 1 and len(read) == 2
+    for version in read:
+        assert version.users is not None and version.items is not None
+        assert version.users.ntotal == version.items.ntotal == len(rec.items)
+        assert (version.users.nprobe, version.items.nprobe) == (7, 9)
+
+
+def test_indexes_are_not_built_for_a_best_pt_that_was_replaced(gmf_run: Path, tmp_path: Path):
+    pytest.importorskip("faiss")
+    with pytest.raises(RecommenderError, match="no longer the file to build for"):
+        indexes.shared_indexes(gmf_run, (1, 2, 3), ServeSettings(ann_threshold=0), tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # nothing half-written
+
+
+def test_only_the_newest_index_folders_are_kept(tmp_path: Path):
+    for age, name in enumerate(["newest", "older", "oldest"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / f"{name}.lock").touch()
+        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
+    indexes._prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "newest",
+        "newest.lock",
+        "older",
+        "older.lock",
+    ]
 
 
 # -- settings ----------------------------------------------------------------------------------

@@ -150,6 +150,36 @@ def test_two_workers_agree_after_reloads_count_together_and_drain(
         kill_server(proc)
 
 
+def test_two_workers_share_one_build_of_each_versions_indexes(
+    gmf_run: Path, second_run: Path, tmp_path: Path
+):
+    """Above the ANN threshold, each version's indexes are built once, by a process of their
+    own, for both workers: at start and after a reload."""
+    pytest.importorskip("faiss")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_file = tmp_path / "serve.log"
+    env = {"RECOMMENDER_ADMIN_TOKEN": TOKEN, f"{ENV_PREFIX}ANN_THRESHOLD": "0"}
+    proc = start_server(gmf_run, port, log_file, "--workers", "2", env=env)
+    try:
+        wait_ready(base, proc)
+        first = httpx.get(f"{base}/v1/model").json()
+        assert first["retrieval"] == "two-stage"
+        wait_agreement(base, first["version"], workers=2, limit_s=60)
+        reload = httpx.post(
+            f"{base}/admin/reload", headers=AUTH, json={"run_dir": str(second_run)}, timeout=60
+        )
+        assert reload.status_code == 200, reload.text
+        wait_agreement(base, reload.json()["model_version"], workers=2, limit_s=60)
+        answer = httpx.get(f"{base}/v1/users/u10/recommendations?k=5", headers=CLOSE)
+        assert answer.status_code == 200 and len(answer.json()["items"]) == 5
+    finally:
+        kill_server(proc)
+    log = log_file.read_text()
+    assert log.count("building the ANN indexes of") == 2, log
+    assert "Traceback" not in log
+
+
 def test_serve_gives_workers_time_to_load(gmf_run: Path, monkeypatch: pytest.MonkeyPatch):
     """uvicorn's supervisor kills a worker that does not answer its ping in time; a worker
     loading its model on a busy machine may not, so `serve` passes a generous limit."""

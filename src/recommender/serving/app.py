@@ -107,6 +107,7 @@ def create_app(
         if worker.served is not None:
             worker.served.retire()
         worker.served = None
+        worker.close()
         metrics.worker_stopped()
         app.state.calls.close()
 

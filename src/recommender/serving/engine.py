@@ -3,9 +3,10 @@ and `ModelCalls`, the threads that run it.
 
 A `ServedModel` is immutable once built. A reload builds a new one beside the old and swaps a
 single reference, so a request that picked up the old version finishes on it. The build, the
-checkpoint, the ANN indexes of a large catalog and a first call of each kind, runs off the
-serving path (`ServedModel.load`): in a thread of its own at low CPU priority, so the old
-version keeps answering at full speed until the new one is ready to take over. Once it serves,
+checkpoint and a first call of each kind, runs off the serving path (`ServedModel.load`): in a
+thread of its own at low CPU priority, so the old version keeps answering at full speed until
+the new one is ready to take over; a large catalog's ANN indexes are built once for every
+worker, by a process of their own at the lowest priority (indexes.py). Once it serves,
 the same low priority explains its most active users' lists ahead of their requests
 (`warm_explanations`).
 """
@@ -28,8 +29,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from recommender.checkpoint import best_file_id
 from recommender.explanations import FoldCache
 from recommender.inference import FOLDED_IN, POPULARITY, TRAINED, Recommender
+from recommender.serving.indexes import VersionIndexes, shared_indexes
 from recommender.serving.retrieval import ItemNeighbours, TwoStageRetriever
 from recommender.serving.settings import ServeSettings
 
@@ -44,15 +47,13 @@ ANONYMOUS = ""
 
 # Ranked.representation of a list scored from items alone (a session, similar items).
 SESSION = "session"
-# Nice values of the thread that builds a model version beside a serving one: BUILD_NICE while
-# it reads the run (Python that holds the GIL), LONG_BUILD_NICE, the lowest priority, for a large
-# catalog's ANN indexes (about 4 s of a core for 1M items, in FAISS calls that release the GIL).
-# A thread at nice 19 that holds the GIL stalls every serving thread of its worker while other
-# work keeps the cores busy: a 1M reload built at nice 19 throughout queued requests for 20 s in
-# one run of three (docs/BENCHMARKS.md); at nice 5 throughout, the index builds of two workers
-# took about a quarter of a core each from serving and queued them for seconds. Explaining ahead
-# runs at LONG_BUILD_NICE: mostly torch calls, and nothing waits for it (at nice 5 it slowed the
-# other worker's build of the version just swapped in).
+# Nice values beside a serving version: BUILD_NICE for the thread that reads a new version's
+# run (Python that holds the GIL; at nice 19 while other work keeps the cores busy it waits long
+# for its slices and every serving thread of its worker waits for the GIL with it: a 1M reload
+# queued requests for 20 s in one run of three, docs/BENCHMARKS.md), LONG_BUILD_NICE, the lowest
+# priority, for the process that builds a large catalog's ANN indexes (indexes.py: it shares no
+# GIL with serving) and for explaining ahead (mostly torch calls, and nothing waits for it; at
+# nice 5 it slowed the other worker's build of the version just swapped in).
 BUILD_NICE = 5
 LONG_BUILD_NICE = 19
 # Seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms).
@@ -97,8 +98,10 @@ class ServedModel:
         rec: Recommender,
         settings: ServeSettings,
         load_seconds: float,
-        index_nice: int | None = None,
+        indexes: VersionIndexes | None = None,
     ) -> None:
+        """`indexes`: a large catalog's ANN indexes built beforehand (indexes.py); without
+        them a catalog above `ann_threshold` builds its indexes here."""
         self.rec = rec
         self.load_seconds = load_seconds
         self.file_id: tuple[int, int, int] | None = None  # the best.pt it was loaded from
@@ -119,8 +122,6 @@ class ServedModel:
         self.neighbours: ItemNeighbours | None = None
         if exact:
             return
-        if index_nice is not None:  # the indexes release the GIL: they can wait for idle CPU
-            _renice_self(index_nice)
         if rec.model.retrieval_vectors() is None:
             log.warning(
                 "%s has no retrieval vectors: scoring all %d items exactly per user",
@@ -134,6 +135,7 @@ class ServedModel:
                 settings.ann_nprobe,
                 settings.ann_nlist,
                 rec.device,
+                indexes.users if indexes is not None else None,
             )
         if rec.item_space is not None:
             self.neighbours = ItemNeighbours(
@@ -141,28 +143,51 @@ class ServedModel:
                 settings.ann_candidates,
                 settings.ann_item_nprobe,
                 settings.ann_nlist,
+                indexes.items if indexes is not None else None,
             )
 
     @classmethod
-    def load(cls, run_dir: str | Path, settings: ServeSettings, beside: bool = True) -> ServedModel:
+    def load(
+        cls,
+        run_dir: str | Path,
+        settings: ServeSettings,
+        index_root: Path,
+        file_id: tuple[int, int, int] | None = None,
+        beside: bool = True,
+    ) -> ServedModel:
         """Load `run_dir`, build what serving precomputes and answer one request of each kind,
         off the serving path (module doc); returns once the version is ready to swap in.
-        `beside`: another version serves meanwhile, so the build runs at BUILD_NICE and a large
-        catalog's indexes at LONG_BUILD_NICE (not for a worker's first load, which nothing
-        waits behind). Raises what the load raised (RecommenderError for a run that is not
-        one)."""
+
+        A catalog above `ann_threshold` gets its ANN indexes from `index_root`, where the first
+        worker to need them has a process of their own build them (indexes.py) for the best.pt
+        `file_id` names (default: the one there now). `beside`: another version serves
+        meanwhile, so the run is read at BUILD_NICE and the indexes built at LONG_BUILD_NICE
+        (not for a worker's first load, which nothing waits behind). Raises what the load
+        raised (RecommenderError for a run that is not one, or whose indexes failed)."""
+        file_id = file_id or best_file_id(run_dir)
         lower = partial(_renice_self, BUILD_NICE) if beside else None
-        index_nice = LONG_BUILD_NICE if beside else None
+        index_nice = LONG_BUILD_NICE if beside else 0
         with ThreadPoolExecutor(1, "model-build", initializer=lower) as builder:
-            return builder.submit(cls._build, run_dir, settings, index_nice).result()
+            job = builder.submit(cls._build, run_dir, settings, index_root, file_id, index_nice)
+            served = job.result()
+        served.file_id = file_id
+        return served
 
     @classmethod
     def _build(
-        cls, run_dir: str | Path, settings: ServeSettings, index_nice: int | None = None
+        cls,
+        run_dir: str | Path,
+        settings: ServeSettings,
+        index_root: Path,
+        file_id: tuple[int, int, int] | None,
+        index_nice: int,
     ) -> ServedModel:
         start = time.perf_counter()
         rec = Recommender.from_run(run_dir)
-        served = cls(rec, settings, 0.0, index_nice)
+        indexes = None
+        if len(rec.items) > settings.ann_threshold and rec.personalised and file_id is not None:
+            indexes = shared_indexes(run_dir, file_id, settings, index_root, index_nice)
+        served = cls(rec, settings, 0.0, indexes)
         served._warm_up()
         served.load_seconds = round(time.perf_counter() - start, 3)
         log.info("loaded %s (%s) in %.1f s", run_dir, served.version, served.load_seconds)

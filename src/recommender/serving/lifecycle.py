@@ -20,7 +20,9 @@ import asyncio
 import fcntl
 import json
 import logging
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -92,6 +94,10 @@ class Worker:
         self._settings = settings
         self._metrics = metrics
         self._shared = SharedTarget(shared_dir) if shared_dir is not None else None
+        # Where large catalogs' ANN indexes are built for every worker (indexes.py); without
+        # a shared folder, a temporary one of this worker's, made when first needed.
+        self._index_root = Path(shared_dir) / "indexes" if shared_dir is not None else None
+        self._own_index_root = shared_dir is None
         self._generation = 0  # of model.json, last followed
         self._file: tuple[int, int, int] | None = None  # best.pt last loaded or tried
         self._lock = asyncio.Lock()  # one load at a time: admin reloads and the watcher
@@ -108,8 +114,11 @@ class Worker:
         """Load `run_dir` in a thread, then serve it; raises what loading raised."""
         file_id = best_file_id(run_dir)  # before loading: a file replaced meanwhile loads next
         old = self.served
-        new = await run_in_threadpool(ServedModel.load, run_dir, self._settings, old is not None)
-        new.file_id = file_id
+        if self._index_root is None:
+            self._index_root = Path(tempfile.mkdtemp(prefix="recommender-ann-"))
+        new = await run_in_threadpool(
+            ServedModel.load, run_dir, self._settings, self._index_root, file_id, old is not None
+        )
         if old is not None:
             new.adopt(old)
             old.retire()  # it stops explaining ahead; requests in flight still finish on it
@@ -168,6 +177,12 @@ class Worker:
                 return
         self._metrics.reload("ok")
         log.info("%s: reloaded %s -> %s", why, old.version, new.version)
+
+    def close(self) -> None:
+        """The worker stops: remove the index folder it made for itself."""
+        if self._own_index_root and self._index_root is not None:
+            shutil.rmtree(self._index_root, ignore_errors=True)
+            self._index_root = None
 
     def drain_on_sigterm(self) -> None:
         """From SIGTERM on, `/readyz` answers 503 while the worker keeps serving, until its

@@ -37,7 +37,7 @@ TRAIN_PER_LIST = 64
 MAX_LISTS = 4096
 
 
-def _import_faiss() -> Any:
+def import_faiss() -> Any:
     try:
         import faiss
     except ImportError:
@@ -51,7 +51,7 @@ def _import_faiss() -> Any:
 def ivf_index(vectors: np.ndarray, nprobe: int, nlist: int | None, quantised: bool = False) -> Any:
     """An inner-product IVF index over (n, d) float32 `vectors`, row i as id i: flat, or with
     8-bit scalar-quantised codes. Built here, searched by one thread per query."""
-    faiss = _import_faiss()
+    faiss = import_faiss()
     # One OpenMP thread: an IVF search parallelises over queries, so a request's single
     # query gains nothing, while FAISS's spinning workers fight torch's for the cores
     # (p50 of a 1M-item request: 24 ms with two threads, 1.4 ms with one, on 2 cores).
@@ -113,7 +113,10 @@ class TwoStageRetriever:
         nprobe: int,
         nlist: int | None = None,
         device: torch.device | str = "cpu",
+        index: Any | None = None,
     ) -> None:
+        """`index`: an index of the model's item retrieval vectors built beforehand
+        (serving/indexes.py); without one it is built here."""
         vectors = model.retrieval_vectors()
         if vectors is None:
             raise RecommenderError(f"{type(model).__name__} has no retrieval vectors for ANN")
@@ -122,7 +125,12 @@ class TwoStageRetriever:
         self.device = torch.device(device)
         self.candidates = candidates
         self.user_vectors = users  # (n_users, d)
-        self.index = ivf_index(items, nprobe, nlist)
+        self.index = ivf_index(items, nprobe, nlist) if index is None else index
+        if self.index.ntotal != len(items) or self.index.d != items.shape[1]:
+            raise RecommenderError(
+                f"the ANN index holds {self.index.ntotal} x {self.index.d} vectors, the model "
+                f"{len(items)} x {items.shape[1]}"
+            )
 
     def search(self, user_idx: np.ndarray, n: int) -> np.ndarray:
         """(U,) known user indices -> (U, n) candidate item indices, -1 where none was found."""
@@ -167,13 +175,26 @@ class ItemNeighbours:
     """
 
     def __init__(
-        self, item_space: torch.Tensor, candidates: int, nprobe: int, nlist: int | None = None
+        self,
+        item_space: torch.Tensor,
+        candidates: int,
+        nprobe: int,
+        nlist: int | None = None,
+        index: Any | None = None,
     ) -> None:
+        """`index`: the quantised index of `item_space` built beforehand (serving/indexes.py);
+        without one it is built here."""
         self.space = item_space  # (n_items, r), shared with the Recommender
         self.candidates = candidates
-        self.index = ivf_index(
-            item_space.detach().cpu().float().contiguous().numpy(), nprobe, nlist, quantised=True
-        )
+        if index is None:
+            vectors = item_space.detach().cpu().float().contiguous().numpy()
+            index = ivf_index(vectors, nprobe, nlist, quantised=True)
+        if index.ntotal != item_space.shape[0] or index.d != item_space.shape[1]:
+            raise RecommenderError(
+                f"the item index holds {index.ntotal} x {index.d} vectors, the item space "
+                f"{item_space.shape[0]} x {item_space.shape[1]}"
+            )
+        self.index = index
 
     @torch.no_grad()
     def topk(

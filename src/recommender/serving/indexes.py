@@ -1,0 +1,194 @@
+"""A large catalog's ANN indexes: built once per model version, by a process of their own, and
+read by every worker.
+
+A catalog above `ann_threshold` is served through two FAISS indexes (retrieval.py) that take
+seconds of CPU to build (about 11 s for 1,000,000 items on this project's 2-core machine).
+Built inside a worker, the build shares that worker's GIL with its serving threads, and with
+`--workers N` every worker built the same two indexes: N builds of the same seconds of CPU on
+the cores the load was using, which lifted every endpoint's p99 during a 1M-item reload from
+about 25 ms to 100-300 ms (docs/BENCHMARKS.md).
+
+Instead the first worker that needs a version's indexes starts `python -m
+recommender.serving.indexes` (at nice 19 for a reload beside a serving version), which loads
+the run, builds both indexes and writes them into a folder named for the version: the run, the
+best.pt it was built from (inode, size, mtime) and the index settings. The other workers wait
+on the folder's lock, then read the files, as does the first one; a read is a copy inside
+FAISS, with the GIL released. The builder refuses to write when best.pt changed while it read
+it, so a folder always holds the indexes of the file its name says.
+
+Folders live in `root` (the `serve` command's shared folder); the newest KEEP stay, so a worker
+still loading the previous version finds its files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import recommender
+from recommender.checkpoint import best_file_id
+from recommender.serving.retrieval import import_faiss, ivf_index
+from recommender.serving.settings import ServeSettings
+from recommender.utils import RecommenderError
+
+log = logging.getLogger("recommender")
+
+USERS_FILE = "users.faiss"  # the item side of TwoStageRetriever (user queries)
+ITEMS_FILE = "items.faiss"  # ItemNeighbours' quantised index of the item space
+MANIFEST = "indexes.json"
+# Index folders kept in a root: the version being loaded and the one before it.
+KEEP = 2
+
+
+@dataclass(frozen=True)
+class VersionIndexes:
+    """The two indexes of one model version, None where its model has no such vectors
+    (no retrieval vectors: users are scored exactly; no item space: no similar items)."""
+
+    users: Any | None
+    items: Any | None
+
+
+def version_key(run_dir: str | Path, file_id: tuple[int, int, int], settings: ServeSettings) -> str:
+    """The folder name of a version's indexes: what they were built from and with."""
+    what = [str(Path(run_dir).resolve()), *map(str, file_id), str(settings.ann_nlist)]
+    return hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]
+
+
+def shared_indexes(
+    run_dir: str | Path,
+    file_id: tuple[int, int, int],
+    settings: ServeSettings,
+    root: Path,
+    nice: int = 0,
+) -> VersionIndexes:
+    """This version's indexes, built by a process of its own at `nice` unless another worker
+    (or an earlier load) built them; raises RecommenderError when the build failed."""
+    root.mkdir(parents=True, exist_ok=True)
+    key = version_key(run_dir, file_id, settings)
+    folder = root / key
+    with open(root / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per version; the others wait for it
+        if not (folder / MANIFEST).is_file():
+            _run_builder(run_dir, file_id, settings, folder, nice)
+    _prune(root, keep=KEEP)
+    return read_indexes(folder, settings)
+
+
+def read_indexes(folder: Path, settings: ServeSettings) -> VersionIndexes:
+    """The indexes a builder wrote into `folder`, with the settings' nprobe."""
+    faiss = import_faiss()
+    faiss.omp_set_num_threads(1)  # see retrieval.ivf_index
+    built = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    users = items = None
+    if built["users"]:
+        users = faiss.read_index(str(folder / USERS_FILE))
+        users.nprobe = settings.ann_nprobe
+    if built["items"]:
+        items = faiss.read_index(str(folder / ITEMS_FILE))
+        items.nprobe = settings.ann_item_nprobe
+    os.utime(folder)  # the newest folders are the ones kept
+    return VersionIndexes(users, items)
+
+
+def _run_builder(
+    run_dir: str | Path,
+    file_id: tuple[int, int, int],
+    settings: ServeSettings,
+    folder: Path,
+    nice: int,
+) -> None:
+    args = [sys.executable, "-m", "recommender.serving.indexes", str(run_dir), str(folder)]
+    args += ["--file-id", ",".join(map(str, file_id)), "--nice", str(nice)]
+    if settings.ann_nlist is not None:
+        args += ["--nlist", str(settings.ann_nlist)]
+    # The package as this process imported it, whatever made it importable here.
+    package_root = str(Path(recommender.__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *([path] if path else [])])}
+    log.info("building the ANN indexes of %s in a process of their own", run_dir)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RecommenderError(
+            f"building the ANN indexes of {run_dir} failed (exit {done.returncode}): "
+            + " | ".join(tail)
+        )
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently used index folders (and their locks)."""
+    folders = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in folders[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (root / f"{old.name}.lock").unlink()
+
+
+def build(run_dir: Path, folder: Path, file_id: tuple[int, int, int], nlist: int | None) -> None:
+    """Load the run, build its indexes, write them into `folder` (atomically: a folder of
+    another name renamed into place). Refuses when best.pt is not, before and after the
+    load, the file `file_id` names."""
+    from recommender.inference import Recommender  # torch: only in the builder's process
+
+    if best_file_id(run_dir) != file_id:
+        raise RecommenderError(f"{run_dir}/best.pt is no longer the file to build for")
+    rec = Recommender.from_run(run_dir)
+    if best_file_id(run_dir) != file_id:
+        raise RecommenderError(f"{run_dir}/best.pt changed while it was read")
+    faiss = import_faiss()
+    vectors = rec.model.retrieval_vectors()
+    space = rec.item_space
+    part = folder.with_name(f".{folder.name}.{os.getpid()}")
+    part.mkdir(parents=True)
+    try:
+        if vectors is not None:
+            items = vectors[1].detach().cpu().float().contiguous().numpy()
+            faiss.write_index(ivf_index(items, 1, nlist), str(part / USERS_FILE))
+        if space is not None:
+            normalised = space.detach().cpu().float().contiguous().numpy()
+            index = ivf_index(normalised, 1, nlist, quantised=True)
+            faiss.write_index(index, str(part / ITEMS_FILE))
+        manifest = {"users": vectors is not None, "items": space is not None, "n": len(rec.items)}
+        (part / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+        part.rename(folder)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build a run's ANN indexes into a folder.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--file-id", required=True, help="inode,size,mtime_ns of best.pt")
+    parser.add_argument("--nice", type=int, default=0)
+    parser.add_argument("--nlist", type=int)
+    args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    inode, size, mtime = (int(x) for x in args.file_id.split(","))
+    try:
+        build(args.run_dir, args.folder, (inode, size, mtime), args.nlist)
+    except RecommenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
