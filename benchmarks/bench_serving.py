@@ -58,16 +58,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(cmd: list[str], port: int, timeout_s: float = 180.0) -> subprocess.Popen[bytes]:
+def start(
+    cmd: list[str], port: int, timeout_s: float = 180.0, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a service; its output goes to `log` (appended), else nowhere."""
     src = str(Path(recommender.__file__).resolve().parents[1])
     env = {**os.environ, "RECOMMENDER_ADMIN_TOKEN": TOKEN, "PYTHONPATH": src}
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # `stop` reaches its workers through the group
-    )
+    with open(log or os.devnull, "ab") as out:  # the service keeps its own copy
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # `stop` reaches its workers through the group
+        )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -293,6 +297,20 @@ def explain_in_process(run_dir: Path, users: np.ndarray) -> dict[str, Any]:
     }
 
 
+def server_buckets(base: str) -> dict[str, float]:
+    """Requests the service timed above each bucket bound (seconds) so far, every route and
+    worker together, from its /metrics histogram: what the server saw, without the client's
+    own delays or the listen queue."""
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    below: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("recommender_http_request_duration_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            below[le] = below.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    total = below.get("+Inf", 0.0)
+    return {le: total - n for le, n in below.items() if le != "+Inf"}
+
+
 def all_workers_ready(base: str, workers: int, timeout_s: float = 900) -> float:
     """Seconds until `workers` workers serve a model (the first one answers /readyz before
     the others have loaded a large catalog)."""
@@ -341,7 +359,7 @@ def scenario(
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "recommender", "serve", "--run", str(run_dir)]
     cmd += ["--workers", str(args.workers)]
-    proc = start([*cmd, "--port", str(port)], port)
+    proc = start([*cmd, "--port", str(port)], port, log=args.server_log)
     tmp = tempfile.mkdtemp(prefix="bench_serving_")
     try:
         out["model"] = httpx.get(f"{base}/v1/model").json()
@@ -364,9 +382,14 @@ def scenario(
         targets = [run_dir]
         if args.new_versions:  # another version first, then back: each reload loads anew
             targets = [second_version(run_dir, Path(tmp) / "b"), run_dir]
+        before = server_buckets(base)
         out["load_test"] = fixed(
             base, shots, load_rate, during=reloads(targets, [span / 3, 2 * span / 3])
         )
+        after = server_buckets(base)
+        out["load_test"]["server_side_over_s"] = {
+            le: after[le] - before.get(le, 0) for le in after
+        }
     finally:
         out["service_stop"] = stop(proc)
         shutil.rmtree(tmp)
@@ -418,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         "items for a run that reads them (model.context, sasrec)",
     )
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--server-log", type=Path, help="append the service's output here")
     add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.smoke:

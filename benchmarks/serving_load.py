@@ -48,6 +48,9 @@ def _latency(ms: np.ndarray) -> dict[str, float]:
     }
 
 
+TIMELINE_S = 2.0  # seconds of sending per window of `p99_ms_by_window`
+
+
 @dataclass
 class Outcome:
     rate: float
@@ -105,6 +108,7 @@ class Outcome:
         for begin, end in spans:
             outside &= (sent < begin) | (sent > end)
         answered = outside & (ok | bad)
+        window = (sent // TIMELINE_S).astype(int)
         return {
             "outside_reloads": {
                 "requests": int(outside.sum()),
@@ -113,7 +117,12 @@ class Outcome:
                     str(kind): _latency(self.latencies_ms[answered & (kinds == kind)])["p99_ms"]
                     for kind in sorted(set(self.kinds))
                 },
-            }
+            },
+            # When the tail happened: p99 of every request sent in each TIMELINE_S window.
+            "p99_ms_by_window": [
+                _latency(self.latencies_ms[(window == w) & (ok | bad)])["p99_ms"]
+                for w in range(int(window.max()) + 1)
+            ],
         }
 
 

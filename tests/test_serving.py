@@ -33,8 +33,9 @@ from recommender.checkpoint import best_file_id
 from recommender.cli import main
 from recommender.inference import Recommender
 from recommender.serving import ServeSettings, create_app, indexes
+from recommender.serving.engine import ServedModel
 from recommender.serving.settings import ENV_PREFIX
-from recommender.utils import ConfigError, RecommenderError
+from recommender.utils import ConfigError
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -594,11 +595,11 @@ def test_requests_during_reloads_of_two_stage_versions_never_fail(
     assert scores != [e.score for e in Recommender.from_run(gmf_run).explain_many(USER, ids)]
 
 
-def test_a_versions_indexes_are_built_once_for_every_worker(
+def test_a_versions_parts_are_built_once_for_every_worker(
     monkeypatch: pytest.MonkeyPatch, gmf_run: Path, rec: Recommender, tmp_path: Path
 ):
-    """Two workers loading the same version at once: one builder process builds both indexes,
-    and each worker reads them with its own settings' nprobe."""
+    """Two workers loading the same version at once: one builder process builds both indexes
+    and the item side, and each worker reads them (the indexes with its own nprobe)."""
     pytest.importorskip("faiss")
     builds: list[tuple[object, ...]] = []
     build = indexes._run_builder
@@ -606,10 +607,10 @@ def test_a_versions_indexes_are_built_once_for_every_worker(
     settings = ServeSettings(ann_threshold=0, ann_nprobe=7, ann_item_nprobe=9)
     file_id = best_file_id(gmf_run)
     assert file_id is not None
-    read: list[indexes.VersionIndexes] = []
+    read: list[indexes.Prebuilt] = []
 
     def load() -> None:
-        read.append(indexes.shared_indexes(gmf_run, file_id, settings, tmp_path))
+        read.append(indexes.prebuilt(gmf_run, file_id, settings, tmp_path))
 
     workers = [threading.Thread(target=load) for _ in range(2)]
     for w in workers:
@@ -617,17 +618,25 @@ def test_a_versions_indexes_are_built_once_for_every_worker(
     for w in workers:
         w.join()
     assert len(builds) == 1 and len(read) == 2
-    for version in read:
-        assert version.users is not None and version.items is not None
-        assert version.users.ntotal == version.items.ntotal == len(rec.items)
-        assert (version.users.nprobe, version.items.nprobe) == (7, 9)
+    cache, space = rec.item_side
+    for parts in read:
+        assert parts.users is not None and parts.items is not None
+        assert parts.users.ntotal == parts.items.ntotal == len(rec.items)
+        assert (parts.users.nprobe, parts.items.nprobe) == (7, 9)
+        assert all(torch.equal(a, b) for a, b in zip(parts.item_side[0], cache, strict=True))
+        assert space is not None and torch.equal(parts.item_side[1], space)
 
 
-def test_indexes_are_not_built_for_a_best_pt_that_was_replaced(gmf_run: Path, tmp_path: Path):
+def test_a_best_pt_replaced_during_a_load_is_loaded_instead(gmf_run: Path, tmp_path: Path):
+    """The builder refuses a best.pt that is not the file the load started from, writing
+    nothing; the load then starts again from the file there now."""
     pytest.importorskip("faiss")
-    with pytest.raises(RecommenderError, match="no longer the file to build for"):
-        indexes.shared_indexes(gmf_run, (1, 2, 3), ServeSettings(ann_threshold=0), tmp_path)
+    settings = ServeSettings(ann_threshold=0)
+    with pytest.raises(indexes.VersionChanged, match="no longer the file to build for"):
+        indexes.prebuilt(gmf_run, (1, 2, 3), settings, tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # nothing half-written
+    served = ServedModel.load(gmf_run, settings, tmp_path, file_id=(1, 2, 3), beside=False)
+    assert served.file_id == best_file_id(gmf_run) and served.retrieval == "two-stage"
 
 
 def test_only_the_newest_index_folders_are_kept(tmp_path: Path):

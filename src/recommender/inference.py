@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -47,6 +47,8 @@ from recommender.utils import RecommenderError
 UserIds = str | int | Sequence[str | int] | np.ndarray
 # New users' histories: raw user id -> the raw ids of the items they interacted with, oldest first.
 Histories = Mapping[str, Sequence[str | int]]
+# A model's item side as a Recommender keeps it: (item_cache tensors, normalised item space).
+ItemSide = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]
 
 
 class Retriever(Protocol):
@@ -125,7 +127,11 @@ class Recommender:
         item_counts: np.ndarray,
         meta: dict[str, Any],
         device: torch.device | str = "cpu",
+        item_side: ItemSide | None = None,
     ) -> None:
+        """`item_side`: the model's item-side tensors computed beforehand (`item_side` of a
+        Recommender of the same weights): a service reads them from where a process of their
+        own computed them (serving/indexes.py) instead of spending its cores on them."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.users, self.items = users, items
@@ -141,14 +147,30 @@ class Recommender:
         self.titles: dict[str, str] | None = (
             dict(zip(items.ids, titles, strict=True)) if titles is not None else None
         )
+        if item_side is not None:
+            self._cache, self._item_rep = item_side
+            return
         with torch.no_grad():
             self._cache = model.item_cache()
             rep = model.item_representation()
             self._item_rep = F.normalize(rep, dim=1) if rep is not None else None
 
+    @property
+    def item_side(self) -> ItemSide:
+        """What the constructor computes from the item side of the model: the tensors every
+        user's scores reuse (`item_cache`) and the normalised item space (`item_space`)."""
+        return self._cache, self._item_rep
+
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> Recommender:
-        """Rebuild model and vocabularies from `run_dir/best.pt` alone."""
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        device: torch.device | str = "cpu",
+        item_side: Callable[[int], ItemSide | None] | None = None,
+    ) -> Recommender:
+        """Rebuild model and vocabularies from `run_dir/best.pt` alone. `item_side`, once the
+        checkpoint is read, is called with the catalog's size; what it returns is the item
+        side computed elsewhere (see the constructor), None computes it here."""
         ckpt = load_best(Path(run_dir))
         # a model trained with ccl scores by cosine (models.build_model)
         loss = TrainConfig.model_validate((ckpt.config or {}).get("train", {})).loss
@@ -163,6 +185,7 @@ class Recommender:
         else:
             model.load_state_dict(ckpt.state_dict, assign=True)
         meta = ckpt.meta() | {"run_dir": str(run_dir)}
+        side = item_side(ckpt.n_items) if item_side is not None else None
         return cls(
             model,
             Vocabulary(ckpt.user_ids, "user"),
@@ -172,6 +195,7 @@ class Recommender:
             ckpt.item_counts.numpy(),
             meta,
             device,
+            side,
         )
 
     @property

@@ -31,8 +31,8 @@ import numpy as np
 
 from recommender.checkpoint import best_file_id
 from recommender.explanations import FoldCache
-from recommender.inference import FOLDED_IN, POPULARITY, TRAINED, Recommender
-from recommender.serving.indexes import VersionIndexes, shared_indexes
+from recommender.inference import FOLDED_IN, POPULARITY, TRAINED, ItemSide, Recommender
+from recommender.serving.indexes import Prebuilt, VersionChanged, prebuilt
 from recommender.serving.retrieval import ItemNeighbours, TwoStageRetriever
 from recommender.serving.settings import ServeSettings
 
@@ -56,6 +56,8 @@ SESSION = "session"
 # nice 5 it slowed the other worker's build of the version just swapped in).
 BUILD_NICE = 5
 LONG_BUILD_NICE = 19
+# Loads of a version whose best.pt is replaced while it loads: each tries the newer file.
+LOAD_ATTEMPTS = 3
 # Seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms).
 # Short, because request handling waits on it at every hand-over: while a model version
 # loads, its unpickling holds the GIL for seconds, and a model thread's Python holds it
@@ -98,9 +100,9 @@ class ServedModel:
         rec: Recommender,
         settings: ServeSettings,
         load_seconds: float,
-        indexes: VersionIndexes | None = None,
+        prebuilt: Prebuilt | None = None,
     ) -> None:
-        """`indexes`: a large catalog's ANN indexes built beforehand (indexes.py); without
+        """`prebuilt`: a large catalog's ANN indexes built beforehand (indexes.py); without
         them a catalog above `ann_threshold` builds its indexes here."""
         self.rec = rec
         self.load_seconds = load_seconds
@@ -135,7 +137,7 @@ class ServedModel:
                 settings.ann_nprobe,
                 settings.ann_nlist,
                 rec.device,
-                indexes.users if indexes is not None else None,
+                prebuilt.users if prebuilt is not None else None,
             )
         if rec.item_space is not None:
             self.neighbours = ItemNeighbours(
@@ -143,7 +145,7 @@ class ServedModel:
                 settings.ann_candidates,
                 settings.ann_item_nprobe,
                 settings.ann_nlist,
-                indexes.items if indexes is not None else None,
+                prebuilt.items if prebuilt is not None else None,
             )
 
     @classmethod
@@ -158,18 +160,29 @@ class ServedModel:
         """Load `run_dir`, build what serving precomputes and answer one request of each kind,
         off the serving path (module doc); returns once the version is ready to swap in.
 
-        A catalog above `ann_threshold` gets its ANN indexes from `index_root`, where the first
-        worker to need them has a process of their own build them (indexes.py) for the best.pt
-        `file_id` names (default: the one there now). `beside`: another version serves
-        meanwhile, so the run is read at BUILD_NICE and the indexes built at LONG_BUILD_NICE
+        A catalog above `ann_threshold` takes its ANN indexes and item side from `index_root`,
+        where the first worker to need them has a process of their own build them
+        (indexes.py) for the best.pt `file_id` names (default: the one there now; a file
+        replaced during the load is loaded instead). `beside`: another version serves
+        meanwhile, so the run is read at BUILD_NICE and the parts built at LONG_BUILD_NICE
         (not for a worker's first load, which nothing waits behind). Raises what the load
-        raised (RecommenderError for a run that is not one, or whose indexes failed)."""
-        file_id = file_id or best_file_id(run_dir)
+        raised (RecommenderError for a run that is not one, or whose parts failed to build).
+        """
         lower = partial(_renice_self, BUILD_NICE) if beside else None
         index_nice = LONG_BUILD_NICE if beside else 0
+        file_id = file_id or best_file_id(run_dir)
+        attempts = 1
         with ThreadPoolExecutor(1, "model-build", initializer=lower) as builder:
-            job = builder.submit(cls._build, run_dir, settings, index_root, file_id, index_nice)
-            served = job.result()
+            while True:
+                job = builder.submit(cls._build, run_dir, settings, index_root, file_id, index_nice)
+                try:
+                    served = job.result()
+                    break
+                except VersionChanged:
+                    if attempts == LOAD_ATTEMPTS:
+                        raise
+                    attempts += 1
+                    file_id = best_file_id(run_dir)
         served.file_id = file_id
         return served
 
@@ -183,11 +196,19 @@ class ServedModel:
         index_nice: int,
     ) -> ServedModel:
         start = time.perf_counter()
-        rec = Recommender.from_run(run_dir)
-        indexes = None
-        if len(rec.items) > settings.ann_threshold and rec.personalised and file_id is not None:
-            indexes = shared_indexes(run_dir, file_id, settings, index_root, index_nice)
-        served = cls(rec, settings, 0.0, indexes)
+        parts: Prebuilt | None = None
+
+        def built_elsewhere(n_items: int) -> ItemSide | None:
+            nonlocal parts
+            if n_items <= settings.ann_threshold or file_id is None:
+                return None
+            if best_file_id(run_dir) != file_id:  # what was just read may be another file
+                raise VersionChanged(f"{run_dir}/best.pt changed while it was read")
+            parts = prebuilt(run_dir, file_id, settings, index_root, index_nice)
+            return parts.item_side
+
+        rec = Recommender.from_run(run_dir, item_side=built_elsewhere)
+        served = cls(rec, settings, 0.0, parts)
         served._warm_up()
         served.load_seconds = round(time.perf_counter() - start, 3)
         log.info("loaded %s (%s) in %.1f s", run_dir, served.version, served.load_seconds)

@@ -1,20 +1,22 @@
-"""A large catalog's ANN indexes: built once per model version, by a process of their own, and
-read by every worker.
+"""What a large catalog's model version precomputes, built once, by a process of its own, and
+read by every worker: the two ANN indexes and the item side.
 
 A catalog above `ann_threshold` is served through two FAISS indexes (retrieval.py) that take
-seconds of CPU to build (about 11 s for 1,000,000 items on this project's 2-core machine).
-Built inside a worker, the build shares that worker's GIL with its serving threads, and with
-`--workers N` every worker built the same two indexes: N builds of the same seconds of CPU on
-the cores the load was using, which lifted every endpoint's p99 during a 1M-item reload from
-about 25 ms to 100-300 ms (docs/BENCHMARKS.md).
+seconds of CPU to build (about 11 s for 1,000,000 items on this project's 2-core machine), and
+its Recommender computes item-side tensors once (the item half of NeuMF's first MLP layer, the
+normalised item space: about 1 s of a core for 1M items). Built inside a worker, that work
+shares the worker's cores and GIL with its serving threads, and with `--workers N` every worker
+did the same work: a 1M-item reload lifted every endpoint's p99 from about 25 ms to 100-300 ms
+(docs/BENCHMARKS.md).
 
-Instead the first worker that needs a version's indexes starts `python -m
+Instead the first worker that needs a version's parts starts `python -m
 recommender.serving.indexes` (at nice 19 for a reload beside a serving version), which loads
-the run, builds both indexes and writes them into a folder named for the version: the run, the
-best.pt it was built from (inode, size, mtime) and the index settings. The other workers wait
-on the folder's lock, then read the files, as does the first one; a read is a copy inside
-FAISS, with the GIL released. The builder refuses to write when best.pt changed while it read
-it, so a folder always holds the indexes of the file its name says.
+the run, builds both indexes and the item side and writes them into a folder named for the
+version: the run, the best.pt it was built from (inode, size, mtime) and the index settings.
+The other workers wait on the folder's lock, then read the files, as does the first one: an
+index read is a copy inside FAISS with the GIL released, the item side is memory-mapped. The
+builder refuses to write when best.pt changed while it read it, so a folder always holds the
+parts of the file its name says.
 
 Folders live in `root` (the `serve` command's shared folder); the newest KEEP stay, so a worker
 still loading the previous version finds its files.
@@ -36,8 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import recommender
 from recommender.checkpoint import best_file_id
+from recommender.inference import ItemSide, Recommender
 from recommender.serving.retrieval import import_faiss, ivf_index
 from recommender.serving.settings import ServeSettings
 from recommender.utils import RecommenderError
@@ -46,18 +51,26 @@ log = logging.getLogger("recommender")
 
 USERS_FILE = "users.faiss"  # the item side of TwoStageRetriever (user queries)
 ITEMS_FILE = "items.faiss"  # ItemNeighbours' quantised index of the item space
+ITEM_SIDE_FILE = "item_side.pt"  # Recommender.item_side: tensors only
 MANIFEST = "indexes.json"
 # Index folders kept in a root: the version being loaded and the one before it.
 KEEP = 2
+CHANGED_EXIT = 3  # the builder's exit status for VersionChanged
 
 
 @dataclass(frozen=True)
-class VersionIndexes:
-    """The two indexes of one model version, None where its model has no such vectors
-    (no retrieval vectors: users are scored exactly; no item space: no similar items)."""
+class Prebuilt:
+    """One model version's parts built by the builder process: the two indexes, None where
+    its model has no such vectors (no retrieval vectors: users are scored exactly; no item
+    space: no similar items), and the Recommender's item side."""
 
     users: Any | None
     items: Any | None
+    item_side: ItemSide
+
+
+class VersionChanged(RecommenderError):
+    """best.pt is no longer the file a load started from: load the new one."""
 
 
 def version_key(run_dir: str | Path, file_id: tuple[int, int, int], settings: ServeSettings) -> str:
@@ -66,15 +79,16 @@ def version_key(run_dir: str | Path, file_id: tuple[int, int, int], settings: Se
     return hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]
 
 
-def shared_indexes(
+def prebuilt(
     run_dir: str | Path,
     file_id: tuple[int, int, int],
     settings: ServeSettings,
     root: Path,
     nice: int = 0,
-) -> VersionIndexes:
-    """This version's indexes, built by a process of its own at `nice` unless another worker
-    (or an earlier load) built them; raises RecommenderError when the build failed."""
+) -> Prebuilt:
+    """This version's parts, built by a process of their own at `nice` unless another worker
+    (or an earlier load) built them; raises VersionChanged when best.pt is no longer the file
+    `file_id` names, RecommenderError when the build failed."""
     root.mkdir(parents=True, exist_ok=True)
     key = version_key(run_dir, file_id, settings)
     folder = root / key
@@ -83,11 +97,11 @@ def shared_indexes(
         if not (folder / MANIFEST).is_file():
             _run_builder(run_dir, file_id, settings, folder, nice)
     _prune(root, keep=KEEP)
-    return read_indexes(folder, settings)
+    return read_prebuilt(folder, settings)
 
 
-def read_indexes(folder: Path, settings: ServeSettings) -> VersionIndexes:
-    """The indexes a builder wrote into `folder`, with the settings' nprobe."""
+def read_prebuilt(folder: Path, settings: ServeSettings) -> Prebuilt:
+    """What a builder wrote into `folder`, the indexes with the settings' nprobe."""
     faiss = import_faiss()
     faiss.omp_set_num_threads(1)  # see retrieval.ivf_index
     built = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -98,8 +112,10 @@ def read_indexes(folder: Path, settings: ServeSettings) -> VersionIndexes:
     if built["items"]:
         items = faiss.read_index(str(folder / ITEMS_FILE))
         items.nprobe = settings.ann_item_nprobe
+    # Memory-mapped: the builder's files are never rewritten, only replaced by a rename.
+    side = torch.load(folder / ITEM_SIDE_FILE, weights_only=True, mmap=True)
     os.utime(folder)  # the newest folders are the ones kept
-    return VersionIndexes(users, items)
+    return Prebuilt(users, items, (tuple(side["cache"]), side["space"]))
 
 
 def _run_builder(
@@ -121,7 +137,8 @@ def _run_builder(
     done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RecommenderError(
+        error = VersionChanged if done.returncode == CHANGED_EXIT else RecommenderError
+        raise error(
             f"building the ANN indexes of {run_dir} failed (exit {done.returncode}): "
             + " | ".join(tail)
         )
@@ -141,16 +158,14 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def build(run_dir: Path, folder: Path, file_id: tuple[int, int, int], nlist: int | None) -> None:
-    """Load the run, build its indexes, write them into `folder` (atomically: a folder of
-    another name renamed into place). Refuses when best.pt is not, before and after the
-    load, the file `file_id` names."""
-    from recommender.inference import Recommender  # torch: only in the builder's process
-
+    """Load the run, build its indexes and item side, write them into `folder` (atomically: a
+    folder of another name renamed into place). Raises VersionChanged when best.pt is not,
+    before and after the load, the file `file_id` names."""
     if best_file_id(run_dir) != file_id:
-        raise RecommenderError(f"{run_dir}/best.pt is no longer the file to build for")
+        raise VersionChanged(f"{run_dir}/best.pt is no longer the file to build for")
     rec = Recommender.from_run(run_dir)
     if best_file_id(run_dir) != file_id:
-        raise RecommenderError(f"{run_dir}/best.pt changed while it was read")
+        raise VersionChanged(f"{run_dir}/best.pt changed while it was read")
     faiss = import_faiss()
     vectors = rec.model.retrieval_vectors()
     space = rec.item_space
@@ -164,6 +179,8 @@ def build(run_dir: Path, folder: Path, file_id: tuple[int, int, int], nlist: int
             normalised = space.detach().cpu().float().contiguous().numpy()
             index = ivf_index(normalised, 1, nlist, quantised=True)
             faiss.write_index(index, str(part / ITEMS_FILE))
+        cache, item_space = rec.item_side
+        torch.save({"cache": list(cache), "space": item_space}, part / ITEM_SIDE_FILE)
         manifest = {"users": vectors is not None, "items": space is not None, "n": len(rec.items)}
         (part / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
         part.rename(folder)
@@ -187,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         build(args.run_dir, args.folder, (inode, size, mtime), args.nlist)
     except RecommenderError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(CHANGED_EXIT if isinstance(exc, VersionChanged) else 2) from None
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ class Worker:
         if old is not None:
             new.adopt(old)
             old.retire()  # it stops explaining ahead; requests in flight still finish on it
-        self.served, self._file = new, file_id
+        self.served, self._file = new, new.file_id
         self._metrics.serving(new.info(), old.info() if old is not None else None)
         new.start_warming()
         return new
