@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,7 +171,7 @@ async def run_fixed_rate(
         async with client:
             loop = asyncio.get_running_loop()
             side = asyncio.create_task(during(client)) if during else None
-            start = loop.time()
+            start, cpu = loop.time(), time.process_time()
             tasks = []
             for i, shot in enumerate(shots):
                 scheduled = start + i / rate
@@ -181,6 +182,9 @@ async def run_fixed_rate(
             results = await asyncio.gather(*tasks)
             seconds = loop.time() - start
             extra = await side if side else {}
+            # The client's own CPU: on a machine it shares with the service, a client near a
+            # whole core is part of the latency it measures.
+            extra["client_cpu_s"] = round(time.process_time() - cpu, 1)
     return Outcome(
         rate,
         np.array([r[0] for r in results]),

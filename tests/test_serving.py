@@ -6,9 +6,11 @@ popularity run trained here, so a reload has a genuinely different model to swap
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -637,6 +639,13 @@ def test_a_best_pt_replaced_during_a_load_is_loaded_instead(gmf_run: Path, tmp_p
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # nothing half-written
     served = ServedModel.load(gmf_run, settings, tmp_path, file_id=(1, 2, 3), beside=False)
     assert served.file_id == best_file_id(gmf_run) and served.retrieval == "two-stage"
+
+
+def test_a_started_service_leaves_its_imports_out_of_garbage_collections(client: TestClient):
+    """engine.settle_heap ran before the first load: modules and classes are frozen out of
+    every later collection, what loading a run imports on first use included."""
+    assert gc.get_freeze_count() > 0
+    assert "torch._dynamo" in sys.modules
 
 
 def test_only_the_newest_index_folders_are_kept(tmp_path: Path):

@@ -9,12 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 import torch
 
 from recommender.utils import DataError, RecommenderError
+
+# Ids per slice of a Vocabulary's dict (the longest its construction holds the GIL: about
+# 1 ms), and the most ids a lookup takes through the dict rather than the pandas Index.
+LOOKUP_SLICE = 10_000
+
+
+def _as_strings(ids: np.ndarray) -> np.ndarray:
+    """A copy of (n,) ids as an object array of str; when every id already is one (checked
+    slice by slice, in Python, which lets other threads run) a plain copy, not a conversion."""
+    for start in range(0, len(ids), LOOKUP_SLICE):
+        if not all(type(x) is str for x in ids[start : start + LOOKUP_SLICE]):
+            return ids.astype(str).astype(object)
+    return ids.copy()
 
 
 def _sort_ids(ids: np.ndarray) -> np.ndarray:
@@ -30,31 +44,42 @@ class Vocabulary:
 
     Unknown ids are never silently mapped: `index` raises, `lookup` returns -1 for the caller
     to handle (the popularity fallback for users, an error for items).
+
+    A few ids (what a request asks for) are looked up in a dict; many (a data file's
+    columns) through a pandas Index, built when first needed. The dict is built in slices of
+    LOOKUP_SLICE ids: one C call over a 1,000,000-id catalog held the GIL for about 0.3 s,
+    and a service loading a new model version beside the serving one stalled every request
+    of its process for as long (docs/BENCHMARKS.md).
     """
 
     def __init__(self, ids: Sequence[str] | np.ndarray, name: str = "id") -> None:
-        arr = np.asarray(ids, dtype=object).astype(str)
         self.name = name
-        # Object dtype, not pandas' Arrow-backed str: a reload builds and checks a 1M-id index
-        # in half the time (0.22 s against 0.46 s), and lookups cost the same.
-        self._index = pd.Index(arr, dtype=object)
-        if not self._index.is_unique:
-            dup = self._index[self._index.duplicated()][0]
+        self._ids = _as_strings(np.asarray(ids, dtype=object))
+        self._ids.flags.writeable = False  # shared with callers (`ids`)
+        self._position: dict[str, int] = {}
+        for start in range(0, len(self._ids), LOOKUP_SLICE):
+            chunk = self._ids[start : start + LOOKUP_SLICE].tolist()
+            self._position.update(zip(chunk, range(start, start + len(chunk)), strict=True))
+        if len(self._position) != len(self._ids):
+            index = pd.Index(self._ids, dtype=object)
+            dup = index[index.duplicated()][0]
             raise DataError(f"{name} vocabulary has duplicate id '{dup}'")
-        # Converted once: `to_ids` runs per served request, and converting a 1M-id index
-        # each time costs ~50 ms. Read-only, as callers share it.
-        self._ids = self._index.to_numpy(dtype=object)
-        self._ids.flags.writeable = False
+
+    @cached_property
+    def _index(self) -> pd.Index:
+        """For lookups of many ids at once (object dtype, not pandas' Arrow-backed str: a
+        1M-id index builds in half the time, and lookups cost the same)."""
+        return pd.Index(self._ids, dtype=object)
 
     @classmethod
     def from_values(cls, values: np.ndarray | pd.Series, name: str = "id") -> Vocabulary:
         return cls(_sort_ids(pd.unique(np.asarray(values, dtype=object).astype(str))), name)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._ids)
 
     def __contains__(self, raw_id: object) -> bool:
-        return str(raw_id) in self._index
+        return str(raw_id) in self._position
 
     @property
     def ids(self) -> np.ndarray:
@@ -62,8 +87,11 @@ class Vocabulary:
 
     def lookup(self, raw_ids: Sequence[object] | np.ndarray | pd.Series) -> np.ndarray:
         """Vectorized raw -> index; -1 where the id is unknown."""
-        arr = np.asarray(raw_ids, dtype=object).astype(str)
-        return self._index.get_indexer(arr).astype(np.int64)
+        arr = np.asarray(raw_ids, dtype=object)
+        if len(arr) <= LOOKUP_SLICE:
+            position = self._position
+            return np.array([position.get(str(x), -1) for x in arr], dtype=np.int64)
+        return self._index.get_indexer(pd.Index(arr.astype(str), dtype=object)).astype(np.int64)
 
     def index(self, raw_ids: Sequence[object] | np.ndarray | pd.Series) -> np.ndarray:
         """Raw -> index, raising on the first unknown id."""
@@ -79,7 +107,7 @@ class Vocabulary:
         return self.ids[np.asarray(idx, dtype=np.int64)]
 
     def to_list(self) -> list[str]:
-        return [str(x) for x in self._index]
+        return self._ids.tolist()
 
 
 @dataclass

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from recommender import __version__
 from recommender.checkpoint import require_run
-from recommender.serving.engine import ModelCalls
+from recommender.serving.engine import ModelCalls, settle_heap
 from recommender.serving.lifecycle import GRACEFUL_SHUTDOWN_S, Worker
 from recommender.serving.metrics import MULTIPROC_ENV, Metrics, MetricsMiddleware
 from recommender.serving.routes import ApiError, router
@@ -96,6 +96,7 @@ def create_app(
         # The worker accepts connections only once this returns, so a worker still loading
         # takes no traffic (the others, or the listen backlog, hold it).
         set_threads(settings.threads)
+        settle_heap()
         app.state.calls = ModelCalls(settings.model_threads, settings.explain_threads)
         await worker.start()
         worker.drain_on_sigterm()

@@ -76,6 +76,16 @@ def ivf_index(vectors: np.ndarray, nprobe: int, nlist: int | None, quantised: bo
     return index
 
 
+def search(index: Any, queries: np.ndarray, n: int) -> np.ndarray:
+    """(Q, d) float32 queries -> (Q, n) ids of the index's n best, -1 where none was found;
+    searched by the calling thread alone. FAISS's OpenMP thread count is the calling thread's
+    own setting, so every serving thread sets it: left at one per core, a batch of nine users
+    on the 1M-item catalog took p50 7.8 / p99 17.7 ms in process against 5.7 / 8.1 ms."""
+    import_faiss().omp_set_num_threads(1)
+    _, found = index.search(queries, n)
+    return np.asarray(found)
+
+
 def _candidates(found: np.ndarray, n: int, exclude: Sequence[np.ndarray] | None) -> np.ndarray:
     """(Q, m) ANN hits (-1: none) -> (Q, n) the first n per row not in `exclude[row]`, -1
     padding."""
@@ -134,8 +144,7 @@ class TwoStageRetriever:
 
     def search(self, user_idx: np.ndarray, n: int) -> np.ndarray:
         """(U,) known user indices -> (U, n) candidate item indices, -1 where none was found."""
-        _, found = self.index.search(self.user_vectors[user_idx], n)
-        return found
+        return search(self.index, self.user_vectors[user_idx], n)
 
     @torch.no_grad()
     def topk(
@@ -205,7 +214,7 @@ class ItemNeighbours:
         n = max(self.candidates, k)
         extra = max((len(e) for e in exclude), default=0)
         query = queries.detach().cpu().float().contiguous().numpy()
-        _, found = self.index.search(query, n + extra)
+        found = search(self.index, query, n + extra)
         cand = _candidates(found, n, exclude)
         valid = torch.from_numpy(cand >= 0)
         vectors = self.space[torch.from_numpy(np.maximum(cand, 0))]  # (Q, n, r)
