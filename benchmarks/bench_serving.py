@@ -387,9 +387,7 @@ def scenario(
             base, shots, load_rate, during=reloads(targets, [span / 3, 2 * span / 3])
         )
         after = server_buckets(base)
-        out["load_test"]["server_side_over_s"] = {
-            le: after[le] - before.get(le, 0) for le in after
-        }
+        out["load_test"]["server_side_over_s"] = {le: after[le] - before.get(le, 0) for le in after}
     finally:
         out["service_stop"] = stop(proc)
         shutil.rmtree(tmp)
