@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from conftest import (
 from recommender.checkpoint import best_file_id
 from recommender.cli import main
 from recommender.inference import Recommender
-from recommender.serving import ServeSettings, create_app, indexes
+from recommender.serving import ServeSettings, create_app, indexes, lifecycle
 from recommender.serving.engine import ServedModel
 from recommender.serving.settings import ENV_PREFIX
 from recommender.utils import ConfigError
@@ -646,6 +647,30 @@ def test_a_started_service_leaves_its_imports_out_of_garbage_collections(client:
     every later collection, what loading a run imports on first use included."""
     assert gc.get_freeze_count() > 0
     assert "torch._dynamo" in sys.modules
+
+
+def test_a_replaced_version_is_freed_by_a_thread_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, gmf_run: Path, other_gmf_run: Path
+):
+    """After a reload the old version stays alive for the requests still on it, then the
+    release timer drops the last reference and reference counting frees it: no garbage
+    collection needed, none on the event loop."""
+    monkeypatch.setenv("RECOMMENDER_ADMIN_TOKEN", TOKEN)
+    monkeypatch.setattr(lifecycle, "RELEASE_AFTER_S", 0.3)
+    app = create_app(gmf_run, ServeSettings())
+    with TestClient(app) as c:
+        first = weakref.ref(app.state.worker.served)
+        gc.disable()
+        try:
+            reload = c.post("/admin/reload", headers=AUTH, json={"run_dir": str(other_gmf_run)})
+            assert reload.status_code == 200
+            assert first() is not None
+            deadline = time.monotonic() + 10
+            while first() is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert first() is None
+        finally:
+            gc.enable()
 
 
 def test_only_the_newest_index_folders_are_kept(tmp_path: Path):

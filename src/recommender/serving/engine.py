@@ -408,8 +408,11 @@ def settle_heap() -> None:
     the worker moved, and a reload allocates enough to set off full collections. Frozen
     (`gc.freeze`), they are no longer traversed: a full collection beside two 1M-item
     versions took under 1 ms. What loading a run imports on first use (building a model on
-    the meta device brings in torch._dynamo) is imported first, so it is frozen too; model
-    versions are created afterwards and stay collectable.
+    the meta device brings in torch._dynamo) is imported here first, so it is frozen too, and
+    so that no version's load runs that import: torch.fx keeps the frames of the code that
+    imported it, which held the first version loaded in a reference cycle that only a full
+    collection freed. Versions are created afterwards, free of cycles: reference counting
+    frees each one when its last reference goes (lifecycle.release_later).
     """
     if gc.get_freeze_count():
         return

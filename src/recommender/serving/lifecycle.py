@@ -44,6 +44,8 @@ log = logging.getLogger("recommender")
 TARGET_FILE = "model.json"
 # Seconds SIGTERM waits for requests in flight before closing connections anyway.
 GRACEFUL_SHUTDOWN_S = 30
+# Seconds after a swap before the replaced version's last reference is dropped (release_later).
+RELEASE_AFTER_S = 2.0
 
 Stop = Callable[[int, FrameType | None], Any]
 
@@ -76,6 +78,23 @@ class SharedTarget:
             generation = (current.generation if current else 0) + 1
             atomic_write_text(self.path, json.dumps({"run_dir": run_dir, "generation": generation}))
         return generation
+
+
+def release_later(old: ServedModel, after_s: float) -> None:
+    """Let a replaced version be freed by a thread of its own, `after_s` seconds from now.
+
+    A version is freed when its last reference goes (engine.settle_heap keeps versions out of
+    reference cycles), in whatever thread drops it: on the event loop, freeing a 1M-item
+    version (its tensors, indexes, vocabularies of a million ids) holds every request of the
+    worker for about 80 ms. Requests still on the old version finish within the delay, the
+    event loop's own references (the swap, the admin reload's answer) are gone by then, and
+    the timer's is the last.
+    """
+    holder = [old]
+    del old
+    timer = threading.Timer(after_s, holder.clear)
+    timer.daemon = True
+    timer.start()
 
 
 class Worker:
@@ -125,6 +144,8 @@ class Worker:
         self.served, self._file = new, new.file_id
         self._metrics.serving(new.info(), old.info() if old is not None else None)
         new.start_warming()
+        if old is not None:
+            release_later(old, RELEASE_AFTER_S)
         return new
 
     async def reload(self, run_dir: str | None = None) -> tuple[ServedModel, ServedModel]:
