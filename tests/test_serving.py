@@ -673,18 +673,23 @@ def test_a_replaced_version_is_freed_by_a_thread_of_its_own(
             gc.enable()
 
 
-def test_only_the_newest_index_folders_are_kept(tmp_path: Path):
-    for age, name in enumerate(["newest", "older", "oldest"]):
+def test_only_the_newest_index_folders_are_kept(gmf_run: Path, tmp_path: Path):
+    """Two folders stay: the one a load just used, even an old one, and the newest other."""
+    pytest.importorskip("faiss")
+    settings = ServeSettings(ann_threshold=0)
+    file_id = best_file_id(gmf_run)
+    assert file_id is not None
+    indexes.prebuilt(gmf_run, file_id, settings, tmp_path)
+    used = tmp_path / indexes.version_key(gmf_run, file_id, settings)
+    os.utime(used, (1e9, 1e9))  # built long ago
+    for age, name in enumerate(["newest", "older"]):
         (tmp_path / name).mkdir()
         (tmp_path / f"{name}.lock").touch()
-        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
-    indexes._prune(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "newest",
-        "newest.lock",
-        "older",
-        "older.lock",
-    ]
+        os.utime(tmp_path / name, (1.5e9 - age, 1.5e9 - age))
+    indexes.prebuilt(gmf_run, file_id, settings, tmp_path)  # the old version loaded again
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert kept == sorted(["newest", used.name])
+    assert not (tmp_path / "older.lock").exists()
 
 
 # -- settings ----------------------------------------------------------------------------------

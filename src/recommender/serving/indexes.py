@@ -96,6 +96,7 @@ def prebuilt(
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per version; the others wait for it
         if not (folder / MANIFEST).is_file():
             _run_builder(run_dir, file_id, settings, folder, nice)
+        os.utime(folder)  # the most recently used: pruning keeps it
     _prune(root, keep=KEEP)
     return read_prebuilt(folder, settings)
 
@@ -114,7 +115,6 @@ def read_prebuilt(folder: Path, settings: ServeSettings) -> Prebuilt:
         items.nprobe = settings.ann_item_nprobe
     # Memory-mapped: the builder's files are never rewritten, only replaced by a rename.
     side = torch.load(folder / ITEM_SIDE_FILE, weights_only=True, mmap=True)
-    os.utime(folder)  # the newest folders are the ones kept
     return Prebuilt(users, items, (tuple(side["cache"]), side["space"]))
 
 
