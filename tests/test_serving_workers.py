@@ -173,6 +173,8 @@ def test_two_workers_share_one_build_of_each_versions_indexes(
         wait_agreement(base, reload.json()["model_version"], workers=2, limit_s=60)
         answer = httpx.get(f"{base}/v1/users/u10/recommendations?k=5", headers=CLOSE)
         assert answer.status_code == 200 and len(answer.json()["items"]) == 5
+        proc.send_signal(signal.SIGTERM)  # a clean stop removes the shared folder, indexes too
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
         kill_server(proc)
     log = log_file.read_text()
