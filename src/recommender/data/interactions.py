@@ -61,8 +61,7 @@ class Vocabulary:
             chunk = self._ids[start : start + LOOKUP_SLICE].tolist()
             self._position.update(zip(chunk, range(start, start + len(chunk)), strict=True))
         if len(self._position) != len(self._ids):
-            index = pd.Index(self._ids, dtype=object)
-            dup = index[index.duplicated()][0]
+            dup = self._index[self._index.duplicated()][0]
             raise DataError(f"{name} vocabulary has duplicate id '{dup}'")
 
     @cached_property

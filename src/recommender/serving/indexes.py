@@ -43,7 +43,7 @@ import torch
 import recommender
 from recommender.checkpoint import best_file_id
 from recommender.inference import ItemSide, Recommender
-from recommender.serving.retrieval import import_faiss, ivf_index
+from recommender.serving.retrieval import ItemNeighbours, TwoStageRetriever, import_faiss
 from recommender.serving.settings import ServeSettings
 from recommender.utils import RecommenderError
 
@@ -104,7 +104,6 @@ def prebuilt(
 def read_prebuilt(folder: Path, settings: ServeSettings) -> Prebuilt:
     """What a builder wrote into `folder`, the indexes with the settings' nprobe."""
     faiss = import_faiss()
-    faiss.omp_set_num_threads(1)  # see retrieval.ivf_index
     built = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     users = items = None
     if built["users"]:
@@ -167,21 +166,19 @@ def build(run_dir: Path, folder: Path, file_id: tuple[int, int, int], nlist: int
     if best_file_id(run_dir) != file_id:
         raise VersionChanged(f"{run_dir}/best.pt changed while it was read")
     faiss = import_faiss()
-    vectors = rec.model.retrieval_vectors()
-    space = rec.item_space
+    users = rec.model.retrieval_vectors() is not None
+    cache, space = rec.item_side
     part = folder.with_name(f".{folder.name}.{os.getpid()}")
     part.mkdir(parents=True)
     try:
-        if vectors is not None:
-            items = vectors[1].detach().cpu().float().contiguous().numpy()
-            faiss.write_index(ivf_index(items, 1, nlist), str(part / USERS_FILE))
+        # Built as the two retrieval classes build their own (the readers set nprobe).
+        if users:
+            index = TwoStageRetriever(rec.model, 1, 1, nlist).index
+            faiss.write_index(index, str(part / USERS_FILE))
         if space is not None:
-            normalised = space.detach().cpu().float().contiguous().numpy()
-            index = ivf_index(normalised, 1, nlist, quantised=True)
-            faiss.write_index(index, str(part / ITEMS_FILE))
-        cache, item_space = rec.item_side
-        torch.save({"cache": list(cache), "space": item_space}, part / ITEM_SIDE_FILE)
-        manifest = {"users": vectors is not None, "items": space is not None, "n": len(rec.items)}
+            faiss.write_index(ItemNeighbours(space, 1, 1, nlist).index, str(part / ITEMS_FILE))
+        torch.save({"cache": list(cache), "space": space}, part / ITEM_SIDE_FILE)
+        manifest = {"users": users, "items": space is not None}
         (part / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
         part.rename(folder)
     finally:

@@ -116,7 +116,6 @@ class Worker:
         # Where large catalogs' ANN indexes are built for every worker (indexes.py); without
         # a shared folder, a temporary one of this worker's, made when first needed.
         self._index_root = Path(shared_dir) / "indexes" if shared_dir is not None else None
-        self._own_index_root = shared_dir is None
         self._generation = 0  # of model.json, last followed
         self._file: tuple[int, int, int] | None = None  # best.pt last loaded or tried
         self._lock = asyncio.Lock()  # one load at a time: admin reloads and the watcher
@@ -201,7 +200,7 @@ class Worker:
 
     def close(self) -> None:
         """The worker stops: remove the index folder it made for itself."""
-        if self._own_index_root and self._index_root is not None:
+        if self._shared is None and self._index_root is not None:
             shutil.rmtree(self._index_root, ignore_errors=True)
             self._index_root = None
 

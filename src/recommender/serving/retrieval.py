@@ -86,6 +86,14 @@ def search(index: Any, queries: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(found)
 
 
+def _check_shape(index: Any, n: int, d: int, what: str) -> None:
+    """Refuse an index built over other vectors than the (n, d) ones it is to serve."""
+    if (index.ntotal, index.d) != (n, d):
+        raise RecommenderError(
+            f"the {what} index holds {index.ntotal} x {index.d} vectors, the model {n} x {d}"
+        )
+
+
 def _candidates(found: np.ndarray, n: int, exclude: Sequence[np.ndarray] | None) -> np.ndarray:
     """(Q, m) ANN hits (-1: none) -> (Q, n) the first n per row not in `exclude[row]`, -1
     padding."""
@@ -136,11 +144,7 @@ class TwoStageRetriever:
         self.candidates = candidates
         self.user_vectors = users  # (n_users, d)
         self.index = ivf_index(items, nprobe, nlist) if index is None else index
-        if self.index.ntotal != len(items) or self.index.d != items.shape[1]:
-            raise RecommenderError(
-                f"the ANN index holds {self.index.ntotal} x {self.index.d} vectors, the model "
-                f"{len(items)} x {items.shape[1]}"
-            )
+        _check_shape(self.index, len(items), items.shape[1], "ANN")
 
     def search(self, user_idx: np.ndarray, n: int) -> np.ndarray:
         """(U,) known user indices -> (U, n) candidate item indices, -1 where none was found."""
@@ -198,11 +202,7 @@ class ItemNeighbours:
         if index is None:
             vectors = item_space.detach().cpu().float().contiguous().numpy()
             index = ivf_index(vectors, nprobe, nlist, quantised=True)
-        if index.ntotal != item_space.shape[0] or index.d != item_space.shape[1]:
-            raise RecommenderError(
-                f"the item index holds {index.ntotal} x {index.d} vectors, the item space "
-                f"{item_space.shape[0]} x {item_space.shape[1]}"
-            )
+        _check_shape(index, item_space.shape[0], item_space.shape[1], "item")
         self.index = index
 
     @torch.no_grad()
