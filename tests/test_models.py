@@ -149,8 +149,8 @@ def test_dropout_only_in_training_mode():
 
 def test_tower_dropout_is_relu_then_inverted_dropout():
     """The tower's own dropout (faster than nn.Dropout on CPU) keeps each unit with probability
-    1 - p, scales kept ones by 1 / (1 - p), and passes gradients only where ReLU and the mask
-    both let the unit through."""
+    1 - p (p rounded to 1 / 65,536), scales kept ones by the inverse of that probability, and
+    passes gradients only where ReLU and the mask both let the unit through."""
     tower = make("mlp", dropout=0.2).tower
     tower.train()
     h = torch.randn(400, 500, requires_grad=True)
@@ -159,12 +159,13 @@ def test_tower_dropout_is_relu_then_inverted_dropout():
     positive = h.detach() > 0
     kept = out.detach() != 0
     assert not (kept & ~positive).any()  # ReLU first
-    torch.testing.assert_close(out[kept], h[kept] / 0.8)  # inverted scaling
+    scale = 65536 / (65536 - round(0.2 * 65536))  # 1 / 0.8 to 2e-5
+    torch.testing.assert_close(out[kept], h[kept] * scale)  # inverted scaling
     rate = kept[positive].float().mean().item()
     assert abs(rate - 0.8) < 0.01, rate  # 100k positive units: sd 0.0013
     out.sum().backward()
     assert h.grad is not None
-    torch.testing.assert_close(h.grad, kept.float() / 0.8)
+    torch.testing.assert_close(h.grad, kept.float() * scale)
     tower.eval()
     assert torch.equal(tower._drop(h), torch.relu(h))
 
