@@ -86,6 +86,9 @@ def test_packed_strings_round_trip_exactly():
     assert unpack_strings(pack_strings(np.array(ODD[:2])), "x", Path("x")).tolist() == ODD[:2]
     with pytest.raises(ValueError, match="None"):
         pack_strings(["a", None])
+    many = ODD * 2500  # unpacked slice by slice: the slices' edges lose or repeat nothing
+    back = unpack_strings(pack_strings(many), "item_ids", Path("best.pt"))
+    assert back is not None and back.tolist() == many
 
 
 def longest_list(value: Any) -> int:

@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from recommender.data.interactions import Interactions, Vocabulary
+from recommender.data.interactions import (
+    LOOKUP_SLICE,
+    SHARD_IDS,
+    Interactions,
+    Vocabulary,
+)
 from recommender.data.splits import leave_last_out
 from recommender.utils import DataError, RecommenderError
 
@@ -54,6 +59,23 @@ def test_index_raises_naming_the_unknown_id():
 def test_duplicate_ids_are_rejected():
     with pytest.raises(DataError, match="duplicate id 'a'"):
         Vocabulary(["a", "b", "a"], "user")
+
+
+def test_a_large_vocabulary_finds_every_id_across_its_dicts():
+    """Above SHARD_IDS ids the lookups go through several dicts, chosen by hash: every id is
+    found at its own index, through the dicts and through the pandas Index alike, unknown ids
+    are -1, and a duplicate anywhere is still refused."""
+    n = 3 * SHARD_IDS + 5
+    ids = np.array([f"i{k}" for k in range(n)], dtype=object)
+    vocab = Vocabulary(ids, "item")
+    assert len(vocab._shards) > 1
+    few = np.random.default_rng(0).choice(n, size=LOOKUP_SLICE, replace=False)
+    np.testing.assert_array_equal(vocab.lookup(ids[few]), few)  # through the dicts
+    np.testing.assert_array_equal(vocab.lookup(ids), np.arange(n))  # through the Index
+    np.testing.assert_array_equal(vocab.lookup(["i0", "zz", f"i{n - 1}"]), [0, -1, n - 1])
+    assert f"i{n - 1}" in vocab and f"i{n}" not in vocab
+    with pytest.raises(DataError, match=f"duplicate id 'i{n // 2}'"):
+        Vocabulary(np.append(ids, f"i{n // 2}"), "item")
 
 
 def test_vocabulary_rebuilt_from_its_list_is_identical():

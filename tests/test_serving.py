@@ -653,13 +653,17 @@ def test_a_replaced_version_is_freed_by_a_thread_of_its_own(
     monkeypatch: pytest.MonkeyPatch, gmf_run: Path, other_gmf_run: Path
 ):
     """After a reload the old version stays alive for the requests still on it, then the
-    release timer drops the last reference and reference counting frees it: no garbage
-    collection needed, none on the event loop."""
+    release timer frees its vocabularies and parameters piece by piece and drops the last
+    reference, and reference counting frees the rest: no garbage collection needed, none on
+    the event loop."""
     monkeypatch.setenv("RECOMMENDER_ADMIN_TOKEN", TOKEN)
     monkeypatch.setattr(lifecycle, "RELEASE_AFTER_S", 0.3)
     app = create_app(gmf_run, ServeSettings())
     with TestClient(app) as c:
         first = weakref.ref(app.state.worker.served)
+        items = app.state.worker.served.rec.items  # held apart from the version
+        parameters = list(app.state.worker.served.rec.model.parameters())
+        assert len(items) > 0
         gc.disable()
         try:
             reload = c.post("/admin/reload", headers=AUTH, json={"run_dir": str(other_gmf_run)})
@@ -671,6 +675,28 @@ def test_a_replaced_version_is_freed_by_a_thread_of_its_own(
             assert first() is None
         finally:
             gc.enable()
+        assert len(items) == 0 and all(p.numel() == 0 for p in parameters)
+        user = app.state.worker.served.rec.users.ids[0]
+        assert c.get(f"/v1/users/{user}/recommendations").status_code == 200  # the new one serves
+
+
+def test_a_replaced_version_still_held_is_left_whole(
+    monkeypatch: pytest.MonkeyPatch, gmf_run: Path, other_gmf_run: Path
+):
+    """The release timer frees a version piece by piece only when its reference is the last;
+    one a request still holds keeps answering, to be freed whole when that reference goes."""
+    monkeypatch.setenv("RECOMMENDER_ADMIN_TOKEN", TOKEN)
+    monkeypatch.setattr(lifecycle, "RELEASE_AFTER_S", 0.1)
+    app = create_app(gmf_run, ServeSettings())
+    with TestClient(app) as c:
+        held = app.state.worker.served
+        user = str(held.rec.users.ids[0])
+        reload = c.post("/admin/reload", headers=AUTH, json={"run_dir": str(other_gmf_run)})
+        assert reload.status_code == 200
+        time.sleep(0.5)
+        assert len(held.rec.items) > 0
+        ranked = held.recommend([user], 5, True)
+        assert len(ranked[0].item_ids) == 5
 
 
 def test_only_the_newest_index_folders_are_kept(gmf_run: Path, tmp_path: Path):

@@ -17,9 +17,12 @@ import torch
 
 from recommender.utils import DataError, RecommenderError
 
-# Ids per slice of a Vocabulary's dict (the longest its construction holds the GIL: about
-# 1 ms), and the most ids a lookup takes through the dict rather than the pandas Index.
+# Ids per slice of a Vocabulary's construction (the longest it holds the GIL: about 1 ms),
+# and the most ids a lookup takes through its dicts rather than the pandas Index.
 LOOKUP_SLICE = 10_000
+# Most ids per dict of a Vocabulary: growing a dict copies all of it in one C call (33 ms at
+# 700,000 ids), so a large vocabulary spreads its ids over dicts of about this size by hash.
+SHARD_IDS = 1 << 14
 
 
 def _as_strings(ids: np.ndarray) -> np.ndarray:
@@ -45,22 +48,30 @@ class Vocabulary:
     Unknown ids are never silently mapped: `index` raises, `lookup` returns -1 for the caller
     to handle (the popularity fallback for users, an error for items).
 
-    A few ids (what a request asks for) are looked up in a dict; many (a data file's
-    columns) through a pandas Index, built when first needed. The dict is built in slices of
-    LOOKUP_SLICE ids: one C call over a 1,000,000-id catalog held the GIL for about 0.3 s,
-    and a service loading a new model version beside the serving one stalled every request
-    of its process for as long (docs/BENCHMARKS.md).
+    A few ids (what a request asks for) are looked up in dicts; many (a data file's
+    columns) through a pandas Index, built when first needed. The dicts are built in slices
+    of LOOKUP_SLICE ids, and a large vocabulary spreads its ids over dicts of at most about
+    SHARD_IDS by hash: no single C call holds the GIL for long. One call over a
+    1,000,000-id catalog held it for about 0.3 s, and a one-dict build in slices still for
+    33 ms when the dict grew; a service loading a new model version beside the serving one
+    stalls every request of its process for as long (docs/BENCHMARKS.md).
     """
 
     def __init__(self, ids: Sequence[str] | np.ndarray, name: str = "id") -> None:
         self.name = name
         self._ids = _as_strings(np.asarray(ids, dtype=object))
         self._ids.flags.writeable = False  # shared with callers (`ids`)
-        self._position: dict[str, int] = {}
+        self._mask = mask = (1 << max(0, (len(self._ids) - 1) // SHARD_IDS).bit_length()) - 1
+        self._shards: list[dict[str, int]] = [{} for _ in range(mask + 1)]
+        shards = self._shards
         for start in range(0, len(self._ids), LOOKUP_SLICE):
             chunk = self._ids[start : start + LOOKUP_SLICE].tolist()
-            self._position.update(zip(chunk, range(start, start + len(chunk)), strict=True))
-        if len(self._position) != len(self._ids):
+            if not mask:
+                shards[0].update(zip(chunk, range(start, start + len(chunk)), strict=True))
+                continue
+            for position, raw in enumerate(chunk, start):
+                shards[hash(raw) & mask][raw] = position
+        if sum(map(len, self._shards)) != len(self._ids):
             dup = self._index[self._index.duplicated()][0]
             raise DataError(f"{name} vocabulary has duplicate id '{dup}'")
 
@@ -78,7 +89,8 @@ class Vocabulary:
         return len(self._ids)
 
     def __contains__(self, raw_id: object) -> bool:
-        return str(raw_id) in self._position
+        raw = str(raw_id)
+        return raw in self._shards[hash(raw) & self._mask]
 
     @property
     def ids(self) -> np.ndarray:
@@ -88,8 +100,9 @@ class Vocabulary:
         """Vectorized raw -> index; -1 where the id is unknown."""
         arr = np.asarray(raw_ids, dtype=object)
         if len(arr) <= LOOKUP_SLICE:
-            position = self._position
-            return np.array([position.get(str(x), -1) for x in arr], dtype=np.int64)
+            shards, mask = self._shards, self._mask
+            keys = [str(x) for x in arr]
+            return np.array([shards[hash(k) & mask].get(k, -1) for k in keys], dtype=np.int64)
         return self._index.get_indexer(pd.Index(arr.astype(str), dtype=object)).astype(np.int64)
 
     def index(self, raw_ids: Sequence[object] | np.ndarray | pd.Series) -> np.ndarray:
@@ -107,6 +120,21 @@ class Vocabulary:
 
     def to_list(self) -> list[str]:
         return self._ids.tolist()
+
+    def release(self) -> None:
+        """Free the lookups dict by dict, then the ids; the vocabulary is empty afterwards.
+
+        For a replaced model version freed while another serves: a 1,000,000-id vocabulary
+        dropped at once is one C call of about 70 ms (its dicts' million int values, then its
+        strings) that every thread of the process waits out; dict by dict, each call is under
+        a millisecond.
+        """
+        while self._shards:
+            self._shards.pop()
+        self._shards.append({})
+        self._mask = 0
+        self.__dict__.pop("_index", None)
+        self._ids = np.empty(0, dtype=object)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -86,13 +87,22 @@ def release_later(old: ServedModel, after_s: float) -> None:
     A version is freed when its last reference goes (engine.settle_heap keeps versions out of
     reference cycles), in whatever thread drops it: on the event loop, freeing a 1M-item
     version (its tensors, indexes, vocabularies of a million ids) holds every request of the
-    worker for about 80 ms. Requests still on the old version finish within the delay, the
+    worker for about 100 ms. Requests still on the old version finish within the delay, the
     event loop's own references (the swap, the admin reload's answer) are gone by then, and
-    the timer's is the last.
+    the timer's is the last: it then frees the largest parts a piece at a time
+    (`Recommender.release`), so no single call holds the GIL for long. Should anything else
+    still hold the version, it is left whole, to be freed when that reference goes.
     """
     holder = [old]
     del old
-    timer = threading.Timer(after_s, holder.clear)
+
+    def release() -> None:
+        version = holder.pop()
+        # Two references each: this name (or the version's attribute) and the call's argument.
+        if sys.getrefcount(version) == 2 and sys.getrefcount(version.rec) == 2:
+            version.rec.release()
+
+    timer = threading.Timer(after_s, release)
     timer.daemon = True
     timer.start()
 
