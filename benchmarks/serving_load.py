@@ -10,6 +10,14 @@ The client's own pauses would count too, so its cyclic garbage collector is off 
 tasks) took about 100 ms, and the 20 requests scheduled meanwhile showed it as server latency
 (ml-100k lists at 200/s: p99 54-109 ms in the rounds where it fell, 5-7 ms in the others,
 while a probe thread in the server saw no pause).
+
+For the same reason the requests go out over `CONNECTIONS` keep-alive HTTP/1.1 connections of
+this module's own, fed from one queue, not through httpx: httpx's connection pool scans every
+waiting request on each assignment, so a few hundred requests queued behind a one-second stall
+made the client's own CPU climb (12 to 65 s over a 60 s load) and the queue grow for the rest of
+the run while the service timed its requests in milliseconds (encode/httpcore#1035,
+pydantic/httpx2#1075 describe the pool's cost). A request waiting for a free connection waits
+in the queue, from its scheduled time, like any other queueing.
 """
 
 from __future__ import annotations
@@ -17,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import httpx
 import numpy as np
@@ -127,17 +137,70 @@ class Outcome:
         }
 
 
-async def _fire(client: httpx.AsyncClient, shot: Shot, scheduled: float) -> tuple[float, int]:
+# Keep-alive connections the load goes out on. A stalled worker holds the requests sent on its
+# connections; the others keep taking new ones from the queue.
+CONNECTIONS = 64
+
+
+def _request_bytes(shot: Shot, host: str) -> bytes:
+    """`shot` as one HTTP/1.1 request, ready to write."""
+    body = shot.content if shot.content is not None else b""
+    if shot.json is not None:
+        body = json.dumps(shot.json).encode()
+    head = (
+        f"{shot.method} {quote(shot.url, safe='/?=&:%')} HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        + ("Content-Type: application/json\r\n" if body else "")
+        + "\r\n"
+    )
+    return head.encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """One response off the connection: (status, whether the server keeps it open)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in head[1:] if line)
+    }
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            await reader.readexactly(size + 2)
+        await reader.readuntil(b"\r\n")
+    else:
+        await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers.get("connection", "").lower() != "close"
+
+
+async def _connection(
+    host: str,
+    port: int,
+    queue: asyncio.Queue[tuple[int, float] | None],
+    requests: list[bytes],
+    results: list[tuple[float, int]],
+    timeout_s: float,
+) -> None:
+    """Send queued requests one after another on one keep-alive connection, reconnecting
+    after a close, an error or a time-out (the request then counts as dropped: status 0)."""
     loop = asyncio.get_running_loop()
-    try:
-        response = await client.request(
-            shot.method, shot.url, json=shot.json, content=shot.content,
-            headers={"content-type": "application/json"} if shot.content is not None else None,
-        )  # fmt: skip
-        status = response.status_code
-    except httpx.HTTPError:
-        status = 0
-    return (loop.time() - scheduled) * 1e3, status
+    writer: asyncio.StreamWriter | None = None
+    while (item := await queue.get()) is not None:
+        index, scheduled = item
+        status, keep = 0, False
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
+            writer.write(requests[index])
+            status, keep = await asyncio.wait_for(_read_response(reader), timeout_s)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
+            pass
+        results[index] = ((loop.time() - scheduled) * 1e3, status)
+        if not keep and writer is not None:
+            writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
 
 
 @contextlib.contextmanager
@@ -164,22 +227,31 @@ async def run_fixed_rate(
     timeout_s: float = 10.0,
     during: Callable[[httpx.AsyncClient], Coroutine[Any, Any, dict[str, Any]]] | None = None,
 ) -> Outcome:
-    """Send `shots` at `rate` per second; `during` runs alongside (e.g. an admin reload)."""
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    client = httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s)
+    """Send `shots` at `rate` per second over CONNECTIONS connections; `during` runs alongside
+    with an httpx client of its own (e.g. admin reloads)."""
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    requests = [_request_bytes(shot, url.netloc) for shot in shots]
+    results: list[tuple[float, int]] = [(np.nan, 0)] * len(shots)
+    queue: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
     with _no_collector():
-        async with client:
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s) as admin:
             loop = asyncio.get_running_loop()
-            side = asyncio.create_task(during(client)) if during else None
+            senders = [
+                asyncio.create_task(_connection(host, port, queue, requests, results, timeout_s))
+                for _ in range(CONNECTIONS)
+            ]
+            side = asyncio.create_task(during(admin)) if during else None
             start, cpu = loop.time(), time.process_time()
-            tasks = []
-            for i, shot in enumerate(shots):
+            for i in range(len(shots)):
                 scheduled = start + i / rate
                 delay = scheduled - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(_fire(client, shot, scheduled)))
-            results = await asyncio.gather(*tasks)
+                queue.put_nowait((i, scheduled))
+            for _ in senders:
+                queue.put_nowait(None)
+            await asyncio.gather(*senders)
             seconds = loop.time() - start
             extra = await side if side else {}
             # The client's own CPU: on a machine it shares with the service, a client near a
