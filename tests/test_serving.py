@@ -10,6 +10,7 @@ import gc
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -697,6 +698,27 @@ def test_a_replaced_version_still_held_is_left_whole(
         assert len(held.rec.items) > 0
         ranked = held.recommend([user], 5, True)
         assert len(ranked[0].item_ids) == 5
+
+
+def test_the_builder_process_starts_at_its_priority(
+    monkeypatch: pytest.MonkeyPatch, gmf_run: Path, tmp_path: Path
+):
+    """Beside a serving version the builder is started under `nice`, so that even its imports
+    yield to serving; a first load (nice 0) starts it plainly."""
+    started: list[list[str]] = []
+
+    def run(args: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        started.append(args)
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(indexes.subprocess, "run", run)
+    file_id = best_file_id(gmf_run)
+    assert file_id is not None
+    for nice in (19, 0):
+        indexes._run_builder(gmf_run, file_id, ServeSettings(), tmp_path, nice)
+    assert Path(started[0][0]).name == "nice" and started[0][1:3] == ["-n", "19"]
+    assert started[0][3:] == started[1]
+    assert started[1][:3] == [sys.executable, "-m", "recommender.serving.indexes"]
 
 
 def test_only_the_newest_index_folders_are_kept(gmf_run: Path, tmp_path: Path):
