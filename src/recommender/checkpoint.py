@@ -149,6 +149,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
     weights_only=True rebuilds tensors and plain containers only; anything else (a pickled
     object whose loading could run code) is refused, as are other formats and foreign files.
+    The tensors are memory-mapped from the file (copy on write), not read: reading a 1M-item
+    model's tables is one call per tensor that holds the GIL for tens of milliseconds, which a
+    service loading a new version beside the serving one waits out in every request; mapped,
+    their pages come in as they are first used. Files are replaced by renaming (atomic_path),
+    so a mapped file is never rewritten under a loaded model.
     """
     path = Path(path)
     if not path.is_file():
@@ -156,7 +161,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         with warnings.catch_warnings():  # the refusal below is the one line a user sees
             warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location=map_location, weights_only=True)
+            payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         why = (
