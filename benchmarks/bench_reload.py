@@ -110,6 +110,7 @@ def released(load: Callable[[], ServedModel], repeats: int) -> dict[str, Any]:
 def measure(run: Path, repeats: int, settings: ServeSettings, indexes: Path) -> dict[str, Any]:
     """Everything timed in the service's settings (module doc), put back afterwards."""
     threads, switch = torch.get_num_threads(), sys.getswitchinterval()
+    frozen = gc.get_freeze_count() > 0  # by someone else: theirs to keep
     torch.set_num_threads(1)  # as the service runs (ServeSettings.threads)
     sys.setswitchinterval(GIL_SWITCH_S)
     settle_heap()  # as a worker does before its first load
@@ -118,7 +119,8 @@ def measure(run: Path, repeats: int, settings: ServeSettings, indexes: Path) -> 
     finally:
         torch.set_num_threads(threads)
         sys.setswitchinterval(switch)
-        gc.unfreeze()
+        if not frozen:
+            gc.unfreeze()
 
 
 def _measure(run: Path, repeats: int, settings: ServeSettings, indexes: Path) -> dict[str, Any]:

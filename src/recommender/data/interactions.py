@@ -126,8 +126,8 @@ class Vocabulary:
 
         For a replaced model version freed while another serves: a 1,000,000-id vocabulary
         dropped at once is one C call of about 70 ms (its dicts' million int values, then its
-        strings) that every thread of the process waits out; dict by dict, each call is under
-        a millisecond.
+        strings) that every thread of the process waits out; dict by dict, each call takes a
+        few milliseconds at most.
         """
         while self._shards:
             self._shards.pop()
