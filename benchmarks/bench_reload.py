@@ -58,7 +58,7 @@ def tick(done: threading.Event, gaps: list[float]) -> None:
 @contextmanager
 def ticking(pauses: list[float]) -> Iterator[None]:
     """A thread ticking beside the block; appends each of its gaps above 1 ms to `pauses`."""
-    done, gaps = threading.Event(), [0.0]
+    done, gaps = threading.Event(), list[float]()
     ticker = threading.Thread(target=tick, args=(done, gaps))
     ticker.start()
     try:

@@ -169,9 +169,8 @@ class Recommender:
         waited it out."""
         self.users.release()
         self.items.release()
-        with torch.no_grad():
-            for parameter in self.model.parameters():
-                parameter.data = torch.empty(0, dtype=parameter.dtype)
+        for parameter in self.model.parameters():
+            parameter.data = torch.empty(0, dtype=parameter.dtype)
 
     @classmethod
     def from_run(

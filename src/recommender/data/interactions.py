@@ -17,8 +17,9 @@ import torch
 
 from recommender.utils import DataError, RecommenderError
 
-# Ids per slice of a Vocabulary's construction (the longest it holds the GIL: about 1 ms),
-# and the most ids a lookup takes through its dicts rather than the pandas Index.
+# Ids per slice of work over a vocabulary's ids (its construction here, their unpacking from
+# a checkpoint: the longest either holds the GIL is about 1 ms), and the most ids a lookup
+# takes through the dicts rather than the pandas Index.
 LOOKUP_SLICE = 10_000
 # Most ids per dict of a Vocabulary: growing a dict copies all of it in one C call (33 ms at
 # 700,000 ids), so a large vocabulary spreads its ids over dicts of about this size by hash.
