@@ -36,7 +36,7 @@ from conftest import (
 from recommender.checkpoint import best_file_id
 from recommender.cli import main
 from recommender.inference import Recommender
-from recommender.serving import ServeSettings, create_app, indexes, lifecycle
+from recommender.serving import ServeSettings, create_app, engine, indexes, lifecycle
 from recommender.serving.engine import ServedModel
 from recommender.serving.settings import ENV_PREFIX
 from recommender.utils import ConfigError
@@ -237,6 +237,37 @@ def test_the_most_active_users_lists_are_explained_ahead(
         assert app.state.worker.served.rec.explained is not served.rec.explained
         wait_for(lambda: client.get("/v1/model").json()["explained_ahead"] == ahead)
         assert len(app.state.worker.served.rec.folds) == 0  # the folds are not kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values")
+def test_explaining_ahead_rests_between_users_at_the_workers_priority(
+    gmf_run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """Explaining ahead shares its worker's GIL, so it keeps the worker's priority (a lower
+    one holds the GIL while other processes keep it off the cores, and the worker's requests
+    wait with it) and takes about EXPLAIN_AHEAD_SHARE of a core by resting after each user."""
+    served = ServedModel.load(gmf_run, ServeSettings(explain_warm_users=3), tmp_path, beside=True)
+    busy_s = 0.02
+    priorities: list[int] = []
+
+    def explain_many(user: object, items: object, keep_fold: bool = True) -> None:
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        time.sleep(busy_s)
+
+    rests: list[float | None] = []
+
+    class Rests(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            rests.append(timeout)
+            return False
+
+    monkeypatch.setattr(served.rec, "explain_many", explain_many)
+    monkeypatch.setattr(served, "_retired", Rests())
+    served.start_warming().join(30)
+    assert served.warmed == 3
+    assert priorities == [os.getpriority(os.PRIO_PROCESS, 0)] * 3
+    rest = busy_s * (1 / engine.EXPLAIN_AHEAD_SHARE - 1)
+    assert len(rests) == 3 and all(r is not None and r >= rest for r in rests)
 
 
 def test_unknown_user_gets_the_popularity_fallback(client: TestClient, rec: Recommender):

@@ -6,8 +6,8 @@ single reference, so a request that picked up the old version finishes on it. Th
 checkpoint and a first call of each kind, runs off the serving path (`ServedModel.load`): in a
 thread of its own at low CPU priority, so the old version keeps answering at full speed until
 the new one is ready to take over; a large catalog's ANN indexes are built once for every
-worker, by a process of their own at the lowest priority (indexes.py). Once it serves,
-the same low priority explains its most active users' lists ahead of their requests
+worker, by a process of their own at the lowest priority (indexes.py). Once it serves, a
+paced thread explains its most active users' lists ahead of their requests
 (`warm_explanations`).
 """
 
@@ -49,14 +49,20 @@ ANONYMOUS = ""
 # Ranked.representation of a list scored from items alone (a session, similar items).
 SESSION = "session"
 # Nice values beside a serving version: BUILD_NICE for the thread that reads a new version's
-# run (Python that holds the GIL; at nice 19 while other work keeps the cores busy it waits long
-# for its slices and every serving thread of its worker waits for the GIL with it: a 1M reload
-# queued requests for 20 s in one run of three, docs/BENCHMARKS.md), LONG_BUILD_NICE, the lowest
-# priority, for the process that builds a large catalog's ANN indexes (indexes.py: it shares no
-# GIL with serving) and for explaining ahead (mostly torch calls, and nothing waits for it; at
-# nice 5 it slowed the other worker's build of the version just swapped in).
+# run, LONG_BUILD_NICE, the lowest priority, for the process that builds a large catalog's ANN
+# indexes (indexes.py: it shares no GIL with serving). A thread of a worker that holds the GIL
+# (any Python) while a lower priority keeps it off the busy cores makes every serving thread
+# of the worker wait with it: with both cores busy, a thread sleeping 1 ms woke up to 283 ms
+# late beside a nice-19 thread running Python, 20 ms beside nice 5 and 10 ms beside nice 0
+# (benchmarks/bench_priority.py; a 1M reload at nice 19 queued requests for 20 s in one run of
+# three). At nice 0 the read competes with requests for the GIL all along instead (the 1M
+# mixed load's p99 208 / 104 / 208 ms against 134 ms, the median of five runs, at nice 5:
+# docs/BENCHMARKS.md). Explaining ahead runs for minutes: it keeps the worker's priority and
+# takes EXPLAIN_AHEAD_SHARE of a core by resting after each user for three times as long as
+# the user took.
 BUILD_NICE = 5
 LONG_BUILD_NICE = 19
+EXPLAIN_AHEAD_SHARE = 0.25
 # Loads of a version whose best.pt is replaced while it loads: each tries the newer file.
 LOAD_ATTEMPTS = 3
 # Seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms).
@@ -228,13 +234,8 @@ class ServedModel:
             rec.explain_many(user, self.recommend([user], 1, True)[0].item_ids, keep_fold=False)
 
     def start_warming(self) -> threading.Thread:
-        """`warm_explanations` in a daemon thread of its own at low CPU priority."""
-
-        def warm() -> None:
-            _renice_self(LONG_BUILD_NICE)
-            self.warm_explanations()
-
-        thread = threading.Thread(target=warm, name="explain-ahead", daemon=True)
+        """`warm_explanations` in a daemon thread of its own."""
+        thread = threading.Thread(target=self.warm_explanations, name="explain-ahead", daemon=True)
         thread.start()
         return thread
 
@@ -245,15 +246,21 @@ class ServedModel:
         A user's first explained list costs a fold-in and its integration path, tens of
         milliseconds (docs/BENCHMARKS.md); explained once, the list's items are a look-up in
         `rec.explained`, which a reload of the same best.pt takes over (`adopt`). The folds
-        are not kept: the explanations are what requests ask for again.
+        are not kept: the explanations are what requests ask for again. It takes about
+        EXPLAIN_AHEAD_SHARE of a core, by resting between users rather than at a lower
+        priority (BUILD_NICE says why).
         """
+        rest = 1 / EXPLAIN_AHEAD_SHARE - 1
         try:
             for user in self.rec.most_active_users(self.to_warm) if self.to_warm else []:
                 if self._retired.is_set():
                     return
+                start = time.perf_counter()
                 ranked = self.recommend([str(user)], k, True)[0]
                 self.rec.explain_many(user, ranked.item_ids, keep_fold=False)
                 self.warmed += 1
+                if self._retired.wait((time.perf_counter() - start) * rest):
+                    return
         except Exception:  # the version still serves; its explanations are computed on demand
             log.exception("explaining %s's lists ahead of requests failed", self.version)
         else:

@@ -81,10 +81,11 @@ class ServeSettings(BaseModel):
         1000,
         ge=0,
         description="Most active users whose top-10 list a worker explains ahead of their "
-        "requests once a model version serves, in a low-priority thread (a reload of the same "
-        "best.pt keeps them): their explained lists then cost a look-up, not a fold-in of tens "
-        "of milliseconds. About 30 s of one core for ml-100k's 943 users (NeuMF); not for a "
-        "catalog above ann_threshold. 0: explain on demand only.",
+        "requests once a model version serves, in a thread paced to a quarter of a core (a "
+        "reload of the same best.pt keeps them): their explained lists then cost a look-up, not "
+        "a fold-in of tens of milliseconds. About 30 s of one core for ml-100k's 943 users "
+        "(NeuMF), so about 2 minutes; not for a catalog above ann_threshold. 0: explain on "
+        "demand only.",
     )
 
     watch_interval_s: float = Field(
