@@ -7,12 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from recommender.data.interactions import (
-    LOOKUP_SLICE,
-    SHARD_IDS,
-    Interactions,
-    Vocabulary,
-)
+from recommender.data.interactions import LOOKUP_SLICE, Interactions, Vocabulary
 from recommender.data.splits import leave_last_out
 from recommender.utils import DataError, RecommenderError
 
@@ -61,21 +56,30 @@ def test_duplicate_ids_are_rejected():
         Vocabulary(["a", "b", "a"], "user")
 
 
-def test_a_large_vocabulary_finds_every_id_across_its_dicts():
-    """Above SHARD_IDS ids the lookups go through several dicts, chosen by hash: every id is
-    found at its own index, through the dicts and through the pandas Index alike, unknown ids
-    are -1, and a duplicate anywhere is still refused."""
-    n = 3 * SHARD_IDS + 5
-    ids = np.array([f"i{k}" for k in range(n)], dtype=object)
+def test_a_large_vocabulary_finds_every_id_in_both_ways():
+    """Above LOOKUP_SLICE ids the vocabulary is converted in slices, and a lookup goes by
+    binary search up to LOOKUP_SLICE ids, through the pandas Index above: every id is found at
+    its own index both ways (ids out of order, of several lengths, non-ASCII among them),
+    unknown ids are -1, and a duplicate anywhere is still refused."""
+    n = 3 * LOOKUP_SLICE + 5
+    rng = np.random.default_rng(0)
+    ids = np.array([f"{'é' if k % 7 == 0 else 'i'}{k}" for k in rng.permutation(n)], dtype=object)
     vocab = Vocabulary(ids, "item")
-    assert len(vocab._shards) > 1
-    few = np.random.default_rng(0).choice(n, size=LOOKUP_SLICE, replace=False)
-    np.testing.assert_array_equal(vocab.lookup(ids[few]), few)  # through the dicts
+    few = rng.choice(n, size=LOOKUP_SLICE, replace=False)
+    np.testing.assert_array_equal(vocab.lookup(ids[few]), few)  # binary search
     np.testing.assert_array_equal(vocab.lookup(ids), np.arange(n))  # through the Index
-    np.testing.assert_array_equal(vocab.lookup(["i0", "zz", f"i{n - 1}"]), [0, -1, n - 1])
-    assert f"i{n - 1}" in vocab and f"i{n}" not in vocab
-    with pytest.raises(DataError, match=f"duplicate id 'i{n // 2}'"):
-        Vocabulary(np.append(ids, f"i{n // 2}"), "item")
+    unknown = ["", "i", "é", "zz", f"i{n}", "\uffff"]
+    np.testing.assert_array_equal(vocab.lookup([ids[0], *unknown, ids[-1]]), [0, *[-1] * 6, n - 1])
+    assert ids[-1] in vocab and f"i{n}" not in vocab
+    with pytest.raises(DataError, match=f"duplicate id '{ids[n // 2]}'"):
+        Vocabulary(np.append(ids, ids[n // 2]), "item")
+
+
+def test_ids_that_are_not_strings_become_strings():
+    vocab = Vocabulary(np.array([3, 1, None, 2.5], dtype=object), "item")
+    assert vocab.to_list() == ["3", "1", "None", "2.5"]
+    assert all(type(x) is str for x in vocab.ids)
+    np.testing.assert_array_equal(vocab.lookup([1, "2.5", 3]), [1, 3, 0])
 
 
 def test_vocabulary_rebuilt_from_its_list_is_identical():

@@ -13,26 +13,39 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from recommender.utils import DataError, RecommenderError
 
-# Ids per slice of work over a vocabulary's ids (its construction here, their unpacking from
+# Ids per slice of work over a vocabulary's ids (their conversion here, their unpacking from
 # a checkpoint: the longest either holds the GIL is about 1 ms), and the most ids a lookup
-# takes through the dicts rather than the pandas Index.
+# takes by binary search rather than through the pandas Index.
 LOOKUP_SLICE = 10_000
-# Most ids per dict of a Vocabulary: growing a dict copies all of it in one C call (33 ms at
-# 700,000 ids), so a large vocabulary spreads its ids over dicts of about this size by hash.
-SHARD_IDS = 1 << 14
 
 
-def _as_strings(ids: np.ndarray) -> np.ndarray:
-    """A copy of (n,) ids as an object array of str; when every id already is one (checked
-    slice by slice, in Python, which lets other threads run) a plain copy, not a conversion."""
+def _as_arrow(ids: np.ndarray) -> pa.ChunkedArray | None:
+    """(n,) ids as one Arrow string column, converted slice by slice; None when an id is not
+    a str (or is None)."""
+    chunks = []
     for start in range(0, len(ids), LOOKUP_SLICE):
-        if not all(type(x) is str for x in ids[start : start + LOOKUP_SLICE]):
-            return ids.astype(str).astype(object)
-    return ids.copy()
+        try:
+            chunk = pa.array(ids[start : start + LOOKUP_SLICE], type=pa.large_string())
+        except (pa.ArrowException, UnicodeError):
+            return None
+        if chunk.null_count:
+            return None
+        chunks.append(chunk)
+    return pa.chunked_array(chunks, type=pa.large_string())
+
+
+def _copy(ids: np.ndarray) -> np.ndarray:
+    """A copy of an (n,) object array, LOOKUP_SLICE items per call."""
+    copy = np.empty(len(ids), dtype=object)
+    for start in range(0, len(ids), LOOKUP_SLICE):
+        copy[start : start + LOOKUP_SLICE] = ids[start : start + LOOKUP_SLICE]
+    return copy
 
 
 def _sort_ids(ids: np.ndarray) -> np.ndarray:
@@ -49,31 +62,35 @@ class Vocabulary:
     Unknown ids are never silently mapped: `index` raises, `lookup` returns -1 for the caller
     to handle (the popularity fallback for users, an error for items).
 
-    A few ids (what a request asks for) are looked up in dicts; many (a data file's
-    columns) through a pandas Index, built when first needed. The dicts are built in slices
-    of LOOKUP_SLICE ids, and a large vocabulary spreads its ids over dicts of at most about
-    SHARD_IDS by hash: no single C call holds the GIL for long. One call over a
-    1,000,000-id catalog held it for about 0.3 s, and a one-dict build in slices still for
-    33 ms when the dict grew; a service loading a new model version beside the serving one
-    stalls every request of its process for as long (docs/BENCHMARKS.md).
+    A few ids (what a request asks for) are found by binary search in the ids' sorted order;
+    many (a data file's columns) through a pandas Index, built when first needed. The order,
+    and the check for duplicates along it, are Arrow's (its compute functions run without
+    the GIL) over the ids converted slice by slice, so building a vocabulary leaves the GIL to
+    other threads almost throughout: a service loading a new model version beside the
+    serving one stalls every request of its process for as long as a load holds it: dicts
+    of 1,000,000 ids held it for about 0.4 s of Python in all, the sorted order is built in
+    about 0.11 s, most of it without the GIL (docs/BENCHMARKS.md).
     """
 
     def __init__(self, ids: Sequence[str] | np.ndarray, name: str = "id") -> None:
         self.name = name
-        self._ids = _as_strings(np.asarray(ids, dtype=object))
-        self._ids.flags.writeable = False  # shared with callers (`ids`)
-        self._mask = mask = (1 << max(0, (len(self._ids) - 1) // SHARD_IDS).bit_length()) - 1
-        self._shards: list[dict[str, int]] = [{} for _ in range(mask + 1)]
-        shards = self._shards
-        for start in range(0, len(self._ids), LOOKUP_SLICE):
-            chunk = self._ids[start : start + LOOKUP_SLICE].tolist()
-            if not mask:
-                shards[0].update(zip(chunk, range(start, start + len(chunk)), strict=True))
-                continue
-            for position, raw in enumerate(chunk, start):
-                shards[hash(raw) & mask][raw] = position
-        if sum(map(len, self._shards)) != len(self._ids):
-            dup = self._index[self._index.duplicated()][0]
+        ids = np.asarray(ids, dtype=object)
+        column = _as_arrow(ids)
+        if column is None:
+            ids = ids.astype(str).astype(object)
+            column = _as_arrow(ids)
+            if column is None:
+                raise DataError(f"{name} vocabulary has an id that is not valid text")
+        else:  # a copy of the caller's array, slice by slice (one call holds the GIL 10 ms)
+            ids = _copy(ids)
+        ids.flags.writeable = False  # shared with callers (`ids`)
+        self._ids = ids
+        order = pc.sort_indices(column)
+        self._order = order.to_numpy().astype(np.int64)
+        ordered = column.take(order).combine_chunks()
+        same = pc.equal(ordered.slice(1), ordered.slice(0, max(len(ids) - 1, 0)))
+        if pc.any(same).as_py():
+            dup = ordered[pc.index(same, True).as_py()].as_py()
             raise DataError(f"{name} vocabulary has duplicate id '{dup}'")
 
     @cached_property
@@ -90,20 +107,28 @@ class Vocabulary:
         return len(self._ids)
 
     def __contains__(self, raw_id: object) -> bool:
-        raw = str(raw_id)
-        return raw in self._shards[hash(raw) & self._mask]
+        return bool(self._search(np.array([str(raw_id)], dtype=object))[0] >= 0)
 
     @property
     def ids(self) -> np.ndarray:
         return self._ids
 
+    def _search(self, keys: np.ndarray) -> np.ndarray:
+        """(k,) str keys -> (k,) indices, -1 where unknown: a binary search in sorted order
+        (Arrow's order of UTF-8 bytes is Python's order of str)."""
+        if not len(self._ids):
+            return np.full(len(keys), -1, dtype=np.int64)
+        at = np.searchsorted(self._ids, keys, sorter=self._order)
+        idx = self._order[np.minimum(at, len(self._ids) - 1)]
+        return np.where(self._ids[idx] == keys, idx, -1).astype(np.int64)
+
     def lookup(self, raw_ids: Sequence[object] | np.ndarray | pd.Series) -> np.ndarray:
         """Vectorized raw -> index; -1 where the id is unknown."""
         arr = np.asarray(raw_ids, dtype=object)
         if len(arr) <= LOOKUP_SLICE:
-            shards, mask = self._shards, self._mask
-            keys = [str(x) for x in arr]
-            return np.array([shards[hash(k) & mask].get(k, -1) for k in keys], dtype=np.int64)
+            keys = np.empty(len(arr), dtype=object)
+            keys[:] = [str(x) for x in arr]
+            return self._search(keys)
         return self._index.get_indexer(pd.Index(arr.astype(str), dtype=object)).astype(np.int64)
 
     def index(self, raw_ids: Sequence[object] | np.ndarray | pd.Series) -> np.ndarray:
@@ -123,18 +148,10 @@ class Vocabulary:
         return self._ids.tolist()
 
     def release(self) -> None:
-        """Free the lookups dict by dict, then the ids; the vocabulary is empty afterwards.
-
-        For a replaced model version freed while another serves: a 1,000,000-id vocabulary
-        dropped at once is one C call of about 70 ms (its dicts' million int values, then its
-        strings) that every thread of the process waits out; dict by dict, each call takes a
-        few milliseconds at most.
-        """
-        while self._shards:
-            self._shards.pop()
-        self._shards.append({})
-        self._mask = 0
+        """Free the lookups and the ids; the vocabulary is empty afterwards (for a replaced
+        model version freed while another serves, lifecycle.release_later)."""
         self.__dict__.pop("_index", None)
+        self._order = np.empty(0, dtype=np.int64)
         self._ids = np.empty(0, dtype=object)
 
 
