@@ -66,10 +66,10 @@ class Vocabulary:
     many (a data file's columns) through a pandas Index, built when first needed. The order,
     and the check for duplicates along it, are Arrow's (its compute functions run without
     the GIL) over the ids converted slice by slice, so building a vocabulary leaves the GIL to
-    other threads almost throughout: a service loading a new model version beside the
-    serving one stalls every request of its process for as long as a load holds it: dicts
-    of 1,000,000 ids held it for about 0.4 s of Python in all, the sorted order is built in
-    about 0.11 s, most of it without the GIL (docs/BENCHMARKS.md).
+    other threads almost throughout. A service loading a new model version beside the
+    serving one stalls every request of its process for as long as a load holds it; dicts
+    of 1,000,000 ids held it for about 0.4 s of Python in all, while the sorted order is
+    built in about 0.11 s, most of it without the GIL (docs/BENCHMARKS.md).
     """
 
     def __init__(self, ids: Sequence[str] | np.ndarray, name: str = "id") -> None:
