@@ -12,9 +12,9 @@ against, and which pure function of losses.py turns those scores into the step's
 |                 | negatives                                  |                                  |
 
 A batch is scored by one call of the network, so DDP's wrapper synchronises the gradients of
-everything it scored. A sampled-softmax pool is scored as one (B, B + P) matmul by the
-dot-product models (every row against every positive and the pool; the diagonal holds the
-positives), and as B x (1 + P) pairs by the MLP towers, where a pair costs a pass of the tower.
+everything it scored. A sampled-softmax batch is scored as B x (1 + P): each row against its
+positive and the pool, by one matmul against the pool for the dot-product models (models.base.
+pool_dot), and as pairs by the MLP towers, where a pair costs a pass of the tower.
 
 Example:
     >>> objective = Objective("bpr", num_negatives=4)                            # doctest: +SKIP
@@ -133,13 +133,11 @@ class Objective:
         if self.pool is None or generator is None:
             raise ValueError("sampled_softmax needs a pool and a generator to draw it")
         pool, log_q = self.pool.sample(i, generator)
-        if getattr(model, "pair_width", 1) == 1:  # dot products: one (B, B + P) matmul
-            scores = net(u, torch.cat([i, pool])[None], **kw).float()
-            pos, neg = scores[:, : len(i)].diagonal(), scores[:, len(i) :]
-        else:  # a pass of the tower per pair: only the B x (1 + P) that count
-            grid = torch.cat([i[:, None], pool.expand(len(i), -1)], 1)
-            scores = net(u, grid, **kw).float()
-            pos, neg = scores[:, 0], scores[:, 1:]
+        if getattr(model, "pair_width", 1) == 1:  # dot products: the pool by one matmul
+            scores = net(u, i, pool=pool, **kw).float()
+        else:  # a pass of the tower per pair
+            scores = net(u, torch.cat([i[:, None], pool.expand(len(i), -1)], 1), **kw).float()
+        pos, neg = scores[:, 0], scores[:, 1:]
         # The positive is corrected only where it is itself a draw of the pool (in-batch items):
         # with a pool drawn apart from it, leaving it be tracks the full softmax more closely.
         log_q_pos = self.pool.log_q(i, len(i)) if self.logq and self.pool.in_batch else None

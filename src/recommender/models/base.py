@@ -120,6 +120,21 @@ def pair_dot(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     return torch.bmm(items, users.unsqueeze(-1)).squeeze(-1)
 
 
+def pool_dot(
+    users: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, d) user vectors and (B + P, d) item vectors, each row's own item first, then a pool
+    shared by every row -> (B, 1 + P): each row's dot product with its own item, then with the
+    pool by one matmul; (B + P,) `item_bias` is added the same way. What a sampled softmax
+    scores, without the (B, B) block of every row against every other row's item: with a
+    batch of 8,192 and a pool of 64 that block was 99% of the scores."""
+    b = len(users)
+    scores = torch.cat([(users * items[:b]).sum(-1, keepdim=True), users @ items[b:].T], 1)
+    if item_bias is None:
+        return scores
+    return scores + torch.cat([item_bias[:b, None], item_bias[None, b:].expand(b, -1)], 1)
+
+
 def resize_buffers(
     module: nn.Module, state_dict: dict[str, Any], prefix: str, names: tuple[str, ...]
 ) -> None:

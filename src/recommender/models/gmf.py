@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recommender.models.base import RecModel, init_embedding, pair_dot
+from recommender.models.base import RecModel, init_embedding, pair_dot, pool_dot
 
 
 class GMF(RecModel):
@@ -24,14 +24,23 @@ class GMF(RecModel):
         """(B,), (B,) -> (B, d): the vector the output layer weighs."""
         return self.user_emb(user_idx) * self.item_emb(item_idx)
 
-    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        user_idx: torch.Tensor,
+        item_idx: torch.Tensor | None = None,
+        pool: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items (base.pair_dot); with
-        no `item_idx` (B, n_items): the whole catalog (train.loss=softmax, called through DDP's
-        wrapper so gradients are synchronised)."""
+        (B,) items and a (P,) `pool` (B, 1 + P) (base.pool_dot); with no `item_idx` (B,
+        n_items): the whole catalog (train.loss=softmax, called through DDP's wrapper so
+        gradients are synchronised)."""
         if item_idx is None:
             return self._score_cached(user_idx, self.item_cache())
-        if item_idx.dim() > 1:
+        if pool is not None or item_idx.dim() > 1:
             weighted_users = self.user_emb(user_idx) * self.out.weight  # (B, d)
+            if pool is not None:
+                items = self.item_emb(torch.cat([item_idx, pool]))
+                return pool_dot(weighted_users, items) + self.out.bias
             return pair_dot(weighted_users, self.item_emb(item_idx)) + self.out.bias
         return self.out(self.interaction(user_idx, item_idx)).squeeze(-1)
 

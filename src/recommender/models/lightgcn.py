@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recommender.models.base import RecModel, init_embedding, pair_dot, resize_buffers
+from recommender.models.base import RecModel, init_embedding, pair_dot, pool_dot, resize_buffers
 
 # Initial embedding spread of the reference implementation (gusye1234/LightGCN-PyTorch), with
 # which its published numbers were reached. Larger than MF's 0.01: every layer averages
@@ -183,13 +183,21 @@ class LightGCN(RecModel):
             return F.normalize(users, dim=-1), F.normalize(items, dim=-1)
         return users, items
 
-    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        user_idx: torch.Tensor,
+        item_idx: torch.Tensor | None = None,
+        pool: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B,) users with (B,) items -> (B,) logits; with (B, K) or (1, K) items -> (B, K)
-        (a positive and its negatives, or a shared pool: one propagation); with no items ->
-        (B, n_items), the catalog."""
+        (a positive and its negatives); with (B,) items and a (P,) `pool` -> (B, 1 + P) (a
+        sampled softmax, base.pool_dot); with no items -> (B, n_items), the catalog. One
+        propagation each."""
         users, items = self.propagate()
         if item_idx is None:
             return users[user_idx] @ items.T
+        if pool is not None:
+            return pool_dot(users[user_idx], items[torch.cat([item_idx, pool])])
         return pair_dot(users[user_idx], items[item_idx])
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recommender.models.base import RecModel, init_embedding, pair_dot
+from recommender.models.base import RecModel, init_embedding, pair_dot, pool_dot
 
 
 class MF(RecModel):
@@ -94,19 +94,28 @@ class MF(RecModel):
         user_idx: torch.Tensor,
         item_idx: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        pool: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items (base.pair_dot); with
-        no `item_idx` (B, n_items): the whole catalog (train.loss=softmax, called through
-        DDP's wrapper so gradients are synchronised). `context` ((B, k) items, n_items
-        padding) replaces the users' latest items."""
+        (B,) items and a (P,) `pool` (B, 1 + P): each row's item, then the pool (base.pool_dot,
+        train.loss=sampled_softmax); with no `item_idx` (B, n_items): the whole catalog
+        (train.loss=softmax). Losses call it through DDP's wrapper so gradients are
+        synchronised. `context` ((B, k) items, n_items padding) replaces the users' latest
+        items."""
         users = self.user_vectors(user_idx, context)
         if item_idx is None:
             return self._catalog(users, self._user_bias(user_idx, users), self.item_cache())
+        if pool is not None:
+            item_idx = torch.cat([item_idx, pool])
         q = self.item_emb(item_idx)
         if self.context:
             q = torch.cat([q, self.target_emb(item_idx)], -1)
         if self.cosine:
-            return pair_dot(F.normalize(users, dim=-1), F.normalize(q, dim=-1))
+            dot = pair_dot if pool is None else pool_dot
+            return dot(F.normalize(users, dim=-1), F.normalize(q, dim=-1))
+        if pool is not None:
+            item_bias = self.item_bias(item_idx).squeeze(-1)  # (B + P,)
+            return pool_dot(users, q, item_bias) + self.user_bias(user_idx) + self.bias
         if item_idx.dim() > 1:
             item_bias = self.item_bias(item_idx).squeeze(-1)  # (B | 1, K)
             return pair_dot(users, q) + item_bias + self.user_bias(user_idx) + self.bias
