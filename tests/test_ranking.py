@@ -18,7 +18,7 @@ from recommender.data.pipeline import DataBundle, load_data
 from recommender.data.sampling import PoolSampler
 from recommender.evaluate import evaluate_full
 from recommender.losses import bpr, sampled_softmax
-from recommender.models import GMF, MF, MLP, LightGCN, Popularity
+from recommender.models import GMF, MF, MLP, LightGCN, NeuMF, Popularity
 from recommender.objective import Objective
 from recommender.train import Trainer
 
@@ -95,17 +95,17 @@ def test_a_softmax_run_builds_no_sampler(planted_csv: Path, data: DataBundle, tm
 
 
 def test_the_pool_is_scored_as_the_loss_says():
-    """Dot-product models score the pool by one matmul beside each row's own positive, the
-    towers pair by pair: every model gives losses.sampled_softmax of its pair scores, logQ on
-    the negatives only for a pool drawn apart from the positives, on both sides for the
-    batch's own positives."""
+    """Every model scores a pool shared by the batch (one matmul for the dot products, the
+    first layer's item half once for the towers) as it scores each row's own items: the loss
+    is losses.sampled_softmax of the pair scores, logQ on the negatives only for a pool drawn
+    apart from the positives, on both sides for the batch's own positives."""
     torch.manual_seed(0)
     u, i = torch.tensor([0, 1, 2, 1]), torch.tensor([3, 5, 3, 0])
     counts = torch.tensor([4.0, 1.0, 2.0, 6.0, 0.0, 3.0])
     graph = LightGCN(3, 6, dim=4, layers=1)
     graph.set_graph(np.array([0, 1, 2, 2]), np.array([1, 2, 3, 5]))
     models = (MF(3, 6, 4), MF(3, 6, 4, context=2), MF(3, 6, 4, cosine=True), GMF(3, 6, 4), graph)
-    for model in (*models, MLP(3, 6, [8, 4], 0.0)):
+    for model in (*models, MLP(3, 6, [8, 4], 0.0), NeuMF(3, 6, 4, [8, 4], 0.0)):
         for in_batch in (False, True):
             pool = PoolSampler(counts, 5, in_batch=in_batch)
             objective = Objective("sampled_softmax", pool=pool)

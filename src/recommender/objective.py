@@ -13,8 +13,9 @@ against, and which pure function of losses.py turns those scores into the step's
 
 A batch is scored by one call of the network, so DDP's wrapper synchronises the gradients of
 everything it scored. A sampled-softmax batch is scored as B x (1 + P): each row against its
-positive and the pool, by one matmul against the pool for the dot-product models (models.base.
-pool_dot), and as pairs by the MLP towers, where a pair costs a pass of the tower.
+positive and the pool, `model(u, i, pool=pool)`; a dot-product model scores the pool by one
+matmul (models.base.pool_dot), an MLP tower computes the pool's half of its first layer once
+for every row and passes each (row, item) pair through the rest.
 
 Example:
     >>> objective = Objective("bpr", num_negatives=4)                            # doctest: +SKIP
@@ -110,7 +111,7 @@ class Objective:
             else:
                 value = losses.ccl(pos, neg, self.ccl_margin, self.ccl_neg_weight, weight)
         elif self.loss == "sampled_softmax":
-            value, negatives = self._sampled_softmax(net, model, u, i, weight, kw, generator)
+            value, negatives = self._sampled_softmax(net, u, i, weight, kw, generator)
         else:
             raise ValueError(f"unknown loss {self.loss!r}")
         if self.embedding_l2 and isinstance(model, LightGCN):
@@ -122,7 +123,6 @@ class Objective:
     def _sampled_softmax(
         self,
         net: torch.nn.Module,
-        model: torch.nn.Module,
         u: torch.Tensor,
         i: torch.Tensor,
         weight: torch.Tensor | None,
@@ -133,10 +133,7 @@ class Objective:
         if self.pool is None or generator is None:
             raise ValueError("sampled_softmax needs a pool and a generator to draw it")
         pool, log_q = self.pool.sample(i, generator)
-        if getattr(model, "pair_width", 1) == 1:  # dot products: the pool by one matmul
-            scores = net(u, i, pool=pool, **kw).float()
-        else:  # a pass of the tower per pair
-            scores = net(u, torch.cat([i[:, None], pool.expand(len(i), -1)], 1), **kw).float()
+        scores = net(u, i, pool=pool, **kw).float()  # (B, 1 + P)
         pos, neg = scores[:, 0], scores[:, 1:]
         # The positive is corrected only where it is itself a draw of the pool (in-batch items):
         # with a pool drawn apart from it, leaving it be tracks the full softmax more closely.

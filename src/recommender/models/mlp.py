@@ -84,17 +84,26 @@ class MLPTower(nn.Module):
             h = self._drop(linear(h))
         return h
 
-    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        """(B,), (B,) -> (B, layers[-1]); (B,) users with (B, K) or (1, K) items ->
-        (B, K, layers[-1]): the user half of layer one is computed once per row, the item
-        half once per item, so a row scores its K items for K additions, not K concatenations."""
-        if item_idx.dim() == user_idx.dim():
+    def forward(
+        self, user_idx: torch.Tensor, item_idx: torch.Tensor, pool: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,), (B,) -> (B, layers[-1]); (B,) users with (B, K) or (1, K) items, or with (B,)
+        items and a (P,) `pool` shared by every row (K = 1 + P: each row's item, then the
+        pool) -> (B, K, layers[-1]). The user half of layer one is computed once per row and
+        the item half once per item, so a row scores its K items for K additions, not K
+        concatenations; a shared pool's item half is computed once for every row."""
+        if pool is None and item_idx.dim() == user_idx.dim():
             x = torch.cat([self.user_emb(user_idx), self.item_emb(item_idx)], -1)  # (B, d0)
             return self._rest(self.first(x))
         half = self.user_emb.embedding_dim
         user_half = self.user_emb(user_idx) @ self.first.weight[:, :half].T + self.first.bias
-        item_half = self.item_emb(item_idx) @ self.first.weight[:, half:].T  # (B | 1, K, w1)
-        return self._rest(user_half[:, None, :] + item_half)
+        if pool is None:
+            item_half = self.item_emb(item_idx) @ self.first.weight[:, half:].T  # (B | 1, K, w1)
+            return self._rest(user_half[:, None, :] + item_half)
+        item_half = self.item_emb(torch.cat([item_idx, pool])) @ self.first.weight[:, half:].T
+        b = len(user_idx)
+        own = (user_half + item_half[:b])[:, None, :]  # (B, 1, w1)
+        return self._rest(torch.cat([own, user_half[:, None, :] + item_half[b:]], 1))
 
     def item_half(self) -> torch.Tensor:
         """(n_items, layers[1]): the item embeddings through the item half of layer one."""
@@ -152,9 +161,12 @@ class MLP(RecModel):
         self.out = nn.Linear(layers[-1], 1)
         self.pair_width = self.tower.width
 
-    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items."""
-        return self.out(self.tower(user_idx, item_idx)).squeeze(-1)
+    def forward(
+        self, user_idx: torch.Tensor, item_idx: torch.Tensor, pool: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items; (B, 1 + P) of (B,)
+        items and a (P,) `pool` (MLPTower.forward)."""
+        return self.out(self.tower(user_idx, item_idx, pool)).squeeze(-1)
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         return (self.tower.item_half(),)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recommender.models.base import RecModel, init_embedding
+from recommender.models.base import RecModel, init_embedding, pool_dot
 from recommender.models.gmf import GMF
 from recommender.models.mlp import MLP, MLPTower
 
@@ -62,9 +62,18 @@ class NeuMF(RecModel):
             users = users[:, None, :]
         return torch.cat([users * self.item_emb(item_idx), self.tower(user_idx, item_idx)], -1)
 
-    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items."""
-        return self.out(self.branches(user_idx, item_idx)).squeeze(-1)
+    def forward(
+        self, user_idx: torch.Tensor, item_idx: torch.Tensor, pool: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items; (B, 1 + P) of (B,)
+        items and a (P,) `pool`: the output layer is linear, so the GMF part is a dot product
+        (base.pool_dot) and the tower scores the pool as MLPTower.forward does."""
+        if pool is None:
+            return self.out(self.branches(user_idx, item_idx)).squeeze(-1)
+        w_gmf, w_mlp = self.out.weight[0, : self.dim], self.out.weight[0, self.dim :]
+        users = self.user_emb(user_idx) * w_gmf
+        gmf = pool_dot(users, self.item_emb(torch.cat([item_idx, pool])))
+        return gmf + self.tower(user_idx, item_idx, pool) @ w_mlp + self.out.bias
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         return self.item_emb.weight, self.tower.item_half()
