@@ -112,7 +112,7 @@ class RecModel(nn.Module):
 def pair_dot(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Dot products of (B, d) user vectors with (B, d) item vectors -> (B,); with (B, K, d)
     vectors, K per row -> (B, K); with (1, K, d) vectors shared by every row -> (B, K) by one
-    matmul, never a (B, K, d) copy (a sampled-softmax pool of thousands of items)."""
+    matmul, never a (B, K, d) copy."""
     if items.dim() == 2:
         return (users * items).sum(-1)
     if len(items) == 1:
