@@ -104,8 +104,11 @@ def test_the_pool_is_scored_as_the_loss_says():
     counts = torch.tensor([4.0, 1.0, 2.0, 6.0, 0.0, 3.0])
     graph = LightGCN(3, 6, dim=4, layers=1)
     graph.set_graph(np.array([0, 1, 2, 2]), np.array([1, 2, 3, 5]))
-    models = (MF(3, 6, 4), MF(3, 6, 4, context=2), MF(3, 6, 4, cosine=True), GMF(3, 6, 4), graph)
-    for model in (*models, MLP(3, 6, [8, 4], 0.0), NeuMF(3, 6, 4, [8, 4], 0.0)):
+    models = (
+        MF(3, 6, 4), MF(3, 6, 4, context=2), MF(3, 6, 4, cosine=True), GMF(3, 6, 4), graph,
+        MLP(3, 6, [8, 4], 0.0), NeuMF(3, 6, 4, [8, 4], 0.0),
+    )  # fmt: skip
+    for model in models:
         for in_batch in (False, True):
             pool = PoolSampler(counts, 5, in_batch=in_batch)
             objective = Objective("sampled_softmax", pool=pool)

@@ -38,10 +38,10 @@ class GMF(RecModel):
             return self._score_cached(user_idx, self.item_cache())
         if pool is not None or item_idx.dim() > 1:
             weighted_users = self.user_emb(user_idx) * self.out.weight  # (B, d)
-            if pool is not None:
-                items = self.item_emb(torch.cat([item_idx, pool]))
-                return pool_dot(weighted_users, items) + self.out.bias
-            return pair_dot(weighted_users, self.item_emb(item_idx)) + self.out.bias
+            if pool is None:
+                return pair_dot(weighted_users, self.item_emb(item_idx)) + self.out.bias
+            items = self.item_emb(torch.cat([item_idx, pool]))
+            return pool_dot(weighted_users, items) + self.out.bias
         return self.out(self.interaction(user_idx, item_idx)).squeeze(-1)
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
