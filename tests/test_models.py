@@ -87,6 +87,41 @@ def test_score_all_in_chunks_is_the_same(name: str, monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(chunked, whole)
 
 
+@pytest.mark.parametrize("name", ["mlp", "neumf"])
+def test_many_items_a_row_score_the_same_in_chunks(name: str, monkeypatch: pytest.MonkeyPatch):
+    """MLPTower.scores takes rows CHUNK_FLOATS activations at a time (a pool, or K items a
+    row): the scores and every gradient are the one-pass ones, and match pair by pair."""
+    model = make(name, dropout=0.0).train()  # no dropout: the chunks must agree exactly
+    users, own = torch.tensor([0, 3, 8, 3, 5]), torch.tensor([12, 0, 5, 5, 1])
+    pool, many = torch.tensor([2, 7, 12]), torch.tensor([[1, 4], [0, 2], [3, 3], [9, 5], [6, 7]])
+
+    def run() -> list[torch.Tensor]:
+        model.zero_grad()
+        pooled, rows = model(users, own, pool=pool), model(users, many)
+        shared = model(users, pool[None, :])  # (1, K) items for every row
+        (pooled.sum() + rows.sum() + shared.pow(2).sum()).backward()
+        return [pooled, rows, shared, *(p.grad.clone() for p in model.parameters())]
+
+    whole = run()
+    monkeypatch.setattr(mlp_module, "CHUNK_FLOATS", 2 * 4 * model.pair_width)  # ragged chunks
+    for got, expected in zip(run(), whole, strict=True):
+        torch.testing.assert_close(got, expected)
+    pairs = model(
+        users.repeat_interleave(4), torch.cat([own[:, None], pool.expand(5, 3)], 1).flatten()
+    )
+    torch.testing.assert_close(whole[0], pairs.view(5, 4))
+
+
+def test_sparse_tower_tables_give_sparse_gradients():
+    """A tower's table no larger than the batch is projected whole (mlp._project), unless its
+    gradient must be sparse."""
+    model = build_model(ModelConfig(name="mlp", mlp_layers=[8, 4]), N_USERS, N_ITEMS, sparse=True)
+    users, items = all_pairs()  # more rows than either table has
+    model(users, items).sum().backward()
+    assert model.tower.user_emb.weight.grad.is_sparse
+    assert model.tower.item_emb.weight.grad.is_sparse
+
+
 @pytest.mark.parametrize("name", ["gmf", "mlp", "neumf", "mf", "mf-context"])
 def test_every_parameter_gets_a_gradient(name: str):
     model = make(name).train()

@@ -16,37 +16,62 @@ from recommender.models.base import SCORE_TILE, RecModel, init_embedding
 
 # Random bits behind each unit's keep draw: p is rounded to a multiple of 1 / 2**16.
 KEEP_BITS = 16
+# First-layer activations a chunk of MLPTower.scores holds (2 MiB of float32: the L2 cache).
+CHUNK_FLOATS = 1 << 19
 
 
 class ReLUDropout(torch.autograd.Function):
-    """ReLU then inverted dropout, as one op with one saved mask.
+    """ReLU then inverted dropout, as one op that saves nothing but its output.
 
     Each unit is kept with probability 1 - p (p rounded to 1 / 65,536) and scaled by the
     inverse of that probability, as nn.Dropout does. Why not relu + nn.Dropout: in a training
     step of the seed's network (32-dim embeddings, 64 -> 64 -> 32, one CPU thread) dropout's
     uniform draws took a quarter of the step (torch's CPU generator spends one 32-bit draw per
-    float); four units' keep draws come from one 64-bit draw here, and ReLU's mask folds into
-    dropout's, so the backward is one multiply instead of a threshold and a multiply. Draws
-    come from torch's default generator, so seeding and checkpointed RNG states cover them.
+    float); four units' keep draws come from one 64-bit draw here. The mask is built from
+    float ops (a clamp of the draws): torch's CPU comparisons and bool-to-float casts cost
+    five to eight times a float multiply there. The backward passes the gradient where the
+    output is positive (ReLU's and dropout's joint mask), so no mask is saved. Draws come
+    from torch's default generator, so seeding and checkpointed RNG states cover them.
     """
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, p: float) -> torch.Tensor:
         dropped = min(round(p * (1 << KEEP_BITS)), (1 << KEEP_BITS) - 1)
+        scale = (1 << KEEP_BITS) / ((1 << KEEP_BITS) - dropped)
         n = h.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=h.device)
         words.random_(-(1 << 63), (1 << 63) - 1)
         draws = words.view(torch.int16)[:n].view(h.shape)  # uniform over the int16 range
-        keep = draws >= dropped - (1 << (KEEP_BITS - 1))
-        mask = keep.logical_and_(h > 0).to(h.dtype)
-        mask.mul_((1 << KEEP_BITS) / ((1 << KEEP_BITS) - dropped))
-        ctx.save_for_backward(mask)
-        return h * mask
+        # kept iff draw >= threshold; draws are integers, so clamping to [threshold - 1,
+        # threshold] and shifting gives 0 or 1 (in float32, where every int16 is exact)
+        threshold = float(dropped - (1 << (KEEP_BITS - 1)))
+        keep = draws.float().clamp_(threshold - 1, threshold).sub_(threshold - 1).mul_(scale)
+        out = torch.relu(h).mul_(keep)
+        ctx.scale = scale
+        ctx.save_for_backward(out)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
+        (out,) = ctx.saved_tensors
+        # grad where out > 0 (ReLU's own backward kernel, one pass), times dropout's scale
+        return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None
+
+
+def _project(emb: nn.Embedding, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """emb(idx) @ weight.T, shaped idx.shape + (weight rows,).
+
+    A dense table with no more rows than idx holds indices is projected whole and then
+    gathered: the same product for fewer FLOPs (the seed's network on ml-100k: 943 and 1,682
+    rows against a batch of 4,096), and its backward is an index_add into the small projected
+    table plus two table-sized matmuls, where gathering first costs torch's embedding backward
+    (which sorts a batch of more than 3,000 indices on CPU) and a batch-sized matmul. Sparse
+    tables (SparseAdam) keep the gather, which is what their sparse gradient comes from.
+    """
+    if emb.sparse or emb.num_embeddings > idx.numel():
+        return emb(idx) @ weight.T
+    table = emb.weight @ weight.T
+    return torch.index_select(table, 0, idx.flatten()).view(*idx.shape, weight.shape[0])
 
 
 class MLPTower(nn.Module):
@@ -84,26 +109,64 @@ class MLPTower(nn.Module):
             h = self._drop(linear(h))
         return h
 
-    def forward(
-        self, user_idx: torch.Tensor, item_idx: torch.Tensor, pool: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(B,), (B,) -> (B, layers[-1]); (B,) users with (B, K) or (1, K) items, or with (B,)
-        items and a (P,) `pool` shared by every row (K = 1 + P: each row's item, then the
-        pool) -> (B, K, layers[-1]). The user half of layer one is computed once per row and
-        the item half once per item, so a row scores its K items for K additions, not K
-        concatenations; a shared pool's item half is computed once for every row."""
-        if pool is None and item_idx.dim() == user_idx.dim():
-            x = torch.cat([self.user_emb(user_idx), self.item_emb(item_idx)], -1)  # (B, d0)
-            return self._rest(self.first(x))
+    def _halves(
+        self, user_idx: torch.Tensor, item_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer one's user half (with its bias) and item half: its weight split along
+        [p_u, q_i], so a pair's first layer is their sum and a row scores K items for K
+        additions, not K concatenations. Shapes: user_idx's and item_idx's, plus (layers[1],)."""
         half = self.user_emb.embedding_dim
-        user_half = self.user_emb(user_idx) @ self.first.weight[:, :half].T + self.first.bias
-        if pool is None:
-            item_half = self.item_emb(item_idx) @ self.first.weight[:, half:].T  # (B | 1, K, w1)
-            return self._rest(user_half[:, None, :] + item_half)
-        item_half = self.item_emb(torch.cat([item_idx, pool])) @ self.first.weight[:, half:].T
+        weight = self.first.weight
+        user_half = _project(self.user_emb, user_idx, weight[:, :half]) + self.first.bias
+        return user_half, _project(self.item_emb, item_idx, weight[:, half:])
+
+    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """(B,), (B,) -> (B, layers[-1]); (B,) users with (B, K) or (1, K) items ->
+        (B, K, layers[-1])."""
+        user_half, item_half = self._halves(user_idx, item_idx)
+        if item_idx.dim() > user_idx.dim():
+            user_half = user_half[:, None, :]
+        return self._rest(user_half + item_half)
+
+    def scores(
+        self,
+        user_idx: torch.Tensor,
+        item_idx: torch.Tensor,
+        weight: torch.Tensor,
+        pool: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """forward(...) @ weight: (B,) of (B,) pairs; (B, K) of (B, K) or (1, K) items;
+        (B, 1 + P) of (B,) items and a (P,) `pool` shared by every row (each row's item, then
+        the pool; the pool's item half computed once for every row).
+
+        Many items a row are scored CHUNK_FLOATS first-layer activations at a time, and only
+        each chunk's scores are kept: a step of the sampled softmax (B x (1 + P) pairs, tens of
+        MB a layer at once) otherwise streams every layer through memory and pays the page
+        faults of freshly mapped buffers; in chunks it ran 2.6-2.9x faster (4,096 rows, a pool
+        of 64, the seed's network, one thread; docs/BENCHMARKS.md). The chunks' graphs are
+        kept for backward, so the gradient is the whole batch's, as in one pass.
+        """
+        if pool is None and item_idx.dim() == user_idx.dim():
+            return self.forward(user_idx, item_idx) @ weight
+        items = item_idx if pool is None else torch.cat([item_idx, pool])
+        user_half, item_half = self._halves(user_idx, items)
         b = len(user_idx)
-        own = (user_half + item_half[:b])[:, None, :]  # (B, 1, w1)
-        return self._rest(torch.cat([own, user_half[:, None, :] + item_half[b:]], 1))
+        if pool is None:  # (B | 1, K, w1)
+            k = item_half.shape[1]
+        else:  # each row's own item, (B, 1, w1), and the pool's, (P, w1)
+            own, pooled = item_half[:b, None, :], item_half[b:]
+            k = 1 + len(pool)
+        rows = max(1, CHUNK_FLOATS // (k * self.width))
+        chunks = []
+        for start in range(0, b, rows):
+            users = user_half[start : start + rows, None, :]
+            if pool is None:
+                mine = item_half if len(item_half) == 1 else item_half[start : start + rows]
+                chunks.append(self._rest(users + mine) @ weight)
+            else:
+                mine = self._rest(users + own[start : start + rows]) @ weight  # (rows, 1)
+                chunks.append(torch.cat([mine, self._rest(users + pooled) @ weight], 1))
+        return torch.cat(chunks)
 
     def item_half(self) -> torch.Tensor:
         """(n_items, layers[1]): the item embeddings through the item half of layer one."""
@@ -166,7 +229,7 @@ class MLP(RecModel):
     ) -> torch.Tensor:
         """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items; (B, 1 + P) of (B,)
         items and a (P,) `pool` (MLPTower.forward)."""
-        return self.out(self.tower(user_idx, item_idx, pool)).squeeze(-1)
+        return self.tower.scores(user_idx, item_idx, self.out.weight[0], pool) + self.out.bias
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         return (self.tower.item_half(),)

@@ -66,14 +66,18 @@ class NeuMF(RecModel):
         self, user_idx: torch.Tensor, item_idx: torch.Tensor, pool: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items; (B, 1 + P) of (B,)
-        items and a (P,) `pool`: the output layer is linear, so the GMF part is a dot product
-        (base.pool_dot) and the tower scores the pool as MLPTower.forward does."""
-        if pool is None:
+        items and a (P,) `pool`. The output layer is linear, so with many items a row the GMF
+        part is a dot product (base.pool_dot for a pool) and the tower's part comes from
+        MLPTower.scores, in chunks of rows."""
+        if pool is None and item_idx.dim() == user_idx.dim():
             return self.out(self.branches(user_idx, item_idx)).squeeze(-1)
         w_gmf, w_mlp = self.out.weight[0, : self.dim], self.out.weight[0, self.dim :]
         users = self.user_emb(user_idx) * w_gmf
-        gmf = pool_dot(users, self.item_emb(torch.cat([item_idx, pool])))
-        return gmf + self.tower(user_idx, item_idx, pool) @ w_mlp + self.out.bias
+        if pool is None:
+            gmf = (users[:, None, :] * self.item_emb(item_idx)).sum(-1)
+        else:
+            gmf = pool_dot(users, self.item_emb(torch.cat([item_idx, pool])))
+        return gmf + self.tower.scores(user_idx, item_idx, w_mlp, pool) + self.out.bias
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
         return self.item_emb.weight, self.tower.item_half()
