@@ -228,7 +228,7 @@ class MLP(RecModel):
         self, user_idx: torch.Tensor, item_idx: torch.Tensor, pool: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items; (B, 1 + P) of (B,)
-        items and a (P,) `pool` (MLPTower.forward)."""
+        items and a (P,) `pool` (MLPTower.scores, the output layer applied per chunk)."""
         return self.tower.scores(user_idx, item_idx, self.out.weight[0], pool) + self.out.bias
 
     def item_cache(self) -> tuple[torch.Tensor, ...]:
