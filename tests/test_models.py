@@ -106,10 +106,11 @@ def test_many_items_a_row_score_the_same_in_chunks(name: str, monkeypatch: pytes
     monkeypatch.setattr(mlp_module, "CHUNK_FLOATS", 2 * 4 * model.pair_width)  # ragged chunks
     for got, expected in zip(run(), whole, strict=True):
         torch.testing.assert_close(got, expected)
-    pairs = model(
-        users.repeat_interleave(4), torch.cat([own[:, None], pool.expand(5, 3)], 1).flatten()
-    )
-    torch.testing.assert_close(whole[0], pairs.view(5, 4))
+    scored = (torch.cat([own[:, None], pool.expand(5, 3)], 1), many, pool.expand(5, 3))
+    for got, items in zip(whole[:3], scored, strict=True):  # each row's items, pair by pair
+        k = items.shape[1]
+        pairs = model(users.repeat_interleave(k), items.flatten())
+        torch.testing.assert_close(got, pairs.view(5, k))
 
 
 def test_sparse_tower_tables_give_sparse_gradients():
