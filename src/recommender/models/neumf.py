@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recommender.models.base import RecModel, init_embedding, pool_dot
+from recommender.models.base import RecModel, init_embedding, pair_dot, pool_dot
 from recommender.models.gmf import GMF
 from recommender.models.mlp import MLP, MLPTower
 
@@ -67,14 +67,14 @@ class NeuMF(RecModel):
     ) -> torch.Tensor:
         """(B,) logits of (B,) pairs; (B, K) of (B, K) or (1, K) items; (B, 1 + P) of (B,)
         items and a (P,) `pool`. The output layer is linear, so with many items a row the GMF
-        part is a dot product (base.pool_dot for a pool) and the tower's part comes from
-        MLPTower.scores, in chunks of rows."""
+        part is a dot product (base.pair_dot, or base.pool_dot for a pool) and the tower's
+        part comes from MLPTower.scores, in chunks of rows."""
         if pool is None and item_idx.dim() == user_idx.dim():
             return self.out(self.branches(user_idx, item_idx)).squeeze(-1)
         w_gmf, w_mlp = self.out.weight[0, : self.dim], self.out.weight[0, self.dim :]
         users = self.user_emb(user_idx) * w_gmf
         if pool is None:
-            gmf = (users[:, None, :] * self.item_emb(item_idx)).sum(-1)
+            gmf = pair_dot(users, self.item_emb(item_idx))
         else:
             gmf = pool_dot(users, self.item_emb(torch.cat([item_idx, pool])))
         return gmf + self.tower.scores(user_idx, item_idx, w_mlp, pool) + self.out.bias
