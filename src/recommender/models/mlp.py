@@ -121,11 +121,8 @@ class MLPTower(nn.Module):
         return user_half, _project(self.item_emb, item_idx, weight[:, half:])
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        """(B,), (B,) -> (B, layers[-1]); (B,) users with (B, K) or (1, K) items ->
-        (B, K, layers[-1])."""
+        """(B,), (B,) pairs -> (B, layers[-1]); many items a row go through `scores`."""
         user_half, item_half = self._halves(user_idx, item_idx)
-        if item_idx.dim() > user_idx.dim():
-            user_half = user_half[:, None, :]
         return self._rest(user_half + item_half)
 
     def scores(

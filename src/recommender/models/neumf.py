@@ -55,11 +55,8 @@ class NeuMF(RecModel):
         self.pair_width = self.tower.width
 
     def branches(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        """(B,), (B,) -> (B, dim + layers[-1]): GMF vector then MLP vector; (B, K, ...) for
-        (B, K) or (1, K) items."""
+        """(B,), (B,) -> (B, dim + layers[-1]): GMF vector then MLP vector."""
         users = self.user_emb(user_idx)
-        if item_idx.dim() > user_idx.dim():
-            users = users[:, None, :]
         return torch.cat([users * self.item_emb(item_idx), self.tower(user_idx, item_idx)], -1)
 
     def forward(
