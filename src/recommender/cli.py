@@ -26,6 +26,7 @@ from recommender.utils import (
     RecommenderError,
     atomic_path,
     resolve_device,
+    retain_freed_memory,
     set_threads,
     setup_logging,
 )
@@ -96,6 +97,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         import_mlflow()  # a missing package fails before any data is read
     check_new_run(out, overwrite=args.overwrite, resume=args.resume)
     set_threads(cfg.threads)
+    retain_freed_memory()
     device = dist.device(resolve_device(cfg.device))
     dist.init(device)
     try:
@@ -150,6 +152,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
         import_mlflow()
     check_study_dir(out, cfg)  # before the data is read
     set_threads(cfg.threads)
+    retain_freed_memory()
     device = resolve_device(cfg.device)
     data = load_data(cfg.data, cfg.seed)
     try:

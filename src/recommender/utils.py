@@ -1,12 +1,14 @@
-"""Shared plumbing: error types, atomic file writes, devices, threads, logging.
+"""Shared plumbing: error types, atomic file writes, devices, threads, the allocator, logging.
 
 Everything here is a leaf: no module in this file imports another part of the package.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +75,36 @@ def set_threads(threads: int | None) -> None:
     if threads > cores:
         log.warning("threads=%d exceeds the %d available cores; expect slowdowns", threads, cores)
     torch.set_num_threads(threads)
+
+
+# glibc malloc: blocks below this come from the heap instead of mmap (default: 128 KiB, rising
+# only as large blocks are freed), and up to TRIM bytes free at the heap's top stay mapped.
+MALLOC_MMAP_THRESHOLD = 64 << 20
+MALLOC_TRIM_THRESHOLD = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
+def retain_freed_memory() -> bool:
+    """Let glibc's malloc keep the memory of freed tensors for the next ones; True if it did.
+
+    Why: a CPU training step allocates and frees the same few 0.1-30 MB activations every
+    step. Above malloc's mmap threshold each of them is a fresh mapping whose pages fault in on
+    first touch (about 100 faults a step for the seed's network on ml-100k: 4 KiB each), so
+    an elementwise op over 1 MB cost 3-10 times its in-cache time; with blocks up to 64 MiB
+    served from the heap and 256 MiB of free heap kept, a step took 15-20% less. The cost is
+    up to that much freed memory held by the process. Not glibc (macOS, musl): does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    )
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -10,12 +10,13 @@ import itertools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recommender.models.base import SCORE_TILE, RecModel, init_embedding
 
-# Random bits behind each unit's keep draw: p is rounded to a multiple of 1 / 2**16.
-KEEP_BITS = 16
+# Random bits behind each unit's keep draw: p is rounded to a multiple of 1 / 2**8.
+KEEP_BITS = 8
 # First-layer activations a chunk of MLPTower.scores holds (2 MiB of float32: the L2 cache).
 CHUNK_FLOATS = 1 << 19
 
@@ -23,11 +24,12 @@ CHUNK_FLOATS = 1 << 19
 class ReLUDropout(torch.autograd.Function):
     """ReLU then inverted dropout, as one op that saves nothing but its output.
 
-    Each unit is kept with probability 1 - p (p rounded to 1 / 65,536) and scaled by the
-    inverse of that probability, as nn.Dropout does. Why not relu + nn.Dropout: in a training
-    step of the seed's network (32-dim embeddings, 64 -> 64 -> 32, one CPU thread) dropout's
-    uniform draws took a quarter of the step (torch's CPU generator spends one 32-bit draw per
-    float); four units' keep draws come from one 64-bit draw here. The mask is built from
+    Each unit is kept with probability 1 - p (p rounded to 1 / 256, so 0.2 drops 51 / 256 =
+    0.1992) and scaled by the inverse of that probability, as nn.Dropout does. Why not relu +
+    nn.Dropout: in a training step of the seed's network (32-dim embeddings, 64 -> 64 -> 32,
+    one CPU thread) dropout's uniform draws took a quarter of the step (torch's CPU generator
+    spends one 32-bit draw per float); eight units' keep draws come from one 64-bit draw here,
+    and the draws are still the largest part of the op. The mask is built from
     float ops (a clamp of the draws): torch's CPU comparisons and bool-to-float casts cost
     five to eight times a float multiply there. The backward passes the gradient where the
     output is positive (ReLU's and dropout's joint mask), so no mask is saved. Draws come
@@ -39,11 +41,11 @@ class ReLUDropout(torch.autograd.Function):
         dropped = min(round(p * (1 << KEEP_BITS)), (1 << KEEP_BITS) - 1)
         scale = (1 << KEEP_BITS) / ((1 << KEEP_BITS) - dropped)
         n = h.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=h.device)
+        words = torch.empty((n + 7) // 8, dtype=torch.int64, device=h.device)
         words.random_(-(1 << 63), (1 << 63) - 1)
-        draws = words.view(torch.int16)[:n].view(h.shape)  # uniform over the int16 range
+        draws = words.view(torch.int8)[:n].view(h.shape)  # uniform over the int8 range
         # kept iff draw >= threshold; draws are integers, so clamping to [threshold - 1,
-        # threshold] and shifting gives 0 or 1 (in float32, where every int16 is exact)
+        # threshold] and shifting gives 0 or 1 (in float32, where every int8 is exact)
         threshold = float(dropped - (1 << (KEEP_BITS - 1)))
         keep = draws.float().clamp_(threshold - 1, threshold).sub_(threshold - 1).mul_(scale)
         out = torch.relu(h).mul_(keep)
@@ -58,8 +60,10 @@ class ReLUDropout(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None
 
 
-def _project(emb: nn.Embedding, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """emb(idx) @ weight.T, shaped idx.shape + (weight rows,).
+def _project(
+    emb: nn.Embedding, idx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """emb(idx) @ weight.T (+ bias), shaped idx.shape + (weight rows,).
 
     A dense table with no more rows than idx holds indices is projected whole and then
     gathered: the same product for fewer FLOPs (the seed's network on ml-100k: 943 and 1,682
@@ -69,8 +73,8 @@ def _project(emb: nn.Embedding, idx: torch.Tensor, weight: torch.Tensor) -> torc
     tables (SparseAdam) keep the gather, which is what their sparse gradient comes from.
     """
     if emb.sparse or emb.num_embeddings > idx.numel():
-        return emb(idx) @ weight.T
-    table = emb.weight @ weight.T
+        return F.linear(emb(idx), weight, bias)
+    table = F.linear(emb.weight, weight, bias)  # the bias too once per row, not per index
     return torch.index_select(table, 0, idx.flatten()).view(*idx.shape, weight.shape[0])
 
 
@@ -117,7 +121,7 @@ class MLPTower(nn.Module):
         additions, not K concatenations. Shapes: user_idx's and item_idx's, plus (layers[1],)."""
         half = self.user_emb.embedding_dim
         weight = self.first.weight
-        user_half = _project(self.user_emb, user_idx, weight[:, :half]) + self.first.bias
+        user_half = _project(self.user_emb, user_idx, weight[:, :half], self.first.bias)
         return user_half, _project(self.item_emb, item_idx, weight[:, half:])
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
