@@ -124,7 +124,8 @@ def test_evaluate_full_matches_brute_force(seed, n_users, n_items, k, levels):
         n_seen = int(rng.integers(0, n_items - 3))
         history[u] = set(items[:n_seen].tolist())
         if rng.random() < 0.8:  # some users have no target: they are not evaluated
-            # Up to 8 targets: both the counting path and the sorting path of evaluate_full.
+            # Up to 8 targets: both the counting path (at most COUNT_POSITIVES a user in a
+            # chunk) and the sorting path of evaluate_full.
             n_targets = min(int(rng.integers(1, 9)), n_items - n_seen - 1)  # keep a negative
             targets[u] = set(items[n_seen : n_seen + n_targets].tolist())
     if not targets:
