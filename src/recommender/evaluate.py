@@ -160,9 +160,9 @@ def _below(scores: torch.Tensor, pos_scores: torch.Tensor) -> tuple[torch.Tensor
     """
     if scores.device.type == "cpu" and pos_scores.shape[1] <= COUNT_POSITIVES:
         block, positives = scores.numpy(), pos_scores.numpy()
-        below = [np.count_nonzero(block < column[:, None], axis=1) for column in positives.T]
+        counts = [np.count_nonzero(block < column[:, None], axis=1) for column in positives.T]
         masked = np.count_nonzero(block == -PAD, axis=1)
-        return torch.from_numpy(np.stack(below, 1)), torch.from_numpy(masked)
+        return torch.from_numpy(np.stack(counts, 1)), torch.from_numpy(masked)
     if scores.device.type == "cpu":
         scores.numpy().sort(axis=1)
         ascending = scores
