@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from recommender.config import Config, ModelName, load_config
+from recommender.losses import CLOSED_FORM
 from recommender.utils import (
     DataError,
     RecommenderError,
@@ -97,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         import_mlflow()  # a missing package fails before any data is read
     check_new_run(out, overwrite=args.overwrite, resume=args.resume)
     set_threads(cfg.threads)
-    retain_freed_memory()
+    if cfg.model.name not in CLOSED_FORM:  # fitted without steps: it would only hold memory
+        retain_freed_memory()
     device = dist.device(resolve_device(cfg.device))
     dist.init(device)
     try:
@@ -152,7 +154,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
         import_mlflow()
     check_study_dir(out, cfg)  # before the data is read
     set_threads(cfg.threads)
-    retain_freed_memory()
+    if cfg.model.name not in CLOSED_FORM:
+        retain_freed_memory()
     device = resolve_device(cfg.device)
     data = load_data(cfg.data, cfg.seed)
     try:
