@@ -217,7 +217,10 @@ def test_the_als_term_is_scaled_to_the_filter_and_weighed():
     assert alone.item_factors.shape == (history.n_items, 0) and float(alone.als_scale) == 0.0
     torch.testing.assert_close(half.als_scale * 2, full.als_scale)
     rows = full.history_rows(torch.arange(history.n_users))
-    filtered, als = full.filter(rows), full.score_rows(rows) - full.filter(rows)
+    filtered = full.filter(rows)
+    assert (filtered < 0).any()  # the sharpening pushes some items below zero ...
+    als = full.score_rows(rows) - filtered.clamp_min(0)  # ... where, beside ALS, it is floored
+    torch.testing.assert_close(als, full.als_scale * full._als(rows))
     torch.testing.assert_close(als.std(1).mean(), filtered.std(1).mean(), rtol=0.2, atol=0)
 
 
@@ -241,7 +244,8 @@ def test_with_als_new_users_checkpoints_and_explanations_stay_exact():
     trained = model.score_all(torch.tensor([user]))[0]
     explainer = FilterExplainer(model)
     torch.testing.assert_close(explainer.new_users([seen])[0], trained)
-    targets = torch.topk(trained, 5).indices
+    floored = (model.filter(model.history_rows(torch.tensor([user])))[0] <= 0).nonzero()[:3, 0]
+    targets = torch.cat([torch.topk(trained, 5).indices, floored])  # shares of floored items too
     why = explainer.user(user, seen).attribute(targets)
     torch.testing.assert_close(why.weights.sum(1), why.score - why.baseline)
     torch.testing.assert_close(why.score, torch.sigmoid(trained[targets]))

@@ -3,8 +3,9 @@ item's share is exact.
 
 GraphFilter scores a history row r by logit = r F (models/graphfilter.py), F a fixed matrix:
 item i's logit is the sum over history items j of F[j, i], item j's contribution. With its ALS
-term the logit gains c y_iᵀ A⁻¹ (1 + alpha) sum_j y_j, A the history's own ALS system
-(models/ials.py) and c the term's scale: again one share per history item, c (1 + alpha)
+term the filter's part is floored at zero (an item whose filter sum is not positive keeps no
+filter shares) and the logit gains c y_iᵀ A⁻¹ (1 + alpha) sum_j y_j, A the history's own ALS
+system (models/ials.py) and c the term's scale: again one share per history item, c (1 + alpha)
 y_iᵀ A⁻¹ y_j, added to F[j, i]. The service shows sigmoid(logit); along the straight path from
 no history (logit 0) to the whole history's shares, integrated gradients give item j the weight
 
@@ -72,6 +73,8 @@ class FilterUser:
         one_hot[torch.arange(len(history), device=history.device), history] = 1.0
         self.contributions = model.filter(one_hot)  # (H, n_items): row j is item j's share
         if model.item_factors.shape[1]:
+            # beside ALS the filter is floored at zero: a floored item's filter shares are none
+            self.contributions *= self.contributions.sum(0) > 0
             als = model.systems(one_hot.sum(0, keepdim=True)).shares(history)
             self.contributions += model.als_scale * als
 

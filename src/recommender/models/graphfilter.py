@@ -30,9 +30,14 @@ one: MovieLens-1M's sampled protocol). Their sum beats the filter alone on the v
 of MovieLens-1M, Gowalla and Last.fm, and ALS alone on the first two (docs/BENCHMARKS.md). The
 two scores live on different scales, so the ALS term is rescaled at fit time to the filter's
 spread (the mean over users of the standard deviation of their scores) and then weighed by
-`als_weight`. A user is still a function of their history alone, so new users and explanations
-stay exact: an explanation is the filter's shares plus ALS's (1 + alpha) y_iᵀ A⁻¹ y_h, one per
-history item.
+`als_weight`. Beside ALS the filter is floored at zero: below zero it holds no evidence for an
+item, only the sharpening's push-down of items the user's neighbourhood touched, which would
+otherwise rank them under random items nobody near the user touched; floored, ALS alone orders
+them all. On the validation carves this lifted MovieLens-1M's four columns (sampled HR@10
+0.8260 -> 0.8310) and left Gowalla's and Last.fm's lists the same or better (their tops are
+positive scores). A user is still a function of their history alone, so new users and
+explanations stay exact: an explanation is the filter's shares (none for an item floored)
+plus ALS's (1 + alpha) y_iᵀ A⁻¹ y_h, one per history item.
 """
 
 from __future__ import annotations
@@ -246,11 +251,12 @@ class GraphFilter(RecModel):
 
     @torch.no_grad()
     def score_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """(B, n_items) history rows -> (B, n_items) logits: the filter, plus ALS's rescaled
-        scores when it has ALS."""
+        """(B, n_items) history rows -> (B, n_items) logits: the filter, plus, when it has ALS,
+        ALS's rescaled scores beside the filter floored at zero (module doc)."""
+        scores = self.filter(rows)
         if not self.item_factors.shape[1]:
-            return self.filter(rows)
-        return self.filter(rows) + self.als_scale * self._als(rows)
+            return scores
+        return scores.clamp_min_(0) + self.als_scale * self._als(rows)
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         """(B,) users with (B,) items -> (B,) logits; with (B, K) items -> (B, K). Each
