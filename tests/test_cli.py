@@ -24,6 +24,7 @@ from conftest import (
     write_lightgcn_split,
     write_ncf_split,
 )
+from recommender.checkpoint import read_config
 from recommender.inference import Recommender
 
 SRC = Path(__file__).parents[1] / "src"
@@ -68,6 +69,17 @@ def test_evaluate_reports_both_protocols_and_beats_popularity(gmf_run: Path, cap
     code, out, _ = run_cli(["evaluate", "--run", str(gmf_run)], capsys)
     assert code == 0
     assert "protocol" in out and "full" in out and "sampled" in out and "note: SAMPLED" in out
+
+
+@pytest.mark.slow
+def test_evaluate_runs_on_the_runs_own_threads(gmf_run: Path, capsys, monkeypatch):
+    """As training and `report` do: torch's default of a thread a core made two evaluations
+    side by side on two cores several times slower."""
+    threads: list[int | None] = []
+    monkeypatch.setattr("recommender.cli.set_threads", threads.append)
+    code, _, err = run_cli(["evaluate", "--run", str(gmf_run)], capsys)
+    assert code == 0, err
+    assert threads == [read_config(gmf_run).threads]
 
 
 @pytest.mark.slow
