@@ -80,6 +80,14 @@ def cmd_data_synthetic(args: argparse.Namespace) -> None:
     print(f"{path}: {args.interactions:,} interactions, {args.users:,} users, {args.items:,} items")
 
 
+def _training_process(cfg: Config) -> None:
+    """Set a training process up (train, tune): its threads, and freed memory kept for the
+    next step's tensors, except for models fitted without steps, where it only holds memory."""
+    set_threads(cfg.threads)
+    if cfg.model.name not in CLOSED_FORM:
+        retain_freed_memory()
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train; under torchrun (RANK / WORLD_SIZE set) every rank runs this, see distributed.py."""
     from recommender.checkpoint import BEST_FILE, check_new_run, prepare_run_dir
@@ -97,9 +105,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if track:
         import_mlflow()  # a missing package fails before any data is read
     check_new_run(out, overwrite=args.overwrite, resume=args.resume)
-    set_threads(cfg.threads)
-    if cfg.model.name not in CLOSED_FORM:  # fitted without steps: it would only hold memory
-        retain_freed_memory()
+    _training_process(cfg)
     device = dist.device(resolve_device(cfg.device))
     dist.init(device)
     try:
@@ -153,9 +159,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     if args.mlflow:
         import_mlflow()
     check_study_dir(out, cfg)  # before the data is read
-    set_threads(cfg.threads)
-    if cfg.model.name not in CLOSED_FORM:
-        retain_freed_memory()
+    _training_process(cfg)
     device = resolve_device(cfg.device)
     data = load_data(cfg.data, cfg.seed)
     try:

@@ -158,13 +158,13 @@ def _below(scores: torch.Tensor, pos_scores: torch.Tensor) -> tuple[torch.Tensor
     scores: 0.07 s, against 1.2 s for torch.sort and 0.13 s for one torch pass), and every
     positive is looked up in the sorted rows. The block is spent either way.
     """
-    if scores.device.type == "cpu" and pos_scores.shape[1] <= COUNT_POSITIVES:
-        block, positives = scores.numpy(), pos_scores.numpy()
-        counts = [np.count_nonzero(block < column[:, None], axis=1) for column in positives.T]
-        masked = np.count_nonzero(block == -PAD, axis=1)
-        return torch.from_numpy(np.stack(counts, 1)), torch.from_numpy(masked)
     if scores.device.type == "cpu":
-        scores.numpy().sort(axis=1)
+        block, positives = scores.numpy(), pos_scores.numpy()
+        if positives.shape[1] <= COUNT_POSITIVES:
+            counts = [np.count_nonzero(block < column[:, None], axis=1) for column in positives.T]
+            masked = np.count_nonzero(block == -PAD, axis=1)
+            return torch.from_numpy(np.stack(counts, 1)), torch.from_numpy(masked)
+        block.sort(axis=1)
         ascending = scores
     else:
         ascending = torch.sort(scores, dim=1).values
